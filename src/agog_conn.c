@@ -1,0 +1,1133 @@
+/*-------------------------------------------------------------------------
+ *
+ * agog_conn.c
+ *		The connection wrapper: the only code of agog_nats that calls nats.c.
+ *
+ * nats.c starts threads of its own (timers, reader, flusher, reconnect,
+ * callbacks), and a thread inherits the signal mask of the thread that
+ * creates it.  So every nats.c call here runs with all signals blocked,
+ * between NATS_BEGIN and NATS_END; nats.c's threads then never run
+ * PostgreSQL's signal handlers.  Inside such a section we never ereport
+ * (PG_TRY does not restore the signal mask) and allocate only with
+ * MCXT_ALLOC_NO_OOM.
+ *
+ * Every wait is bounded by agog_nats.timeout_ms and cut in short slices; the
+ * interrupt check runs between slices, so query cancel and worker shutdown
+ * are served within a slice even when the server is frozen.  A publish that
+ * is sent again after a slice runs out carries the same Nats-Msg-Id, which
+ * JetStream's duplicate window makes harmless.
+ *
+ * Callbacks run on nats.c threads: they only touch process-static counters
+ * with atomic builtins and write one byte to a pipe the worker waits on.
+ *
+ * Copyright (c) 2026, agog_nats developers
+ *
+ * src/agog_conn.c
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "agog_nats.h"
+
+#include <fcntl.h>
+#include <pthread.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <nats/nats.h>
+
+#include "miscadmin.h"
+#include "storage/ipc.h"
+#include "utils/builtins.h"
+#include "utils/memutils.h"
+#include "utils/timestamp.h"
+
+struct AgogConn
+{
+	natsConnection *nc;
+	jsCtx	   *js;
+	bool		with_events;
+};
+
+/* Slices of a bounded wait, in milliseconds; the last one repeats. */
+static const int64 wait_slices[] = {100, 200, 400};
+
+/* Whether nats_Open has run in this process, and the exit hook is set. */
+static bool library_open = false;
+
+/* The backend's cached connection and the url it was opened with. */
+static AgogConn *backend_conn = NULL;
+static char *backend_conn_url = NULL;
+
+static bool default_interrupt_check(void);
+static AgogInterruptCheck interrupt_check = default_interrupt_check;
+
+/*
+ * State shared with nats.c's callback threads.  It lives for the whole
+ * process, so a callback that runs after its connection was destroyed still
+ * finds it.  Only atomic builtins and write(2) touch it from those threads.
+ */
+static struct
+{
+	uint64		disconnects;
+	uint64		reconnects;
+	int			closed;
+	int			pipe_rd;
+	int			pipe_wr;
+}			conn_events = {0, 0, 0, -1, -1};
+
+#define NATS_BEGIN(saved) \
+	do { \
+		sigset_t	all_signals_; \
+		sigfillset(&all_signals_); \
+		pthread_sigmask(SIG_BLOCK, &all_signals_, &(saved)); \
+	} while (0)
+
+#define NATS_END(saved) \
+	pthread_sigmask(SIG_SETMASK, &(saved), NULL)
+
+/*
+ * default_interrupt_check
+ *		Between wait slices in a backend: serve query cancel and termination.
+ *		Runs with signals unblocked and no nats.c object held, so it may throw.
+ */
+static bool
+default_interrupt_check(void)
+{
+	CHECK_FOR_INTERRUPTS();
+	return false;
+}
+
+/*
+ * agog_conn_set_interrupt_check
+ *		The worker installs its own check (shutdown requested) at start.
+ */
+void
+agog_conn_set_interrupt_check(AgogInterruptCheck check)
+{
+	interrupt_check = check ? check : default_interrupt_check;
+}
+
+/*
+ * map_status
+ *		Pick the SQLSTATE for a NATS failure.  Pure C: runs inside a
+ *		signal-blocked section.
+ */
+static int
+map_status(natsStatus s, jsErrCode jerr, bool *not_found)
+{
+	*not_found = false;
+	if (jerr == JSStreamNotFoundErr || jerr == JSNoMessageFoundErr ||
+		s == NATS_NOT_FOUND)
+	{
+		*not_found = true;
+		return ERRCODE_UNDEFINED_OBJECT;
+	}
+	if (jerr == JSStreamMessageExceedsMaximumErr)
+		return ERRCODE_PROGRAM_LIMIT_EXCEEDED;
+	if (jerr != 0)
+		return ERRCODE_EXTERNAL_ROUTINE_EXCEPTION;
+
+	switch (s)
+	{
+		case NATS_NO_SERVER:
+		case NATS_CONNECTION_CLOSED:
+		case NATS_CONNECTION_DISCONNECTED:
+		case NATS_STALE_CONNECTION:
+		case NATS_IO_ERROR:
+		case NATS_TIMEOUT:
+		case NATS_NOT_YET_CONNECTED:
+		case NATS_SSL_ERROR:
+		case NATS_SECURE_CONNECTION_WANTED:
+		case NATS_SECURE_CONNECTION_REQUIRED:
+		case NATS_PROTOCOL_ERROR:
+			return ERRCODE_CONNECTION_FAILURE;
+		case NATS_CONNECTION_AUTH_FAILED:
+			return ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION;
+		case NATS_NOT_PERMITTED:
+			return ERRCODE_INSUFFICIENT_PRIVILEGE;
+		case NATS_MAX_PAYLOAD:
+			return ERRCODE_PROGRAM_LIMIT_EXCEEDED;
+		case NATS_NO_RESPONDERS:
+			return ERRCODE_UNDEFINED_OBJECT;
+		case NATS_INVALID_ARG:
+		case NATS_INVALID_SUBJECT:
+			return ERRCODE_INVALID_PARAMETER_VALUE;
+		case NATS_NO_MEMORY:
+			return ERRCODE_OUT_OF_MEMORY;
+		default:
+			return ERRCODE_EXTERNAL_ROUTINE_EXCEPTION;
+	}
+}
+
+/*
+ * capture_error
+ *		Copy what nats.c knows of a failure into *err.  Runs inside a
+ *		signal-blocked section: nats.c and plain C only.  The thread-local
+ *		last error is used only when its status is this one (it may be left
+ *		over from an earlier failure).
+ */
+static void
+capture_error(AgogError *err, natsStatus s, jsErrCode jerr)
+{
+	natsStatus	last_status = NATS_OK;
+	const char *last_text = nats_GetLastError(&last_status);
+	const char *text;
+
+	err->status = (int) s;
+	err->js_code = (int) jerr;
+	err->sqlstate = map_status(s, jerr, &err->not_found);
+
+	if (s == NATS_NO_RESPONDERS)
+		text = "no JetStream stream captures this subject (no responders)";
+	else if (last_text != NULL && last_text[0] != '\0' && last_status == s)
+		text = last_text;
+	else
+		text = natsStatus_GetText(s);
+	strlcpy(err->text, text ? text : "unknown NATS error", sizeof(err->text));
+}
+
+/*
+ * set_error
+ *		Fill *err without nats.c, for failures found by this file itself.
+ */
+static void
+set_error(AgogError *err, int sqlstate, const char *text)
+{
+	memset(err, 0, sizeof(*err));
+	err->status = (int) NATS_ERR;
+	err->sqlstate = sqlstate;
+	strlcpy(err->text, text, sizeof(err->text));
+}
+
+/*
+ * agog_raise
+ *		Throw the ERROR for a failed NATS call.  Runs in the calling backend,
+ *		after the signal-blocked section has ended.
+ */
+void
+agog_raise(const AgogError *err, const char *action)
+{
+	if (err->sqlstate == ERRCODE_CONNECTION_FAILURE)
+		ereport(ERROR,
+				(errcode(err->sqlstate),
+				 errmsg("could not %s", action),
+				 errdetail_internal("The NATS client reported: %s.", err->text),
+				 errhint("Check that a NATS server with JetStream enabled is reachable at the address set in agog_nats.url.")));
+	else if (err->js_code != 0)
+		ereport(ERROR,
+				(errcode(err->sqlstate),
+				 errmsg("could not %s", action),
+				 errdetail_internal("JetStream refused the request with error code %d: %s.",
+									err->js_code, err->text)));
+	else
+		ereport(ERROR,
+				(errcode(err->sqlstate),
+				 errmsg("could not %s", action),
+				 errdetail_internal("The NATS client reported: %s.", err->text)));
+	pg_unreachable();
+}
+
+/* ----------------------------------------------------------------
+ * Library lifetime
+ * ----------------------------------------------------------------
+ */
+
+/*
+ * conn_at_exit
+ *		on_proc_exit hook: destroy the backend's cached connection, then close
+ *		the library, waiting a bounded time for its threads.  Every nats.c
+ *		object of this process is gone by then.
+ */
+static void
+conn_at_exit(int code, Datum arg)
+{
+	if (backend_conn != NULL)
+	{
+		agog_conn_close(backend_conn);
+		backend_conn = NULL;
+	}
+	agog_conn_shutdown_library();
+}
+
+/*
+ * agog_conn_shutdown_library
+ *		Close nats.c for good in this process.  Runs at process exit only.
+ */
+void
+agog_conn_shutdown_library(void)
+{
+	sigset_t	saved;
+
+	if (!library_open)
+		return;
+	NATS_BEGIN(saved);
+	nats_CloseAndWait(1000);
+	NATS_END(saved);
+	library_open = false;
+}
+
+/*
+ * open_library
+ *		nats_Open once per process, on first use in a backend or the worker
+ *		(never in the postmaster).  Returns false with *err set on failure.
+ */
+static bool
+open_library(AgogError *err)
+{
+	static bool exit_hook_set = false;
+	sigset_t	saved;
+	natsStatus	s;
+
+	if (library_open)
+		return true;
+	if (!exit_hook_set)
+	{
+		on_proc_exit(conn_at_exit, (Datum) 0);
+		exit_hook_set = true;
+	}
+	NATS_BEGIN(saved);
+	s = nats_Open(-1);
+	if (s != NATS_OK)
+		capture_error(err, s, 0);
+	NATS_END(saved);
+	if (s != NATS_OK)
+		return false;
+	library_open = true;
+	return true;
+}
+
+/* ----------------------------------------------------------------
+ * Callbacks: nats.c threads.  No PostgreSQL function may be called here.
+ * ----------------------------------------------------------------
+ */
+static void
+notify_owner(void)
+{
+	char		byte = 1;
+	ssize_t		rc;
+
+	if (conn_events.pipe_wr >= 0)
+	{
+		rc = write(conn_events.pipe_wr, &byte, 1);
+		(void) rc;				/* a full pipe already wakes the owner */
+	}
+}
+
+static void
+on_disconnected(natsConnection *nc, void *closure)
+{
+	__atomic_add_fetch(&conn_events.disconnects, 1, __ATOMIC_SEQ_CST);
+	notify_owner();
+}
+
+static void
+on_reconnected(natsConnection *nc, void *closure)
+{
+	__atomic_add_fetch(&conn_events.reconnects, 1, __ATOMIC_SEQ_CST);
+	notify_owner();
+}
+
+static void
+on_closed(natsConnection *nc, void *closure)
+{
+	__atomic_store_n(&conn_events.closed, 1, __ATOMIC_SEQ_CST);
+	notify_owner();
+}
+
+/* ----------------------------------------------------------------
+ * Connections
+ * ----------------------------------------------------------------
+ */
+
+/*
+ * split_servers
+ *		Split agog_nats.url on commas into a palloc'd array of trimmed urls.
+ */
+static const char **
+split_servers(const char *url, int *count)
+{
+	char	   *copy = pstrdup(url);
+	const char **servers = palloc0(sizeof(char *) * (strlen(url) / 2 + 2));
+	char	   *tok;
+	char	   *save = NULL;
+	int			n = 0;
+
+	for (tok = strtok_r(copy, ",", &save); tok != NULL;
+		 tok = strtok_r(NULL, ",", &save))
+	{
+		char	   *end;
+
+		while (*tok == ' ' || *tok == '\t')
+			tok++;
+		end = tok + strlen(tok);
+		while (end > tok && (end[-1] == ' ' || end[-1] == '\t'))
+			*--end = '\0';
+		if (*tok != '\0')
+			servers[n++] = tok;
+	}
+	*count = n;
+	return servers;
+}
+
+/*
+ * agog_conn_open
+ *		Connect to the servers in url.  Runs in a backend or the worker.
+ *		keep_reconnecting (the worker) retries forever after a disconnect and
+ *		reports events through agog_conn_event_fd(); a backend's connection
+ *		closes on disconnect instead and is opened again on next use.  The
+ *		connect is bounded by agog_nats.timeout_ms.  Returns NULL with *err
+ *		set on failure; never throws for a NATS failure.
+ */
+AgogConn *
+agog_conn_open(const char *url, const char *name, bool keep_reconnecting,
+			   AgogError *err)
+{
+	const char **servers;
+	int			nservers;
+	AgogConn   *conn;
+	natsOptions *opts = NULL;
+	natsConnection *nc = NULL;
+	jsCtx	   *js = NULL;
+	jsOptions	jsopts;
+	natsStatus	s;
+	sigset_t	saved;
+
+	memset(err, 0, sizeof(*err));
+	servers = split_servers(url, &nservers);
+	if (nservers == 0)
+	{
+		set_error(err, ERRCODE_INVALID_PARAMETER_VALUE,
+				  "agog_nats.url names no server");
+		err->status = (int) NATS_ADDRESS_MISSING;
+		return NULL;
+	}
+	if (!open_library(err))
+		return NULL;
+
+	if (keep_reconnecting && conn_events.pipe_rd < 0)
+	{
+		int			fds[2];
+
+		if (pipe2(fds, O_NONBLOCK | O_CLOEXEC) != 0)
+			ereport(ERROR,
+					(errcode_for_file_access(),
+					 errmsg("could not create the NATS event pipe: %m")));
+		conn_events.pipe_rd = fds[0];
+		conn_events.pipe_wr = fds[1];
+	}
+	conn = MemoryContextAllocZero(TopMemoryContext, sizeof(AgogConn));
+
+	NATS_BEGIN(saved);
+	s = natsOptions_Create(&opts);
+	if (s == NATS_OK)
+		s = natsOptions_SetServers(opts, servers, nservers);
+	if (s == NATS_OK)
+		s = natsOptions_SetName(opts, name);
+	if (s == NATS_OK)
+		s = natsOptions_SetTimeout(opts, agog_timeout_ms);
+	if (s == NATS_OK)
+		s = natsOptions_SetWriteDeadline(opts, agog_timeout_ms);
+	if (s == NATS_OK)
+		s = natsOptions_SetNoRandomize(opts, true);
+	if (s == NATS_OK && keep_reconnecting)
+	{
+		s = natsOptions_SetAllowReconnect(opts, true);
+		if (s == NATS_OK)
+			s = natsOptions_SetMaxReconnect(opts, -1);
+		if (s == NATS_OK)
+			s = natsOptions_SetReconnectWait(opts, 250);
+		if (s == NATS_OK)
+			s = natsOptions_SetPingInterval(opts, 2000);
+		if (s == NATS_OK)
+			s = natsOptions_SetMaxPingsOut(opts, 2);
+		if (s == NATS_OK)
+			s = natsOptions_SetDisconnectedCB(opts, on_disconnected, NULL);
+		if (s == NATS_OK)
+			s = natsOptions_SetReconnectedCB(opts, on_reconnected, NULL);
+		if (s == NATS_OK)
+			s = natsOptions_SetClosedCB(opts, on_closed, NULL);
+	}
+	else if (s == NATS_OK)
+		s = natsOptions_SetAllowReconnect(opts, false);
+	if (s == NATS_OK)
+		s = natsConnection_Connect(&nc, opts);
+	if (s == NATS_OK)
+	{
+		jsOptions_Init(&jsopts);
+		jsopts.Wait = agog_timeout_ms;
+		s = natsConnection_JetStream(&js, nc, &jsopts);
+	}
+	if (s != NATS_OK)
+	{
+		capture_error(err, s, 0);
+		jsCtx_Destroy(js);
+		natsConnection_Destroy(nc);
+	}
+	natsOptions_Destroy(opts);
+	NATS_END(saved);
+
+	if (s != NATS_OK)
+	{
+		pfree(conn);
+		return NULL;
+	}
+	if (keep_reconnecting)
+		__atomic_store_n(&conn_events.closed, 0, __ATOMIC_SEQ_CST);
+	conn->nc = nc;
+	conn->js = js;
+	conn->with_events = keep_reconnecting;
+	return conn;
+}
+
+/*
+ * agog_conn_close
+ *		Destroy a connection and its JetStream context.  Safe on NULL.
+ */
+void
+agog_conn_close(AgogConn *conn)
+{
+	sigset_t	saved;
+
+	if (conn == NULL)
+		return;
+	NATS_BEGIN(saved);
+	jsCtx_Destroy(conn->js);
+	natsConnection_Destroy(conn->nc);
+	NATS_END(saved);
+	pfree(conn);
+}
+
+/*
+ * agog_conn_is_usable
+ *		True while the connection is connected or reconnecting by itself.
+ */
+bool
+agog_conn_is_usable(AgogConn *conn)
+{
+	sigset_t	saved;
+	natsConnStatus st;
+
+	if (conn == NULL)
+		return false;
+	NATS_BEGIN(saved);
+	st = natsConnection_Status(conn->nc);
+	NATS_END(saved);
+	if (conn->with_events)
+		return st != NATS_CONN_STATUS_CLOSED;
+	return st == NATS_CONN_STATUS_CONNECTED;
+}
+
+/*
+ * agog_conn_is_connected
+ *		True only while the connection is connected right now.
+ */
+bool
+agog_conn_is_connected(AgogConn *conn)
+{
+	sigset_t	saved;
+	natsConnStatus st;
+
+	if (conn == NULL)
+		return false;
+	NATS_BEGIN(saved);
+	st = natsConnection_Status(conn->nc);
+	NATS_END(saved);
+	return st == NATS_CONN_STATUS_CONNECTED;
+}
+
+/*
+ * agog_conn_max_payload
+ *		The server's max_payload, as it announced it; headers count in it.
+ */
+int64
+agog_conn_max_payload(AgogConn *conn)
+{
+	sigset_t	saved;
+	int64		max;
+
+	NATS_BEGIN(saved);
+	max = natsConnection_GetMaxPayload(conn->nc);
+	NATS_END(saved);
+	return max;
+}
+
+/*
+ * agog_conn_server
+ *		The url of the server connected to, without any user information.
+ */
+void
+agog_conn_server(AgogConn *conn, char *buf, size_t len)
+{
+	sigset_t	saved;
+	natsStatus	s;
+	char		raw[AGOG_SERVER_LEN];
+	char	   *scheme;
+	char	   *at;
+
+	raw[0] = '\0';
+	NATS_BEGIN(saved);
+	s = natsConnection_GetConnectedUrl(conn->nc, raw, sizeof(raw));
+	NATS_END(saved);
+	if (s != NATS_OK)
+		raw[0] = '\0';
+
+	scheme = strstr(raw, "://");
+	at = strchr(raw, '@');
+	if (scheme != NULL && at != NULL && at > scheme)
+		snprintf(buf, len, "%.*s%s", (int) (scheme + 3 - raw), raw, at + 1);
+	else
+		strlcpy(buf, raw, len);
+}
+
+/*
+ * agog_conn_event_fd
+ *		The file descriptor the worker adds to its wait: readable when
+ *		nats.c reported a disconnect, reconnect or close.
+ */
+int
+agog_conn_event_fd(AgogConn *conn)
+{
+	return conn_events.pipe_rd;
+}
+
+/*
+ * agog_conn_take_events
+ *		Drain the event pipe and read the counters.  Runs in the worker.
+ */
+void
+agog_conn_take_events(AgogConn *conn, AgogConnEvents *events)
+{
+	char		buf[64];
+
+	if (conn_events.pipe_rd >= 0)
+		while (read(conn_events.pipe_rd, buf, sizeof(buf)) > 0)
+			;
+	events->disconnects = __atomic_load_n(&conn_events.disconnects, __ATOMIC_SEQ_CST);
+	events->reconnects = __atomic_load_n(&conn_events.reconnects, __ATOMIC_SEQ_CST);
+	events->closed = __atomic_load_n(&conn_events.closed, __ATOMIC_SEQ_CST) != 0;
+}
+
+/*
+ * agog_backend_conn
+ *		The backend's cached connection, opened on first use and opened again
+ *		when it was lost or agog_nats.url changed (a SIGHUP).  Throws when the
+ *		server cannot be reached within agog_nats.timeout_ms.
+ */
+AgogConn *
+agog_backend_conn(void)
+{
+	AgogError	err;
+	char		name[64];
+
+	if (backend_conn != NULL &&
+		(strcmp(backend_conn_url, agog_url) != 0 ||
+		 !agog_conn_is_usable(backend_conn)))
+	{
+		agog_conn_close(backend_conn);
+		backend_conn = NULL;
+	}
+	if (backend_conn != NULL)
+		return backend_conn;
+
+	if (backend_conn_url != NULL)
+		pfree(backend_conn_url);
+	backend_conn_url = MemoryContextStrdup(TopMemoryContext, agog_url);
+
+	snprintf(name, sizeof(name), "agog_nats backend %d", MyProcPid);
+	backend_conn = agog_conn_open(agog_url, name, false, &err);
+	if (backend_conn == NULL)
+		agog_raise(&err, "connect to NATS");
+	return backend_conn;
+}
+
+/* ----------------------------------------------------------------
+ * Bounded waits
+ * ----------------------------------------------------------------
+ */
+typedef struct WaitBudget
+{
+	TimestampTz start;
+	int			attempt;
+} WaitBudget;
+
+static void
+budget_start(WaitBudget *b)
+{
+	b->start = GetCurrentTimestamp();
+	b->attempt = 0;
+}
+
+/*
+ * budget_next_slice
+ *		The wait for the next attempt, in ms, or 0 when agog_nats.timeout_ms
+ *		is used up.  Runs the interrupt check before every attempt but the
+ *		first; *interrupted is set when the worker is asked to stop.
+ */
+static int64
+budget_next_slice(WaitBudget *b, bool *interrupted)
+{
+	long		secs;
+	int			usecs;
+	int64		elapsed_ms;
+	int64		remaining;
+	int64		slice;
+
+	*interrupted = false;
+	if (b->attempt > 0 && interrupt_check())
+	{
+		*interrupted = true;
+		return 0;
+	}
+	TimestampDifference(b->start, GetCurrentTimestamp(), &secs, &usecs);
+	elapsed_ms = (int64) secs * 1000 + usecs / 1000;
+	remaining = agog_timeout_ms - elapsed_ms;
+	if (remaining <= 0)
+		return 0;
+	slice = wait_slices[Min(b->attempt, (int) lengthof(wait_slices) - 1)];
+	b->attempt++;
+	return Min(slice, remaining);
+}
+
+static void
+set_timeout_error(AgogError *err, bool interrupted)
+{
+	if (interrupted)
+		set_error(err, ERRCODE_ADMIN_SHUTDOWN, "the wait was interrupted by a shutdown request");
+	else
+	{
+		char		text[128];
+
+		snprintf(text, sizeof(text), "no answer within agog_nats.timeout_ms (%d ms)",
+				 agog_timeout_ms);
+		set_error(err, ERRCODE_CONNECTION_FAILURE, text);
+		err->status = (int) NATS_TIMEOUT;
+	}
+}
+
+/* ----------------------------------------------------------------
+ * Publish
+ * ----------------------------------------------------------------
+ */
+
+/*
+ * agog_conn_publish
+ *		Publish one message with Nats-Msg-Id = msg_id and wait for its PubAck,
+ *		within agog_nats.timeout_ms.  A message larger than the server's
+ *		max_payload (headers included) is refused before anything is sent.
+ *		On success *stream (palloc'd), *seq and *duplicate describe the ack.
+ */
+bool
+agog_conn_publish(AgogConn *conn, const char *subject, const char *msg_id,
+				  const char *data, int len, char **stream, uint64 *seq,
+				  bool *duplicate, AgogError *err)
+{
+	WaitBudget	budget;
+	int64		max_payload = agog_conn_max_payload(conn);
+	int64		header_len = strlen("NATS/1.0\r\nNats-Msg-Id: \r\n\r\n") + strlen(msg_id);
+	char		ack_stream[AGOG_SERVER_LEN];
+	natsStatus	s = NATS_TIMEOUT;
+	bool		interrupted = false;
+
+	memset(err, 0, sizeof(*err));
+	if ((int64) len + header_len > max_payload)
+	{
+		char		text[256];
+
+		snprintf(text, sizeof(text),
+				 "The report is %lld bytes with its headers, and the server's max_payload is %lld bytes",
+				 (long long) (len + header_len), (long long) max_payload);
+		set_error(err, ERRCODE_PROGRAM_LIMIT_EXCEEDED, text);
+		err->status = (int) NATS_MAX_PAYLOAD;
+		return false;
+	}
+
+	budget_start(&budget);
+	for (;;)
+	{
+		int64		slice = budget_next_slice(&budget, &interrupted);
+		sigset_t	saved;
+		jsPubOptions popts;
+		jsPubAck   *pa = NULL;
+		jsErrCode	jerr = 0;
+
+		if (slice <= 0)
+			break;
+		NATS_BEGIN(saved);
+		jsPubOptions_Init(&popts);
+		popts.MsgId = msg_id;
+		popts.MaxWait = slice;
+		s = js_Publish(&pa, conn->js, subject, data, len, &popts, &jerr);
+		if (s == NATS_OK)
+		{
+			strlcpy(ack_stream, pa->Stream ? pa->Stream : "", sizeof(ack_stream));
+			*seq = pa->Sequence;
+			*duplicate = pa->Duplicate;
+		}
+		else if (s != NATS_TIMEOUT)
+			capture_error(err, s, jerr);
+		jsPubAck_Destroy(pa);
+		NATS_END(saved);
+
+		if (s != NATS_TIMEOUT)
+			break;
+	}
+	if (s == NATS_OK)
+	{
+		*stream = pstrdup(ack_stream);
+		return true;
+	}
+	if (s == NATS_TIMEOUT)
+		set_timeout_error(err, interrupted);
+	return false;
+}
+
+/* ----------------------------------------------------------------
+ * Get
+ * ----------------------------------------------------------------
+ */
+
+/* Nanoseconds since the Unix epoch to TimestampTz. */
+static TimestampTz
+unix_nanos_to_timestamptz(int64 ns)
+{
+	return (TimestampTz) (ns / 1000) -
+		((int64) (POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE) * USECS_PER_DAY);
+}
+
+/* palloc that never throws, for use inside a signal-blocked section. */
+static char *
+copy_bytes_noerror(const char *src, int len)
+{
+	char	   *dst = palloc_extended(len + 1, MCXT_ALLOC_NO_OOM);
+
+	if (dst != NULL)
+	{
+		if (len > 0)
+			memcpy(dst, src, len);
+		dst[len] = '\0';
+	}
+	return dst;
+}
+
+/*
+ * copy_msg
+ *		Copy a stored message out of nats.c.  Runs inside a signal-blocked
+ *		section; returns false when memory ran out.  The timestamp header is
+ *		copied as text into time_text for parsing after the section.
+ */
+static bool
+copy_msg(natsMsg *m, const char *stream, AgogMsg *out, char *time_text,
+		 size_t time_len)
+{
+	const char *v = NULL;
+	const char *subj = NULL;
+
+	memset(out, 0, sizeof(*out));
+	time_text[0] = '\0';
+
+	if (natsMsgHeader_Get(m, "Nats-Subject", &subj) != NATS_OK || subj == NULL)
+		subj = natsMsg_GetSubject(m);
+	out->subject = copy_bytes_noerror(subj ? subj : "", subj ? strlen(subj) : 0);
+	out->len = natsMsg_GetDataLength(m);
+	out->data = copy_bytes_noerror(natsMsg_GetData(m), out->len);
+	out->stream = copy_bytes_noerror(stream, strlen(stream));
+
+	out->seq = natsMsg_GetSequence(m);
+	if (out->seq == 0 && natsMsgHeader_Get(m, "Nats-Sequence", &v) == NATS_OK && v)
+		out->seq = strtoull(v, NULL, 10);
+
+	if (natsMsg_GetTime(m) > 0)
+		out->time = unix_nanos_to_timestamptz(natsMsg_GetTime(m));
+	else if (natsMsgHeader_Get(m, "Nats-Time-Stamp", &v) == NATS_OK && v)
+		strlcpy(time_text, v, time_len);
+
+	if (natsMsgHeader_Get(m, "Nats-Msg-Id", &v) == NATS_OK && v)
+		out->msg_id = copy_bytes_noerror(v, strlen(v));
+
+	return out->subject && out->data && out->stream;
+}
+
+/*
+ * get_msg
+ *		Read one stored message, by last-on-subject or by sequence, within
+ *		agog_nats.timeout_ms.  from_leader uses the JSON API through the
+ *		stream leader (never stale on a replicated stream); otherwise a
+ *		direct get that any replica may serve.  A missing message or stream
+ *		returns false with err->not_found set.
+ */
+static bool
+get_msg(AgogConn *conn, const char *stream, const char *subject, uint64 seq,
+		bool from_leader, AgogMsg *msg, AgogError *err)
+{
+	WaitBudget	budget;
+	natsStatus	s = NATS_TIMEOUT;
+	bool		interrupted = false;
+	bool		copied = false;
+	char		time_text[64];
+
+	memset(err, 0, sizeof(*err));
+	budget_start(&budget);
+	for (;;)
+	{
+		int64		slice = budget_next_slice(&budget, &interrupted);
+		sigset_t	saved;
+		jsOptions	jopts;
+		natsMsg    *m = NULL;
+		jsErrCode	jerr = 0;
+
+		if (slice <= 0)
+			break;
+		NATS_BEGIN(saved);
+		jsOptions_Init(&jopts);
+		jopts.Wait = slice;
+		if (from_leader && subject != NULL)
+			s = js_GetLastMsg(&m, conn->js, stream, subject, &jopts, &jerr);
+		else if (from_leader)
+			s = js_GetMsg(&m, conn->js, stream, seq, &jopts, &jerr);
+		else
+		{
+			jsDirectGetMsgOptions dg;
+
+			jsDirectGetMsgOptions_Init(&dg);
+			if (subject != NULL)
+				dg.LastBySubject = subject;
+			else
+				dg.Sequence = seq;
+			s = js_DirectGetMsg(&m, conn->js, stream, &jopts, &dg);
+		}
+		if (s == NATS_OK)
+			copied = copy_msg(m, stream, msg, time_text, sizeof(time_text));
+		else if (s != NATS_TIMEOUT)
+			capture_error(err, s, jerr);
+		natsMsg_Destroy(m);
+		NATS_END(saved);
+
+		if (s != NATS_TIMEOUT)
+			break;
+	}
+	if (s == NATS_OK && !copied)
+		ereport(ERROR,
+				(errcode(ERRCODE_OUT_OF_MEMORY),
+				 errmsg("out of memory"),
+				 errdetail("Failed to copy a message of %d bytes read from NATS.", msg->len)));
+	if (s == NATS_OK)
+	{
+		if (msg->time == 0 && time_text[0] != '\0')
+			msg->time = DatumGetTimestampTz(DirectFunctionCall3(timestamptz_in,
+																CStringGetDatum(time_text),
+																ObjectIdGetDatum(InvalidOid),
+																Int32GetDatum(-1)));
+		return true;
+	}
+	if (s == NATS_TIMEOUT)
+		set_timeout_error(err, interrupted);
+	return false;
+}
+
+bool
+agog_conn_get_last(AgogConn *conn, const char *stream, const char *subject,
+				   bool from_leader, AgogMsg *msg, AgogError *err)
+{
+	return get_msg(conn, stream, subject, 0, from_leader, msg, err);
+}
+
+bool
+agog_conn_get_seq(AgogConn *conn, const char *stream, uint64 seq,
+				  bool from_leader, AgogMsg *msg, AgogError *err)
+{
+	return get_msg(conn, stream, NULL, seq, from_leader, msg, err);
+}
+
+/* ----------------------------------------------------------------
+ * Streams
+ * ----------------------------------------------------------------
+ */
+
+/*
+ * agog_conn_stream_states
+ *		The live state of every stream of the account, in one listing request
+ *		(paged by nats.c past 256 streams), within agog_nats.timeout_ms.
+ */
+bool
+agog_conn_stream_states(AgogConn *conn, AgogStreamState **states, int *count,
+						AgogError *err)
+{
+	WaitBudget	budget;
+	natsStatus	s = NATS_TIMEOUT;
+	bool		interrupted = false;
+	bool		copied = true;
+
+	memset(err, 0, sizeof(*err));
+	*states = NULL;
+	*count = 0;
+	budget_start(&budget);
+	for (;;)
+	{
+		int64		slice = budget_next_slice(&budget, &interrupted);
+		sigset_t	saved;
+		jsOptions	jopts;
+		jsStreamInfoList *list = NULL;
+		jsErrCode	jerr = 0;
+
+		if (slice <= 0)
+			break;
+		NATS_BEGIN(saved);
+		jsOptions_Init(&jopts);
+		jopts.Wait = slice;
+		s = js_Streams(&list, conn->js, &jopts, &jerr);
+		if (s == NATS_NOT_FOUND)
+		{
+			/* no stream at all in the account */
+			s = NATS_OK;
+		}
+		else if (s == NATS_OK && list != NULL && list->Count > 0)
+		{
+			AgogStreamState *out = palloc_extended(sizeof(AgogStreamState) * list->Count,
+												   MCXT_ALLOC_NO_OOM | MCXT_ALLOC_ZERO);
+
+			copied = (out != NULL);
+			for (int i = 0; copied && i < list->Count; i++)
+			{
+				jsStreamInfo *si = list->List[i];
+				jsStreamConfig *cfg = si->Config;
+
+				out[i].name = copy_bytes_noerror(cfg->Name, strlen(cfg->Name));
+				copied = (out[i].name != NULL);
+				out[i].msgs = si->State.Msgs;
+				out[i].bytes = si->State.Bytes;
+				out[i].first_seq = si->State.FirstSeq;
+				out[i].last_seq = si->State.LastSeq;
+				out[i].consumers = si->State.Consumers;
+				out[i].first_time = si->State.Msgs > 0 && si->State.FirstTime > 0 ?
+					unix_nanos_to_timestamptz(si->State.FirstTime) : 0;
+				out[i].last_time = si->State.Msgs > 0 && si->State.LastTime > 0 ?
+					unix_nanos_to_timestamptz(si->State.LastTime) : 0;
+				out[i].max_msgs = cfg->MaxMsgs;
+				out[i].max_bytes = cfg->MaxBytes;
+				out[i].max_age_ms = cfg->MaxAge / 1000000;
+				out[i].replicas = (int) cfg->Replicas;
+			}
+			*states = out;
+			*count = list->Count;
+		}
+		else if (s != NATS_OK && s != NATS_TIMEOUT)
+			capture_error(err, s, jerr);
+		jsStreamInfoList_Destroy(list);
+		NATS_END(saved);
+
+		if (s != NATS_TIMEOUT)
+			break;
+	}
+	if (!copied)
+		ereport(ERROR,
+				(errcode(ERRCODE_OUT_OF_MEMORY),
+				 errmsg("out of memory"),
+				 errdetail("Failed to copy the stream list read from NATS.")));
+	if (s == NATS_OK)
+		return true;
+	if (s == NATS_TIMEOUT)
+		set_timeout_error(err, interrupted);
+	return false;
+}
+
+/*
+ * config_matches
+ *		Whether a stream's live configuration already is the desired one.
+ *		Plain C over nats.c's structure; runs inside a blocked section.
+ */
+static bool
+config_matches(const jsStreamConfig *live, const jsStreamConfig *want)
+{
+	if (live->SubjectsLen != 1 || strcmp(live->Subjects[0], want->Subjects[0]) != 0)
+		return false;
+	return live->Retention == want->Retention &&
+		live->MaxMsgs == want->MaxMsgs &&
+		live->MaxBytes == want->MaxBytes &&
+		live->MaxAge == want->MaxAge &&
+		live->MaxMsgSize == want->MaxMsgSize &&
+		live->Discard == want->Discard &&
+		live->Storage == want->Storage &&
+		live->Replicas == want->Replicas &&
+		live->Duplicates == want->Duplicates &&
+		live->AllowDirect == want->AllowDirect &&
+		strcmp(live->Description ? live->Description : "",
+			   want->Description ? want->Description : "") == 0;
+}
+
+/*
+ * agog_conn_ensure_stream
+ *		Create the stream, or update it when its configuration differs from
+ *		spec.  Never deletes anything.  Runs in the worker.
+ */
+bool
+agog_conn_ensure_stream(AgogConn *conn, const AgogStreamSpec *spec,
+						bool *created, bool *updated, AgogError *err)
+{
+	WaitBudget	budget;
+	natsStatus	s = NATS_TIMEOUT;
+	bool		interrupted = false;
+	const char *subjects[1];
+
+	memset(err, 0, sizeof(*err));
+	*created = *updated = false;
+	subjects[0] = spec->subject;
+
+	budget_start(&budget);
+	for (;;)
+	{
+		int64		slice = budget_next_slice(&budget, &interrupted);
+		sigset_t	saved;
+		jsOptions	jopts;
+		jsStreamConfig cfg;
+		jsStreamInfo *si = NULL;
+		jsErrCode	jerr = 0;
+
+		if (slice <= 0)
+			break;
+		NATS_BEGIN(saved);
+		jsOptions_Init(&jopts);
+		jopts.Wait = slice;
+		jsStreamConfig_Init(&cfg);
+		cfg.Name = spec->name;
+		cfg.Description = spec->description;
+		cfg.Subjects = subjects;
+		cfg.SubjectsLen = 1;
+		cfg.Retention = js_LimitsPolicy;
+		cfg.MaxMsgs = spec->max_msgs;
+		cfg.MaxBytes = spec->max_bytes;
+		cfg.MaxAge = spec->max_age_ms * 1000000;
+		cfg.MaxMsgSize = spec->max_msg_size;
+		cfg.Discard = js_DiscardOld;
+		cfg.Storage = js_FileStorage;
+		cfg.Replicas = spec->replicas;
+		cfg.Duplicates = spec->duplicate_window_ms * 1000000;
+		cfg.AllowDirect = true;
+
+		s = js_GetStreamInfo(&si, conn->js, spec->name, &jopts, &jerr);
+		if (s == NATS_NOT_FOUND || jerr == JSStreamNotFoundErr)
+		{
+			jerr = 0;
+			s = js_AddStream(NULL, conn->js, &cfg, &jopts, &jerr);
+			if (s == NATS_OK)
+				*created = true;
+		}
+		else if (s == NATS_OK && !config_matches(si->Config, &cfg))
+		{
+			s = js_UpdateStream(NULL, conn->js, &cfg, &jopts, &jerr);
+			if (s == NATS_OK)
+				*updated = true;
+		}
+		if (s != NATS_OK && s != NATS_TIMEOUT)
+			capture_error(err, s, jerr);
+		jsStreamInfo_Destroy(si);
+		NATS_END(saved);
+
+		if (s != NATS_TIMEOUT)
+			break;
+	}
+	if (s == NATS_OK)
+		return true;
+	if (s == NATS_TIMEOUT)
+		set_timeout_error(err, interrupted);
+	return false;
+}

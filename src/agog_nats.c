@@ -1,0 +1,226 @@
+/*-------------------------------------------------------------------------
+ *
+ * agog_nats.c
+ *		Module load: settings, shared memory, the worker, commit hooks.
+ *
+ * _PG_init runs in the postmaster when the library is preloaded.  It never
+ * opens NATS: the postmaster forks every backend, and nats.c's threads would
+ * not survive a fork.  Connections are opened on first use by a backend or
+ * by the worker.
+ *
+ * Copyright (c) 2026, agog_nats developers
+ *
+ * src/agog_nats.c
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "agog_nats.h"
+
+#include "access/xact.h"
+#include "commands/trigger.h"
+#include "fmgr.h"
+#include "miscadmin.h"
+#include "storage/ipc.h"
+#include "utils/guc.h"
+
+PG_MODULE_MAGIC;
+
+/* Settings */
+char	   *agog_url = NULL;
+char	   *agog_database = NULL;
+int			agog_timeout_ms = 5000;
+int			agog_duplicate_window_ms = 120000;
+int			agog_stream_replicas = 1;
+
+/* Set when this transaction changed agog_nats.agents; read at commit. */
+static bool agents_changed_in_xact = false;
+
+static shmem_request_hook_type prev_shmem_request_hook = NULL;
+static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
+
+void		_PG_init(void);
+static void agog_shmem_request_hook(void);
+static void agog_shmem_startup_hook(void);
+static void agog_xact_callback(XactEvent event, void *arg);
+
+PG_FUNCTION_INFO_V1(agog_assert_preloaded);
+PG_FUNCTION_INFO_V1(agog_agents_changed);
+
+/*
+ * define_settings
+ *		The agog_nats.* settings.  Runs in _PG_init, in the postmaster or in a
+ *		backend that loads the library late.
+ */
+static void
+define_settings(void)
+{
+	DefineCustomStringVariable("agog_nats.url",
+							   "NATS servers to connect to, comma-separated.",
+							   "Each entry is a URL such as nats://127.0.0.1:4222. "
+							   "It may hold credentials, so only superusers can read it.",
+							   &agog_url,
+							   "nats://127.0.0.1:4222",
+							   PGC_SIGHUP,
+							   GUC_SUPERUSER_ONLY,
+							   NULL, NULL, NULL);
+
+	DefineCustomStringVariable("agog_nats.database",
+							   "Database the agog_nats background worker connects to.",
+							   NULL,
+							   &agog_database,
+							   "postgres",
+							   PGC_POSTMASTER,
+							   0,
+							   NULL, NULL, NULL);
+
+	DefineCustomIntVariable("agog_nats.timeout_ms",
+							"Bound on every wait for a NATS server.",
+							"Connects, publishes, gets and stream requests give up after this long.",
+							&agog_timeout_ms,
+							5000, 100, 600000,
+							PGC_USERSET,
+							GUC_UNIT_MS,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("agog_nats.duplicate_window",
+							"JetStream duplicate window of the agent streams.",
+							"A message id seen within this window is stored once.",
+							&agog_duplicate_window_ms,
+							120000, 1000, 7 * 24 * 3600 * 1000,
+							PGC_SIGHUP,
+							GUC_UNIT_MS,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("agog_nats.stream_replicas",
+							"Replicas of each agent stream in a JetStream cluster.",
+							NULL,
+							&agog_stream_replicas,
+							1, 1, 5,
+							PGC_SIGHUP,
+							0,
+							NULL, NULL, NULL);
+
+	MarkGUCPrefixReserved("agog_nats");
+}
+
+/*
+ * _PG_init
+ *		Library load.  With shared_preload_libraries: settings, shared memory,
+ *		the worker and the commit hook.  Loaded any other way it only defines
+ *		the settings; agog_assert_preloaded() then refuses CREATE EXTENSION.
+ */
+void
+_PG_init(void)
+{
+	define_settings();
+
+	if (!process_shared_preload_libraries_in_progress)
+		return;
+
+	prev_shmem_request_hook = shmem_request_hook;
+	shmem_request_hook = agog_shmem_request_hook;
+	prev_shmem_startup_hook = shmem_startup_hook;
+	shmem_startup_hook = agog_shmem_startup_hook;
+
+	/* Registered once here; every backend inherits it. */
+	RegisterXactCallback(agog_xact_callback, NULL);
+
+	agog_register_worker();
+}
+
+static void
+agog_shmem_request_hook(void)
+{
+	if (prev_shmem_request_hook)
+		prev_shmem_request_hook();
+	agog_shmem_request();
+}
+
+static void
+agog_shmem_startup_hook(void)
+{
+	if (prev_shmem_startup_hook)
+		prev_shmem_startup_hook();
+	agog_shmem_startup();
+}
+
+/*
+ * agog_require_preload
+ *		Throw the error that says how to preload the library.
+ */
+void
+agog_require_preload(void)
+{
+	ereport(ERROR,
+			(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+			 errmsg("agog_nats must be loaded via shared_preload_libraries"),
+			 errhint("Add agog_nats to shared_preload_libraries in postgresql.conf, for example shared_preload_libraries = 'agog_nats', and restart the server.")));
+}
+
+/*
+ * agog_assert_preloaded
+ *		SQL-callable; the extension script calls it first, so CREATE EXTENSION
+ *		fails with a hint when the library was not preloaded.
+ */
+Datum
+agog_assert_preloaded(PG_FUNCTION_ARGS)
+{
+	agog_shmem_attach();
+	PG_RETURN_VOID();
+}
+
+/*
+ * agog_note_agents_changed
+ *		Remember that this transaction changed agog_nats.agents.
+ */
+void
+agog_note_agents_changed(void)
+{
+	agents_changed_in_xact = true;
+}
+
+/*
+ * agog_agents_changed
+ *		Statement trigger on agog_nats.agents.  Only notes the change; the
+ *		worker is woken at commit, so it never reads uncommitted rows.
+ */
+Datum
+agog_agents_changed(PG_FUNCTION_ARGS)
+{
+	if (!CALLED_AS_TRIGGER(fcinfo))
+		ereport(ERROR,
+				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+				 errmsg("agog_agents_changed must be called as a trigger")));
+	agog_note_agents_changed();
+	return PointerGetDatum(NULL);
+}
+
+/*
+ * agog_xact_callback
+ *		At commit, bump the agents generation and set the worker's latch when
+ *		this transaction changed the agents.  Post-commit code must not fail:
+ *		an atomic add and a latch, no I/O, no allocation.
+ */
+static void
+agog_xact_callback(XactEvent event, void *arg)
+{
+	switch (event)
+	{
+		case XACT_EVENT_COMMIT:
+		case XACT_EVENT_PARALLEL_COMMIT:
+			if (agents_changed_in_xact && agog_shared != NULL)
+			{
+				pg_atomic_fetch_add_u64(&agog_shared->agents_generation, 1);
+				agog_wake_worker();
+			}
+			agents_changed_in_xact = false;
+			break;
+		case XACT_EVENT_ABORT:
+		case XACT_EVENT_PARALLEL_ABORT:
+		case XACT_EVENT_PREPARE:
+			agents_changed_in_xact = false;
+			break;
+		default:
+			break;
+	}
+}

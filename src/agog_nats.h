@@ -1,0 +1,208 @@
+/*-------------------------------------------------------------------------
+ *
+ * agog_nats.h
+ *		Shared declarations of the agog_nats extension.
+ *
+ * The extension is layered; each layer only calls the ones below it:
+ *
+ *	agog_conn.c		the only code that calls nats.c (signals blocked, bounded
+ *					waits, NATS errors mapped to SQLSTATEs)
+ *	agog_subject.c	token validation, subject and message-id building
+ *	agog_shmem.c	shared state between backends and the worker
+ *	agog_stream.c	stream provisioning and agog_stream_status()
+ *	agog_report.c	report encoding, publish and fetch functions
+ *	agog_worker.c	the background worker's loop
+ *	agog_nats.c		_PG_init: settings, shared memory, worker registration
+ *
+ * Copyright (c) 2026, agog_nats developers
+ *
+ * src/agog_nats.h
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef AGOG_NATS_H
+#define AGOG_NATS_H
+
+#include "postgres.h"
+
+#include "datatype/timestamp.h"
+#include "lib/stringinfo.h"
+#include "port/atomics.h"
+#include "storage/latch.h"
+#include "storage/lwlock.h"
+
+#define AGOG_TOKEN_MAX_LEN		64
+#define AGOG_SUBJECT_PREFIX		"agog.deliverables"
+#define AGOG_STREAM_PREFIX		"agog_features_"
+#define AGOG_SERVER_LEN			256
+#define AGOG_ERROR_LEN			512
+
+/* ----------------------------------------------------------------
+ * Settings (agog_nats.c)
+ * ----------------------------------------------------------------
+ */
+extern char *agog_url;
+extern char *agog_database;
+extern int	agog_timeout_ms;
+extern int	agog_duplicate_window_ms;
+extern int	agog_stream_replicas;
+
+/* ----------------------------------------------------------------
+ * Connection wrapper (agog_conn.c).  No nats.c type leaves that file.
+ * ----------------------------------------------------------------
+ */
+typedef struct AgogConn AgogConn;
+
+/* What went wrong in a NATS call, copied out of nats.c's thread-local state. */
+typedef struct AgogError
+{
+	int			status;			/* natsStatus, 0 when none */
+	int			js_code;		/* JetStream error code, 0 when none */
+	int			sqlstate;		/* mapped SQLSTATE */
+	bool		not_found;		/* the object asked for does not exist */
+	char		text[AGOG_ERROR_LEN];
+} AgogError;
+
+/* A message read from a stream, in palloc'd memory. */
+typedef struct AgogMsg
+{
+	char	   *subject;
+	char	   *data;
+	int			len;
+	char	   *stream;
+	uint64		seq;
+	TimestampTz time;			/* 0 when unknown */
+	char	   *msg_id;			/* Nats-Msg-Id header or NULL */
+} AgogMsg;
+
+/* The desired configuration of one agent stream. */
+typedef struct AgogStreamSpec
+{
+	const char *name;
+	const char *subject;		/* agog.deliverables.<agent>.> */
+	const char *description;
+	int64		max_msgs;
+	int64		max_bytes;
+	int64		max_age_ms;
+	int32		max_msg_size;	/* -1: server default */
+	int			replicas;
+	int64		duplicate_window_ms;
+} AgogStreamSpec;
+
+/* The live state of one stream, as agog_stream_status() shows it. */
+typedef struct AgogStreamState
+{
+	char	   *name;
+	uint64		msgs;
+	uint64		bytes;
+	uint64		first_seq;
+	uint64		last_seq;
+	int64		consumers;
+	TimestampTz first_time;		/* 0 when the stream is empty */
+	TimestampTz last_time;
+	int64		max_msgs;
+	int64		max_bytes;
+	int64		max_age_ms;
+	int			replicas;
+} AgogStreamState;
+
+/* Events the worker's connection reports through its wake-up pipe. */
+typedef struct AgogConnEvents
+{
+	uint64		disconnects;
+	uint64		reconnects;
+	bool		closed;
+} AgogConnEvents;
+
+/* Interrupt check run between bounded waits; returns true to give up. */
+typedef bool (*AgogInterruptCheck) (void);
+
+extern void agog_conn_set_interrupt_check(AgogInterruptCheck check);
+extern AgogConn *agog_conn_open(const char *url, const char *name,
+								bool keep_reconnecting, AgogError *err);
+extern void agog_conn_close(AgogConn *conn);
+extern bool agog_conn_is_usable(AgogConn *conn);
+extern bool agog_conn_is_connected(AgogConn *conn);
+extern int64 agog_conn_max_payload(AgogConn *conn);
+extern void agog_conn_server(AgogConn *conn, char *buf, size_t len);
+extern int	agog_conn_event_fd(AgogConn *conn);
+extern void agog_conn_take_events(AgogConn *conn, AgogConnEvents *events);
+extern bool agog_conn_publish(AgogConn *conn, const char *subject,
+							  const char *msg_id, const char *data, int len,
+							  char **stream, uint64 *seq, bool *duplicate,
+							  AgogError *err);
+extern bool agog_conn_get_last(AgogConn *conn, const char *stream,
+							   const char *subject, bool from_leader,
+							   AgogMsg *msg, AgogError *err);
+extern bool agog_conn_get_seq(AgogConn *conn, const char *stream, uint64 seq,
+							  bool from_leader, AgogMsg *msg, AgogError *err);
+extern bool agog_conn_stream_states(AgogConn *conn, AgogStreamState **states,
+									int *count, AgogError *err);
+extern bool agog_conn_ensure_stream(AgogConn *conn, const AgogStreamSpec *spec,
+									bool *created, bool *updated,
+									AgogError *err);
+extern void agog_conn_shutdown_library(void);
+pg_attribute_noreturn() extern void agog_raise(const AgogError *err,
+											   const char *action);
+
+/* The backend's cached connection (agog_conn.c). */
+extern AgogConn *agog_backend_conn(void);
+
+/* ----------------------------------------------------------------
+ * Subjects and tokens (agog_subject.c)
+ * ----------------------------------------------------------------
+ */
+extern void agog_check_token(const char *argname, const char *value);
+extern char *agog_report_subject(const char *agent, const char *task_type,
+								 const char *feature);
+extern char *agog_stream_subjects(const char *agent);
+extern char *agog_stream_name(const char *task_type);
+extern char *agog_unique_msg_id(const char *kind);
+
+/* ----------------------------------------------------------------
+ * Shared state (agog_shmem.c)
+ * ----------------------------------------------------------------
+ */
+typedef struct AgogSharedState
+{
+	LWLock	   *lock;
+	pid_t		worker_pid;
+	Latch	   *worker_latch;
+	pg_atomic_uint64 agents_generation;
+	/* the rest is written by the worker under lock */
+	bool		connected;
+	char		server[AGOG_SERVER_LEN];
+	uint64		reconnects;
+	uint64		disconnects;
+	TimestampTz connected_since;
+	TimestampTz streams_checked_at;
+	int			streams_ok;
+	int			streams_failed;
+	TimestampTz last_error_at;
+	char		last_error[AGOG_ERROR_LEN];
+} AgogSharedState;
+
+extern AgogSharedState *agog_shared;
+
+extern void agog_shmem_request(void);
+extern void agog_shmem_startup(void);
+extern void agog_shmem_attach(void);
+extern void agog_wake_worker(void);
+extern void agog_shared_set_error(const char *text);
+
+/* ----------------------------------------------------------------
+ * Streams (agog_stream.c)
+ * ----------------------------------------------------------------
+ */
+extern bool agog_reconcile_streams(AgogConn *conn, int *ok, int *failed,
+								   AgogError *first_err);
+
+/* ----------------------------------------------------------------
+ * Worker (agog_worker.c) and _PG_init (agog_nats.c)
+ * ----------------------------------------------------------------
+ */
+extern void agog_register_worker(void);
+extern void agog_note_agents_changed(void);
+extern void agog_require_preload(void);
+
+#endif							/* AGOG_NATS_H */

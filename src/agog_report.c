@@ -1,0 +1,349 @@
+/*-------------------------------------------------------------------------
+ *
+ * agog_report.c
+ *		Reports: the seed's message format, publish and fetch functions.
+ *
+ * A report on the wire is the seed's JSON,
+ *		{"content": "<markdown>",
+ *		 "metadata": {"agent", "taskType", "feature", "timestamp", ...}}
+ * on subject agog.deliverables.<agent>.<taskType>.<feature>, in the agent's
+ * stream agog_features_<taskType>; its id is "<stream>.<seq>".
+ *
+ * Copyright (c) 2026, agog_nats developers
+ *
+ * src/agog_report.c
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "agog_nats.h"
+
+#include "catalog/pg_type.h"
+#include "common/jsonapi.h"
+#include "executor/spi.h"
+#include "fmgr.h"
+#include "funcapi.h"
+#include "mb/pg_wchar.h"
+#include "pgtime.h"
+#include "utils/builtins.h"
+#include "utils/json.h"
+#include "utils/jsonb.h"
+#include "utils/timestamp.h"
+
+PG_FUNCTION_INFO_V1(agog_publish_report_now);
+PG_FUNCTION_INFO_V1(agog_fetch_report);
+PG_FUNCTION_INFO_V1(agog_fetch_report_by_seq);
+
+/* Metadata keys agog_nats fills itself. */
+static const char *const reserved_keys[] = {"agent", "taskType", "feature", "timestamp"};
+
+/* Columns of agog_fetch_report and agog_fetch_report_by_seq. */
+#define FETCH_COLS 6
+
+/*
+ * text_arg
+ *		A text argument that must not be NULL, as a C string.
+ */
+static char *
+text_arg(FunctionCallInfo fcinfo, int n, const char *name)
+{
+	if (PG_ARGISNULL(n))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("%s must not be null", name)));
+	return text_to_cstring(PG_GETARG_TEXT_PP(n));
+}
+
+/*
+ * agent_stream
+ *		The stream of a known agent, from agog_nats.agents.  An unknown agent
+ *		is refused with a hint.  Runs in a backend, in the caller's
+ *		transaction; the lookup plan is prepared once per backend.
+ */
+static char *
+agent_stream(const char *agent)
+{
+	static SPIPlanPtr plan = NULL;
+	MemoryContext caller = CurrentMemoryContext;
+	Datum		arg = CStringGetTextDatum(agent);
+	char	   *stream = NULL;
+	int			ret;
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	if (plan == NULL)
+	{
+		Oid			argtypes[1] = {TEXTOID};
+		SPIPlanPtr	p = SPI_prepare("SELECT stream_name FROM agog_nats.agents WHERE agent = $1",
+									1, argtypes);
+
+		if (p == NULL || SPI_keepplan(p) != 0)
+			elog(ERROR, "could not prepare the agent lookup: %s",
+				 SPI_result_code_string(SPI_result));
+		plan = p;
+	}
+	ret = SPI_execute_plan(plan, &arg, NULL, true, 1);
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "agent lookup failed: %s", SPI_result_code_string(ret));
+	if (SPI_processed == 1)
+	{
+		char	   *v = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+
+		stream = MemoryContextStrdup(caller, v);
+	}
+	SPI_finish();
+
+	if (stream == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("unknown agent \"%s\"", agent),
+				 errhint("The agents are the rows of agog_nats.agents; an administrator adds one with INSERT INTO agog_nats.agents (agent, task_type) VALUES (...).")));
+	return stream;
+}
+
+/*
+ * iso_timestamp
+ *		ISO 8601 in UTC with milliseconds, as JavaScript's toISOString().
+ */
+static void
+iso_timestamp(TimestampTz ts, char *buf, size_t len)
+{
+	pg_time_t	t = timestamptz_to_time_t(ts);
+	int64		usec = ts % USECS_PER_SEC;
+	struct pg_tm *tm;
+
+	if (usec < 0)
+		usec += USECS_PER_SEC;
+	tm = pg_gmtime(&t);
+	snprintf(buf, len, "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ",
+			 tm->tm_year + 1900, tm->tm_mon + 1, tm->tm_mday,
+			 tm->tm_hour, tm->tm_min, tm->tm_sec, (int) (usec / 1000));
+}
+
+/*
+ * check_metadata
+ *		The caller's metadata must be a JSON object that does not set the
+ *		keys agog_nats fills itself.
+ */
+static void
+check_metadata(Jsonb *metadata)
+{
+	if (!JB_ROOT_IS_OBJECT(metadata) || JB_ROOT_IS_SCALAR(metadata))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("metadata must be a JSON object")));
+	for (int i = 0; i < lengthof(reserved_keys); i++)
+	{
+		if (getKeyJsonValueFromContainer(&metadata->root, reserved_keys[i],
+										 strlen(reserved_keys[i]), NULL) != NULL)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("metadata must not set \"%s\"", reserved_keys[i]),
+					 errdetail("agog_nats fills agent, taskType, feature and timestamp itself.")));
+	}
+}
+
+/*
+ * agog_encode_report
+ *		The seed's JSON for a report.  The tokens are already checked.
+ */
+static StringInfo
+agog_encode_report(const char *agent, const char *task_type,
+				   const char *feature, const char *content, Jsonb *metadata)
+{
+	StringInfo	buf = makeStringInfo();
+	char		ts[32];
+
+	iso_timestamp(GetCurrentTimestamp(), ts, sizeof(ts));
+	appendStringInfoString(buf, "{\"content\":");
+	escape_json(buf, content);
+	appendStringInfo(buf, ",\"metadata\":{\"agent\":\"%s\",\"taskType\":\"%s\",\"feature\":\"%s\",\"timestamp\":\"%s\"",
+					 agent, task_type, feature, ts);
+	if (JB_ROOT_COUNT(metadata) > 0)
+	{
+		char	   *extra = JsonbToCString(NULL, &metadata->root, VARSIZE(metadata));
+		size_t		len = strlen(extra);
+
+		/* splice the object's members, without its braces */
+		Assert(len >= 2 && extra[0] == '{' && extra[len - 1] == '}');
+		appendStringInfoChar(buf, ',');
+		appendBinaryStringInfo(buf, extra + 1, (int) len - 2);
+	}
+	appendStringInfoString(buf, "}}");
+	return buf;
+}
+
+/*
+ * agog_publish_report_now
+ *		Publish a report now over the backend's cached connection and return
+ *		"<stream>.<seq>".  Not transactional: it is in JetStream even if the
+ *		caller's transaction rolls back.
+ */
+Datum
+agog_publish_report_now(PG_FUNCTION_ARGS)
+{
+	char	   *agent = text_arg(fcinfo, 0, "agent");
+	char	   *task_type = text_arg(fcinfo, 1, "task_type");
+	char	   *feature = text_arg(fcinfo, 2, "feature");
+	char	   *content = text_arg(fcinfo, 3, "content");
+	Jsonb	   *metadata = PG_ARGISNULL(4) ? NULL : PG_GETARG_JSONB_P(4);
+	StringInfo	body;
+	char	   *stream;
+	uint64		seq;
+	bool		duplicate;
+	AgogError	err;
+
+	agog_check_token("agent", agent);
+	agog_check_token("task_type", task_type);
+	agog_check_token("feature", feature);
+	if (metadata == NULL)
+		metadata = DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum("{}")));
+	check_metadata(metadata);
+	(void) agent_stream(agent);
+
+	body = agog_encode_report(agent, task_type, feature, content, metadata);
+	if (!agog_conn_publish(agog_backend_conn(),
+						   agog_report_subject(agent, task_type, feature),
+						   agog_unique_msg_id("now"), body->data, body->len,
+						   &stream, &seq, &duplicate, &err))
+	{
+		if (err.sqlstate == ERRCODE_PROGRAM_LIMIT_EXCEEDED)
+			ereport(ERROR,
+					(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+					 errmsg("report is too large for the NATS server"),
+					 errdetail_internal("%s.", err.text),
+					 errhint("Split the report, or raise max_payload in the NATS server's configuration.")));
+		agog_raise(&err, "publish the report to NATS JetStream");
+	}
+	PG_RETURN_TEXT_P(cstring_to_text(psprintf("%s." UINT64_FORMAT, stream, seq)));
+}
+
+/*
+ * put_report_row
+ *		Decode a stored message into one row of the fetch functions: seed JSON
+ *		gives content and metadata; any other body comes back whole as
+ *		content with NULL metadata.
+ */
+static void
+put_report_row(ReturnSetInfo *rsinfo, AgogMsg *msg)
+{
+	Datum		values[FETCH_COLS];
+	bool		nulls[FETCH_COLS] = {false};
+	bool		seed = false;
+
+	if (memchr(msg->data, '\0', msg->len) != NULL ||
+		!pg_verifymbstr(msg->data, msg->len, true))
+		ereport(ERROR,
+				(errcode(ERRCODE_CHARACTER_NOT_IN_REPERTOIRE),
+				 errmsg("report %s." UINT64_FORMAT " is not valid text in the database encoding",
+						msg->stream, msg->seq)));
+
+	{
+		JsonLexContext *lex = makeJsonLexContextCstringLen(msg->data, msg->len,
+														   GetDatabaseEncoding(), true);
+
+		if (pg_parse_json(lex, &nullSemAction) == JSON_SUCCESS)
+		{
+			Jsonb	   *doc = DatumGetJsonbP(DirectFunctionCall1(jsonb_in,
+																 CStringGetDatum(msg->data)));
+			JsonbValue *content = NULL;
+			JsonbValue *meta = NULL;
+
+			if (JB_ROOT_IS_OBJECT(doc) && !JB_ROOT_IS_SCALAR(doc))
+			{
+				content = getKeyJsonValueFromContainer(&doc->root, "content", 7, NULL);
+				meta = getKeyJsonValueFromContainer(&doc->root, "metadata", 8, NULL);
+			}
+			if (content != NULL && content->type == jbvString &&
+				meta != NULL && meta->type == jbvBinary &&
+				JsonContainerIsObject(meta->val.binary.data))
+			{
+				values[0] = PointerGetDatum(cstring_to_text_with_len(content->val.string.val,
+																	 content->val.string.len));
+				values[1] = JsonbPGetDatum(JsonbValueToJsonb(meta));
+				seed = true;
+			}
+		}
+	}
+	if (!seed)
+	{
+		values[0] = PointerGetDatum(cstring_to_text_with_len(msg->data, msg->len));
+		nulls[1] = true;
+	}
+	values[2] = CStringGetTextDatum(psprintf("%s." UINT64_FORMAT, msg->stream, msg->seq));
+	values[3] = Int64GetDatum((int64) msg->seq);
+	values[4] = CStringGetTextDatum(msg->subject);
+	if (msg->time != 0)
+		values[5] = TimestampTzGetDatum(msg->time);
+	else
+		nulls[5] = true;
+	tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+}
+
+/*
+ * agog_fetch_report
+ *		The latest report on agog.deliverables.<agent>.<taskType>.<feature>,
+ *		or no row.  A direct get on a single-replica stream; through the
+ *		stream leader when streams are replicated (a follower may serve an
+ *		older message right after a publish).
+ */
+Datum
+agog_fetch_report(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	char	   *agent = text_arg(fcinfo, 0, "agent");
+	char	   *task_type = text_arg(fcinfo, 1, "task_type");
+	char	   *feature = text_arg(fcinfo, 2, "feature");
+	char	   *stream;
+	AgogMsg		msg;
+	AgogError	err;
+
+	agog_check_token("agent", agent);
+	agog_check_token("task_type", task_type);
+	agog_check_token("feature", feature);
+	stream = agent_stream(agent);
+
+	InitMaterializedSRF(fcinfo, 0);
+	if (agog_conn_get_last(agog_backend_conn(), stream,
+						   agog_report_subject(agent, task_type, feature),
+						   agog_stream_replicas > 1, &msg, &err))
+		put_report_row(rsinfo, &msg);
+	else if (!err.not_found)
+		agog_raise(&err, "fetch the report from NATS JetStream");
+	return (Datum) 0;
+}
+
+/*
+ * agog_fetch_report_by_seq
+ *		The message at a sequence of an agent's stream, or no row.
+ */
+Datum
+agog_fetch_report_by_seq(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	char	   *agent = text_arg(fcinfo, 0, "agent");
+	int64		seq;
+	char	   *stream;
+	AgogMsg		msg;
+	AgogError	err;
+
+	if (PG_ARGISNULL(1))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("sequence must not be null")));
+	seq = PG_GETARG_INT64(1);
+	agog_check_token("agent", agent);
+	if (seq <= 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("sequence must be positive"),
+				 errdetail("Stream sequences start at 1; got " INT64_FORMAT ".", seq)));
+	stream = agent_stream(agent);
+
+	InitMaterializedSRF(fcinfo, 0);
+	if (agog_conn_get_seq(agog_backend_conn(), stream, (uint64) seq,
+						  agog_stream_replicas > 1, &msg, &err))
+		put_report_row(rsinfo, &msg);
+	else if (!err.not_found)
+		agog_raise(&err, "fetch the report from NATS JetStream");
+	return (Datum) 0;
+}

@@ -1,0 +1,434 @@
+/*-------------------------------------------------------------------------
+ *
+ * agog_worker.c
+ *		The agog_nats background worker: holds the JetStream connection and
+ *		keeps the agent streams in place.
+ *
+ * One worker per cluster, connected to agog_nats.database, started once
+ * recovery has finished (so on the primary only, and after a promotion).
+ * Its loop: apply a reload, connect (with backoff) while disconnected, check
+ * the streams after every (re)connect, agents change and every half minute,
+ * then wait on its latch and on nats.c's event pipe until the next deadline.
+ *
+ * SIGTERM only sets a flag; every NATS wait is cut in slices that check it,
+ * so the worker stops within a slice.  A fault throws, and the uncaught ERROR
+ * ends the worker with exit code 1, so the postmaster starts it again.
+ *
+ * Copyright (c) 2026, agog_nats developers
+ *
+ * src/agog_worker.c
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "agog_nats.h"
+
+#include "access/xact.h"
+#include "catalog/pg_extension.h"
+#include "commands/extension.h"
+#include "fmgr.h"
+#include "funcapi.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "postmaster/bgworker.h"
+#include "postmaster/interrupt.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "tcop/tcopprot.h"
+#include "utils/builtins.h"
+#include "utils/memutils.h"
+#include "utils/timestamp.h"
+
+PGDLLEXPORT void agog_worker_main(Datum main_arg);
+
+PG_FUNCTION_INFO_V1(agog_worker_status);
+
+#define RESTART_SECONDS			5
+#define RECHECK_STREAMS_MS		30000
+#define EXTENSION_POLL_MS		2000
+#define BACKOFF_MIN_MS			250
+#define BACKOFF_MAX_MS			5000
+
+/* What the worker last logged, so it logs once per change of state. */
+typedef enum LoggedState
+{
+	LOGGED_NONE,
+	LOGGED_NO_EXTENSION,
+	LOGGED_CONNECTED,
+	LOGGED_DOWN,
+} LoggedState;
+
+/*
+ * agog_register_worker
+ *		Register the one worker.  Runs in _PG_init, in the postmaster.
+ */
+void
+agog_register_worker(void)
+{
+	BackgroundWorker worker;
+
+	memset(&worker, 0, sizeof(worker));
+	worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
+	worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
+	worker.bgw_restart_time = RESTART_SECONDS;
+	snprintf(worker.bgw_library_name, BGW_MAXLEN, "agog_nats");
+	snprintf(worker.bgw_function_name, BGW_MAXLEN, "agog_worker_main");
+	snprintf(worker.bgw_name, BGW_MAXLEN, "agog_nats worker");
+	snprintf(worker.bgw_type, BGW_MAXLEN, "agog_nats worker");
+	worker.bgw_main_arg = (Datum) 0;
+	worker.bgw_notify_pid = 0;
+	RegisterBackgroundWorker(&worker);
+}
+
+/* Between NATS wait slices: give up when asked to stop. */
+static bool
+worker_interrupted(void)
+{
+	return ShutdownRequestPending;
+}
+
+/*
+ * worker_detach
+ *		before_shmem_exit hook: take the worker out of the shared state.
+ */
+static void
+worker_detach(int code, Datum arg)
+{
+	LWLockAcquire(agog_shared->lock, LW_EXCLUSIVE);
+	if (agog_shared->worker_pid == MyProcPid)
+	{
+		agog_shared->worker_pid = 0;
+		agog_shared->worker_latch = NULL;
+		agog_shared->connected = false;
+	}
+	LWLockRelease(agog_shared->lock);
+}
+
+/*
+ * extension_installed
+ *		Whether CREATE EXTENSION agog_nats has run in this database.  Opens a
+ *		short transaction of its own.
+ */
+static bool
+extension_installed(void)
+{
+	bool		found;
+
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	found = OidIsValid(get_extension_oid("agog_nats", true));
+	CommitTransactionCommand();
+	return found;
+}
+
+static void
+set_connected(AgogConn *conn, bool connected)
+{
+	char		server[AGOG_SERVER_LEN];
+
+	server[0] = '\0';
+	if (connected)
+		agog_conn_server(conn, server, sizeof(server));
+	LWLockAcquire(agog_shared->lock, LW_EXCLUSIVE);
+	if (connected && !agog_shared->connected)
+		agog_shared->connected_since = GetCurrentTimestamp();
+	agog_shared->connected = connected;
+	strlcpy(agog_shared->server, server, sizeof(agog_shared->server));
+	LWLockRelease(agog_shared->lock);
+}
+
+static long
+ms_until(TimestampTz when)
+{
+	long		secs;
+	int			usecs;
+
+	if (when <= GetCurrentTimestamp())
+		return 0;
+	TimestampDifference(GetCurrentTimestamp(), when, &secs, &usecs);
+	return secs * 1000 + usecs / 1000 + 1;
+}
+
+/*
+ * agog_worker_main
+ *		Entry point of the background worker.
+ */
+void
+agog_worker_main(Datum main_arg)
+{
+	MemoryContext loop_cxt;
+	AgogConn   *conn = NULL;
+	char	   *conn_url = NULL;
+	LoggedState logged = LOGGED_NONE;
+	char		logged_error[AGOG_ERROR_LEN] = "";
+	bool		need_streams = true;
+	uint64		streams_generation = 0;
+	uint64		seen_reconnects = 0;
+	uint64		seen_disconnects = 0;
+	int			backoff_ms = BACKOFF_MIN_MS;
+	TimestampTz next_connect = 0;
+	TimestampTz next_streams = 0;
+	TimestampTz streams_checked = 0;
+
+	pqsignal(SIGHUP, SignalHandlerForConfigReload);
+	pqsignal(SIGTERM, SignalHandlerForShutdownRequest);
+	BackgroundWorkerUnblockSignals();
+
+	if (agog_shared == NULL)
+		elog(ERROR, "agog_nats shared state is not initialized");
+
+	BackgroundWorkerInitializeConnection(agog_database, NULL, 0);
+	pgstat_report_appname("agog_nats worker");
+
+	LWLockAcquire(agog_shared->lock, LW_EXCLUSIVE);
+	agog_shared->worker_pid = MyProcPid;
+	agog_shared->worker_latch = MyLatch;
+	agog_shared->connected = false;
+	LWLockRelease(agog_shared->lock);
+	before_shmem_exit(worker_detach, (Datum) 0);
+
+	agog_conn_set_interrupt_check(worker_interrupted);
+	loop_cxt = AllocSetContextCreate(TopMemoryContext, "agog_nats worker loop",
+									 ALLOCSET_DEFAULT_SIZES);
+	ereport(LOG,
+			(errmsg("agog_nats worker started in database \"%s\"", agog_database)));
+
+	while (!ShutdownRequestPending)
+	{
+		long		timeout = RECHECK_STREAMS_MS;
+		int			events = WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH;
+		TimestampTz now;
+
+		MemoryContextReset(loop_cxt);
+		MemoryContextSwitchTo(loop_cxt);
+
+		if (ConfigReloadPending)
+		{
+			ConfigReloadPending = false;
+			ProcessConfigFile(PGC_SIGHUP);
+			if (conn != NULL && strcmp(conn_url, agog_url) != 0)
+			{
+				ereport(LOG,
+						(errmsg("agog_nats.url changed, reconnecting to NATS")));
+				agog_conn_close(conn);
+				conn = NULL;
+				set_connected(NULL, false);
+				next_connect = 0;
+				backoff_ms = BACKOFF_MIN_MS;
+			}
+			need_streams = true;
+		}
+
+		if (!extension_installed())
+		{
+			if (logged != LOGGED_NO_EXTENSION)
+				ereport(LOG,
+						(errmsg("agog_nats worker is waiting for CREATE EXTENSION agog_nats in database \"%s\"",
+								agog_database)));
+			logged = LOGGED_NO_EXTENSION;
+			timeout = EXTENSION_POLL_MS;
+			goto wait;
+		}
+
+		now = GetCurrentTimestamp();
+		if (conn == NULL && now >= next_connect)
+		{
+			AgogError	err;
+
+			MemoryContextSwitchTo(TopMemoryContext);
+			conn = agog_conn_open(agog_url, "agog_nats worker", true, &err);
+			MemoryContextSwitchTo(loop_cxt);
+			if (conn == NULL)
+			{
+				if (ShutdownRequestPending)
+					break;
+				if (logged != LOGGED_DOWN || strcmp(logged_error, err.text) != 0)
+					ereport(WARNING,
+							(errcode(err.sqlstate),
+							 errmsg("agog_nats worker could not connect to NATS, retrying"),
+							 errdetail_internal("The NATS client reported: %s.", err.text)));
+				logged = LOGGED_DOWN;
+				strlcpy(logged_error, err.text, sizeof(logged_error));
+				agog_shared_set_error(err.text);
+				next_connect = TimestampTzPlusMilliseconds(now, backoff_ms);
+				backoff_ms = Min(backoff_ms * 2, BACKOFF_MAX_MS);
+			}
+			else
+			{
+				AgogConnEvents ev;
+
+				if (conn_url != NULL)
+					pfree(conn_url);
+				conn_url = MemoryContextStrdup(TopMemoryContext, agog_url);
+				agog_conn_take_events(conn, &ev);
+				seen_reconnects = ev.reconnects;
+				seen_disconnects = ev.disconnects;
+				set_connected(conn, true);
+				ereport(LOG,
+						(errmsg("agog_nats worker connected to NATS at %s",
+								agog_shared->server)));
+				logged = LOGGED_CONNECTED;
+				backoff_ms = BACKOFF_MIN_MS;
+				need_streams = true;
+				next_streams = 0;
+			}
+		}
+
+		if (conn != NULL)
+		{
+			AgogConnEvents ev;
+			uint64		generation;
+
+			agog_conn_take_events(conn, &ev);
+			if (ev.disconnects != seen_disconnects)
+			{
+				LWLockAcquire(agog_shared->lock, LW_EXCLUSIVE);
+				agog_shared->disconnects += ev.disconnects - seen_disconnects;
+				LWLockRelease(agog_shared->lock);
+				seen_disconnects = ev.disconnects;
+			}
+			if (ev.reconnects != seen_reconnects)
+			{
+				LWLockAcquire(agog_shared->lock, LW_EXCLUSIVE);
+				agog_shared->reconnects += ev.reconnects - seen_reconnects;
+				LWLockRelease(agog_shared->lock);
+				seen_reconnects = ev.reconnects;
+				/* a server restarted on an empty store has no streams */
+				need_streams = true;
+				next_streams = 0;
+			}
+			if (ev.closed)
+			{
+				ereport(LOG, (errmsg("agog_nats worker's NATS connection was closed")));
+				agog_conn_close(conn);
+				conn = NULL;
+				set_connected(NULL, false);
+				next_connect = 0;
+				goto wait;
+			}
+
+			{
+				bool		up = agog_conn_is_connected(conn);
+
+				if (up != agog_shared->connected)
+				{
+					set_connected(conn, up);
+					if (up)
+						ereport(LOG,
+								(errmsg("agog_nats worker reconnected to NATS at %s",
+										agog_shared->server)));
+					else
+						ereport(LOG,
+								(errmsg("agog_nats worker lost its NATS connection, reconnecting")));
+					logged = up ? LOGGED_CONNECTED : LOGGED_DOWN;
+					logged_error[0] = '\0';
+				}
+			}
+
+			generation = pg_atomic_read_u64(&agog_shared->agents_generation);
+			if (generation != streams_generation)
+				need_streams = true;
+			now = GetCurrentTimestamp();
+			if (streams_checked != 0 &&
+				TimestampDifferenceExceeds(streams_checked, now, RECHECK_STREAMS_MS))
+				need_streams = true;
+
+			if (need_streams && agog_shared->connected && now >= next_streams)
+			{
+				AgogError	err;
+				int			ok;
+				int			failed;
+
+				if (agog_reconcile_streams(conn, &ok, &failed, &err))
+				{
+					need_streams = false;
+					streams_generation = generation;
+					if (logged_error[0] != '\0')
+						ereport(LOG,
+								(errmsg("agog_nats worker has all %d agent streams in place", ok)));
+					logged_error[0] = '\0';
+				}
+				else if (!ShutdownRequestPending)
+				{
+					if (strcmp(logged_error, err.text) != 0)
+						ereport(WARNING,
+								(errcode(err.sqlstate),
+								 errmsg("agog_nats worker could not put %d of %d agent streams in place, retrying",
+										failed, ok + failed),
+								 errdetail_internal("The NATS client reported: %s.", err.text)));
+					strlcpy(logged_error, err.text, sizeof(logged_error));
+					agog_shared_set_error(err.text);
+					next_streams = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), 1000);
+				}
+				streams_checked = GetCurrentTimestamp();
+				LWLockAcquire(agog_shared->lock, LW_EXCLUSIVE);
+				agog_shared->streams_checked_at = streams_checked;
+				agog_shared->streams_ok = ok;
+				agog_shared->streams_failed = failed;
+				LWLockRelease(agog_shared->lock);
+			}
+		}
+
+		if (conn == NULL)
+			timeout = Min(timeout, ms_until(next_connect));
+		else if (need_streams)
+			timeout = Min(timeout, Max(ms_until(next_streams), 100));
+
+wait:
+		if (conn != NULL && agog_conn_event_fd(conn) >= 0)
+			events |= WL_SOCKET_READABLE;
+		if (!ShutdownRequestPending)
+			(void) WaitLatchOrSocket(MyLatch, events,
+									 conn != NULL ? agog_conn_event_fd(conn) : PGINVALID_SOCKET,
+									 Max(timeout, 1), PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+		CHECK_FOR_INTERRUPTS();
+	}
+
+	MemoryContextSwitchTo(TopMemoryContext);
+	agog_conn_close(conn);
+	ereport(LOG, (errmsg("agog_nats worker shutting down")));
+	/* exit 1: the postmaster restarts it unless the cluster is stopping */
+	proc_exit(1);
+}
+
+/*
+ * agog_worker_status
+ *		One row: the worker's pid (NULL when it is not running) and its NATS
+ *		connection's health.  Runs in a backend; reads shared state only.
+ */
+Datum
+agog_worker_status(PG_FUNCTION_ARGS)
+{
+	TupleDesc	tupdesc;
+	Datum		values[11];
+	bool		nulls[11] = {false};
+	AgogSharedState snap;
+
+	agog_shmem_attach();
+	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "return type must be a row type");
+
+	LWLockAcquire(agog_shared->lock, LW_SHARED);
+	memcpy(&snap, agog_shared, sizeof(snap));
+	LWLockRelease(agog_shared->lock);
+
+	values[0] = Int32GetDatum(snap.worker_pid);
+	nulls[0] = snap.worker_pid == 0;
+	values[1] = BoolGetDatum(snap.worker_pid != 0 && snap.connected);
+	values[2] = CStringGetTextDatum(snap.server);
+	nulls[2] = !snap.connected || snap.server[0] == '\0';
+	values[3] = TimestampTzGetDatum(snap.connected_since);
+	nulls[3] = !snap.connected || snap.connected_since == 0;
+	values[4] = Int64GetDatum((int64) snap.reconnects);
+	values[5] = Int64GetDatum((int64) snap.disconnects);
+	values[6] = TimestampTzGetDatum(snap.streams_checked_at);
+	nulls[6] = snap.streams_checked_at == 0;
+	values[7] = Int32GetDatum(snap.streams_ok);
+	values[8] = Int32GetDatum(snap.streams_failed);
+	values[9] = CStringGetTextDatum(snap.last_error);
+	nulls[9] = snap.last_error[0] == '\0';
+	values[10] = TimestampTzGetDatum(snap.last_error_at);
+	nulls[10] = snap.last_error_at == 0;
+
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
+}
