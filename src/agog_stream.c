@@ -164,7 +164,9 @@ ms_interval(int64 ms)
 {
 	Interval   *iv = palloc0(sizeof(Interval));
 
-	iv->time = ms * 1000;
+	/* whole days as days, so 7 days reads as the agents table has it */
+	iv->day = (int32) (ms / (SECS_PER_DAY * 1000));
+	iv->time = (ms % (SECS_PER_DAY * 1000)) * 1000;
 	return IntervalPGetDatum(iv);
 }
 

@@ -1,0 +1,47 @@
+-- Least privilege: nothing for PUBLIC, three roles.
+SELECT p.proname, has_function_privilege('public', p.oid, 'EXECUTE') AS public_exec,
+       has_function_privilege('agog_nats_reader', p.oid, 'EXECUTE') AS reader,
+       has_function_privilege('agog_nats_writer', p.oid, 'EXECUTE') AS writer,
+       has_function_privilege('agog_nats_admin', p.oid, 'EXECUTE') AS admin
+  FROM pg_proc p JOIN pg_depend d ON d.objid = p.oid AND d.deptype = 'e'
+  JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'agog_nats'
+ ORDER BY p.proname;
+SELECT r, has_table_privilege(r, 'agog_nats.agents', 'SELECT') AS sel,
+       has_table_privilege(r, 'agog_nats.agents', 'INSERT') AS ins,
+       has_schema_privilege(r, 'agog_nats', 'USAGE') AS usage
+  FROM unnest(ARRAY['public', 'agog_nats_reader', 'agog_nats_writer', 'agog_nats_admin']) r;
+
+CREATE ROLE agog_test_nobody;
+CREATE ROLE agog_test_reader IN ROLE agog_nats_reader;
+CREATE ROLE agog_test_writer IN ROLE agog_nats_writer;
+CREATE ROLE agog_test_admin IN ROLE agog_nats_admin;
+GRANT EXECUTE ON FUNCTION try(text) TO PUBLIC;
+
+SET ROLE agog_test_nobody;
+SELECT try('SELECT * FROM agog_fetch_report(''cynthia'', ''research'', ''customer-search'')');
+SELECT try('SELECT agog_publish_report_now(''cynthia'', ''research'', ''x'', ''c'')');
+SELECT try('SELECT * FROM agog_stream_status()');
+SELECT try('SELECT * FROM agog_nats.agents');
+RESET ROLE;
+
+SET ROLE agog_test_reader;
+SELECT count(*) FROM agog_fetch_report('cynthia', 'research', 'customer-search');
+SELECT count(*) FROM agog_stream_status();
+SELECT connected FROM agog_worker_status();
+SELECT try('SELECT agog_publish_report_now(''cynthia'', ''research'', ''x'', ''c'')');
+SELECT try('INSERT INTO agog_nats.agents (agent, task_type) VALUES (''r'', ''r'')');
+-- The url may hold credentials: superusers only.
+SELECT try('SHOW agog_nats.url');
+SELECT try('SET agog_nats.url = ''nats://evil:4222''');
+RESET ROLE;
+
+SET ROLE agog_test_writer;
+SELECT agog_publish_report_now('cynthia', 'research', 'by-writer', 'c') IS NOT NULL AS published;
+SELECT try('DELETE FROM agog_nats.agents');
+RESET ROLE;
+
+SET ROLE agog_test_admin;
+SELECT try('UPDATE agog_nats.agents SET description = description WHERE agent = ''nobody''');
+RESET ROLE;
+
+DROP ROLE agog_test_nobody, agog_test_reader, agog_test_writer, agog_test_admin;

@@ -1,0 +1,48 @@
+-- Publish now and fetch back, in the seed's format.
+\set content '# Customer search research\n\nPatterns: "prefix", \u00e9t\u00e9, tabs\tand emoji \U0001F600.'
+SELECT agog_publish_report_now('cynthia', 'research', 'customer-search', E:'content',
+                               '{"files_analyzed": 15, "duration_minutes": 12}') AS id1 \gset
+SELECT :'id1' ~ '^agog_features_research\.[0-9]+$' AS id_format;
+
+SELECT content = E:'content' AS same_content,
+       metadata - 'timestamp' AS metadata,
+       metadata->>'timestamp' ~ '^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$' AS iso_ms_utc,
+       abs(extract(epoch FROM (metadata->>'timestamp')::timestamptz - now())) < 60 AS recent,
+       message_id = :'id1' AS same_id,
+       message_id = 'agog_features_research.' || sequence AS id_is_stream_seq,
+       subject,
+       abs(extract(epoch FROM published_at - now())) < 60 AS published_recently
+  FROM agog_fetch_report('cynthia', 'research', 'customer-search');
+
+-- The latest report on a subject wins; earlier ones stay readable by sequence.
+SELECT agog_publish_report_now('cynthia', 'research', 'customer-search', 'second version') AS id2 \gset
+SELECT content, message_id = :'id2' AS is_latest
+  FROM agog_fetch_report('cynthia', 'research', 'customer-search');
+SELECT content = E:'content' AS first_by_seq, message_id = :'id1' AS same_id
+  FROM agog_fetch_report_by_seq('cynthia', split_part(:'id1', '.', 2)::bigint);
+
+-- Each agent publishes into its own stream; the id names it.
+SELECT agent, split_part(agog_publish_report_now(agent, task_type, 'customer-search',
+                                                 'report of ' || agent), '.', 1) AS stream
+  FROM agog_nats.agents ORDER BY agent;
+SELECT a.agent, r.content, r.subject
+  FROM agog_nats.agents a, agog_fetch_report(a.agent, a.task_type, 'customer-search') r
+ ORDER BY a.agent;
+
+-- Empty content and large content round-trip.
+SELECT agog_publish_report_now('roy', 'backend', 'empty', '') IS NOT NULL AS published;
+SELECT content = '' AS empty_ok, metadata->>'feature' AS feature
+  FROM agog_fetch_report('roy', 'backend', 'empty');
+SELECT agog_publish_report_now('roy', 'backend', 'large', repeat('0123456789', 500000)) IS NOT NULL AS published;
+SELECT length(content) FROM agog_fetch_report('roy', 'backend', 'large');
+
+-- Nothing there: no row, no error.
+SELECT count(*) FROM agog_fetch_report('cynthia', 'research', 'never-published');
+SELECT count(*) FROM agog_fetch_report_by_seq('cynthia', 1000000);
+
+-- Not transactional (that is agog_publish_report's job): a rollback does not
+-- take back a report published now.
+BEGIN;
+SELECT agog_publish_report_now('jen', 'frontend', 'rolled-back', 'still there') IS NOT NULL AS published;
+ROLLBACK;
+SELECT content FROM agog_fetch_report('jen', 'frontend', 'rolled-back');

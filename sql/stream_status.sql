@@ -1,0 +1,81 @@
+-- agog_stream_status(): one row per agent stream, the seed's fields and limits.
+SELECT agent, name, subjects, messages > 0 AS has_messages, bytes > 0 AS has_bytes,
+       first_seq <= last_seq AS seq_order, consumer_count,
+       first_time <= last_time AS time_order, oldest_age >= '0' AS age_ok,
+       max_msgs, max_bytes, max_age,
+       msgs_used_pct = 100.0 * messages / max_msgs AS msgs_pct_ok,
+       bytes_used_pct = 100.0 * bytes / max_bytes AS bytes_pct_ok,
+       age_used_pct BETWEEN 0 AND 1 AS age_pct_ok,
+       health
+  FROM agog_stream_status() ORDER BY agent;
+
+-- The live state matches what fetching sees.
+SELECT s.last_seq = r.sequence AS last_seq_is_latest
+  FROM agog_stream_status() s,
+       LATERAL agog_fetch_report_by_seq(s.agent, s.last_seq) r
+ WHERE s.agent = 'roy';
+
+-- A new agent: before its transaction commits the worker cannot see it, so
+-- its stream shows as missing, not as an error.
+BEGIN;
+INSERT INTO agog_nats.agents (agent, task_type, description)
+VALUES ('zed', 'zed_tests', 'an agent added by the tests');
+SELECT agent, name, messages, max_msgs, max_bytes, max_age, health
+  FROM agog_stream_status() WHERE agent = 'zed';
+COMMIT;
+
+-- After commit the worker is woken and creates it.
+DO $$
+BEGIN
+    FOR i IN 1..100 LOOP
+        EXIT WHEN (SELECT health = 'ok' FROM agog_stream_status() WHERE agent = 'zed');
+        PERFORM pg_sleep(0.1);
+    END LOOP;
+END
+$$;
+SELECT agent, name, subjects, messages, health FROM agog_stream_status() WHERE agent = 'zed';
+SELECT agog_publish_report_now('zed', 'zed_tests', 'f', 'hello') AS zed_id;
+SELECT content, subject FROM agog_fetch_report('zed', 'zed_tests', 'f');
+
+-- Changed limits: drifted until the worker applies them.
+BEGIN;
+UPDATE agog_nats.agents SET max_msgs = 500, max_age = '1 day' WHERE agent = 'zed';
+SELECT health FROM agog_stream_status() WHERE agent = 'zed';
+COMMIT;
+DO $$
+BEGIN
+    FOR i IN 1..100 LOOP
+        EXIT WHEN (SELECT health = 'ok' FROM agog_stream_status() WHERE agent = 'zed');
+        PERFORM pg_sleep(0.1);
+    END LOOP;
+END
+$$;
+SELECT max_msgs, max_age, msgs_used_pct, health FROM agog_stream_status() WHERE agent = 'zed';
+
+-- Near a limit.
+UPDATE agog_nats.agents SET max_msgs = 1 WHERE agent = 'zed';
+DO $$
+BEGIN
+    FOR i IN 1..100 LOOP
+        EXIT WHEN (SELECT max_msgs = 1 FROM agog_stream_status() WHERE agent = 'zed');
+        PERFORM pg_sleep(0.1);
+    END LOOP;
+END
+$$;
+SELECT messages, max_msgs, msgs_used_pct, health FROM agog_stream_status() WHERE agent = 'zed';
+
+-- Removing an agent does not delete its stream (the worker never deletes):
+-- added back, the agent finds its stream with its message.
+DELETE FROM agog_nats.agents WHERE agent = 'zed';
+SELECT count(*) FROM agog_stream_status() WHERE agent = 'zed';
+INSERT INTO agog_nats.agents (agent, task_type) VALUES ('zed', 'zed_tests');
+SELECT messages FROM agog_stream_status() WHERE agent = 'zed';
+SELECT content FROM agog_fetch_report('zed', 'zed_tests', 'f');
+DELETE FROM agog_nats.agents WHERE agent = 'zed';
+
+-- Bad agent rows are refused by the table.
+SELECT try($$INSERT INTO agog_nats.agents (agent, task_type) VALUES ('bad.agent', 'x1')$$);
+SELECT try($$INSERT INTO agog_nats.agents (agent, task_type) VALUES ('x2', 'a>b')$$);
+SELECT try($$INSERT INTO agog_nats.agents (agent, task_type) VALUES ('dup', 'research')$$);
+SELECT try($$INSERT INTO agog_nats.agents (agent, task_type, max_msgs) VALUES ('neg', 'neg', 0)$$);
+SELECT try($$INSERT INTO agog_nats.agents (agent, task_type, max_age) VALUES ('young', 'young', '10 ms')$$);
