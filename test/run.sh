@@ -193,8 +193,9 @@ EOF
 
     # PG15 prints one line per test: "test name   ... ok   12 ms" (or, in a
     # parallel group, indented without "test"), "... FAILED" or "... failed (ignored)".
-    p=$(grep -cE '^(test +| +)[^ ]+ +\.\.\. +(ok|failed \(ignored\))' "$WORK/regress.log" || true)
-    f=$(grep -cE '^(test +| +)[^ ]+ +\.\.\. +FAILED' "$WORK/regress.log" || true)
+    # An ignored failure is still a failure here: nothing hides one.
+    p=$(grep -cE '^(test +| +)[^ ]+ +\.\.\. +ok' "$WORK/regress.log" || true)
+    f=$(grep -cE '^(test +| +)[^ ]+ +\.\.\. +(FAILED|failed \(ignored\))' "$WORK/regress.log" || true)
     if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
         say "FAILED: pg_regress timed out after ${REGRESS_TIMEOUT}s"
     fi
@@ -256,10 +257,9 @@ run_tap() {
             timeout -k 30 "$TAP_TIMEOUT" prove -v "$f" \
             || rc=$?
         # Top-level TAP assertions only (subtest lines are indented).
-        # "not ok ... # TODO" is an expected failure: count it as passed.
-        p=$(grep -cE '^ok [0-9]+' "$out" || true)
-        p=$((p + $(grep -cE '^not ok [0-9]+.*# *TODO' "$out" || true)))
-        n=$(grep -E '^not ok [0-9]+' "$out" | grep -cvE '# *TODO' || true)
+        # A TODO or skipped assertion counts as failed: nothing may hide one.
+        p=$(grep -E '^ok [0-9]+' "$out" | grep -cvE '# *(TODO|SKIP)' || true)
+        n=$(grep -E '^(not )?ok [0-9]+' "$out" | grep -cE '^not ok|# *(TODO|SKIP)' || true)
         if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
             say "FAILED: $f timed out after ${TAP_TIMEOUT}s"
         fi
