@@ -94,15 +94,22 @@ bool
 agog_reconcile_streams(AgogConn *conn, int *ok, int *failed,
 					   AgogError *first_err)
 {
+	MemoryContext caller = CurrentMemoryContext;
 	AgentRow   *rows;
 	int			count;
 
+	/*
+	 * Starting and committing a transaction switch memory contexts; the rows
+	 * and everything after them belong in the caller's (the loop's) context.
+	 */
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
 	PushActiveSnapshot(GetTransactionSnapshot());
+	MemoryContextSwitchTo(caller);
 	rows = read_agents(&count);
 	PopActiveSnapshot();
 	CommitTransactionCommand();
+	MemoryContextSwitchTo(caller);
 
 	*ok = *failed = 0;
 	memset(first_err, 0, sizeof(*first_err));

@@ -111,12 +111,15 @@ worker_detach(int code, Datum arg)
 static bool
 extension_installed(void)
 {
+	MemoryContext caller = CurrentMemoryContext;
 	bool		found;
 
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
 	found = OidIsValid(get_extension_oid("agog_nats", true));
 	CommitTransactionCommand();
+	/* commit leaves TopMemoryContext current; go back to the loop's */
+	MemoryContextSwitchTo(caller);
 	return found;
 }
 
@@ -234,9 +237,8 @@ agog_worker_main(Datum main_arg)
 		{
 			AgogError	err;
 
-			MemoryContextSwitchTo(TopMemoryContext);
+			/* the connection itself lives in TopMemoryContext */
 			conn = agog_conn_open(agog_url, "agog_nats worker", true, &err);
-			MemoryContextSwitchTo(loop_cxt);
 			if (conn == NULL)
 			{
 				if (ShutdownRequestPending)
