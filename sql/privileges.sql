@@ -31,17 +31,26 @@ SELECT connected FROM agog_worker_status();
 SELECT try('SELECT agog_publish_report_now(''cynthia'', ''research'', ''x'', ''c'')');
 SELECT try('INSERT INTO agog_nats.agents (agent, task_type) VALUES (''r'', ''r'')');
 -- The url may hold credentials: superusers only.
+SELECT count(*) >= 0 AS sees_reports FROM agog_nats.reports;
+SELECT connected FROM agog_nats.worker_health;
+SELECT try('SELECT agog_publish_report(''cynthia'', ''research'', ''x'', ''c'')');
 SELECT try('SHOW agog_nats.url');
 SELECT try('SET agog_nats.url = ''nats://evil:4222''');
 RESET ROLE;
 
 SET ROLE agog_test_writer;
 SELECT agog_publish_report_now('cynthia', 'research', 'by-writer', 'c') IS NOT NULL AS published;
+SELECT agog_publish_report('cynthia', 'research', 'by-writer', 'c') IS NOT NULL AS queued;
+-- The outbox is written only through agog_publish_report's checks.
+SELECT try($$INSERT INTO agog_nats.outbox (msg_id, agent, task_type, feature, body) VALUES ('x', 'cynthia', 'research', 'f', 'raw')$$);
+SELECT try('UPDATE agog_nats.outbox SET state = ''dead''');
+SELECT try('SELECT agog_retry_dead()');
 SELECT try('DELETE FROM agog_nats.agents');
 RESET ROLE;
 
 SET ROLE agog_test_admin;
 SELECT try('UPDATE agog_nats.agents SET description = description WHERE agent = ''nobody''');
+SELECT agog_retry_dead(ARRAY[-1]::bigint[]) AS requeued;
 RESET ROLE;
 
 DROP ROLE agog_test_nobody, agog_test_reader, agog_test_writer, agog_test_admin;

@@ -75,6 +75,16 @@ static struct
 	int			pipe_wr;
 }			conn_events = {0, 0, 0, -1, -1};
 
+/*
+ * The asynchronous batch being published by the worker.  The ack handler runs
+ * on a nats.c thread and records outcomes here under batch_mutex (a plain
+ * pthread mutex: no PostgreSQL call on that thread).  batch_items is NULL
+ * between batches, so a late ack finds nothing to write into.
+ */
+static pthread_mutex_t batch_mutex = PTHREAD_MUTEX_INITIALIZER;
+static AgogPubItem *batch_items = NULL;
+static int	batch_n = 0;
+
 #define NATS_BEGIN(saved) \
 	do { \
 		sigset_t	all_signals_; \
@@ -334,6 +344,56 @@ on_closed(natsConnection *nc, void *closure)
 	notify_owner();
 }
 
+/*
+ * on_pub_ack
+ *		Ack handler of asynchronous publishes (worker only), on a nats.c
+ *		thread: record the outcome of the message with this Nats-Msg-Id in
+ *		the current batch, then destroy the message, which is ours.
+ */
+static void
+on_pub_ack(jsCtx *js, natsMsg *msg, jsPubAck *pa, jsPubAckErr *pae,
+		   void *closure)
+{
+	const char *id = NULL;
+
+	if (natsMsgHeader_Get(msg, "Nats-Msg-Id", &id) != NATS_OK)
+		id = NULL;
+	pthread_mutex_lock(&batch_mutex);
+	for (int i = 0; id != NULL && batch_items != NULL && i < batch_n; i++)
+	{
+		AgogPubItem *it = &batch_items[i];
+
+		if (it->outcome != AGOG_PUB_UNKNOWN || strcmp(it->msg_id, id) != 0)
+			continue;
+		if (pa != NULL)
+		{
+			it->outcome = AGOG_PUB_STORED;
+			strlcpy(it->stream, pa->Stream ? pa->Stream : "", sizeof(it->stream));
+			it->seq = pa->Sequence;
+			it->duplicate = pa->Duplicate;
+		}
+		else if (pae != NULL)
+		{
+			const char *text = pae->ErrText;
+
+			it->err.status = (int) pae->Err;
+			it->err.js_code = (int) pae->ErrCode;
+			it->err.sqlstate = map_status(pae->Err, pae->ErrCode, &it->err.not_found);
+			if (pae->Err == NATS_NO_RESPONDERS)
+				text = "no JetStream stream captures this subject (no responders)";
+			else if (text == NULL || text[0] == '\0')
+				text = natsStatus_GetText(pae->Err);
+			strlcpy(it->err.text, text ? text : "unknown NATS error", sizeof(it->err.text));
+			/* a timeout says nothing of whether the server stored it */
+			if (pae->Err != NATS_TIMEOUT)
+				it->outcome = AGOG_PUB_REFUSED;
+		}
+		break;
+	}
+	pthread_mutex_unlock(&batch_mutex);
+	natsMsg_Destroy(msg);
+}
+
 /* ----------------------------------------------------------------
  * Connections
  * ----------------------------------------------------------------
@@ -455,6 +515,11 @@ agog_conn_open(const char *url, const char *name, bool keep_reconnecting,
 	{
 		jsOptions_Init(&jsopts);
 		jsopts.Wait = agog_timeout_ms;
+		if (keep_reconnecting)
+		{
+			jsopts.PublishAsync.AckHandler = on_pub_ack;
+			jsopts.PublishAsync.MaxPending = 8192;
+		}
 		s = natsConnection_JetStream(&js, nc, &jsopts);
 	}
 	if (s != NATS_OK)
@@ -734,7 +799,7 @@ agog_conn_publish(AgogConn *conn, const char *subject, const char *msg_id,
 		char		text[256];
 
 		snprintf(text, sizeof(text),
-				 "The report is %lld bytes with its headers, and the server's max_payload is %lld bytes",
+				 "the message is %lld bytes with its headers, and the server's max_payload is %lld bytes",
 				 (long long) (len + header_len), (long long) max_payload);
 		set_error(err, ERRCODE_PROGRAM_LIMIT_EXCEEDED, text);
 		err->status = (int) NATS_MAX_PAYLOAD;
@@ -779,6 +844,106 @@ agog_conn_publish(AgogConn *conn, const char *subject, const char *msg_id,
 	if (s == NATS_TIMEOUT)
 		set_timeout_error(err, interrupted);
 	return false;
+}
+
+/*
+ * agog_conn_publish_batch
+ *		Publish n messages asynchronously, many acks in flight, each with its
+ *		Nats-Msg-Id, and wait (bounded by agog_nats.timeout_ms, in slices) for
+ *		their acks.  Each item's outcome says what is known of it: stored
+ *		(with stream, sequence, duplicate), refused by the server (with the
+ *		error), or unknown (no answer: it may have been stored).  Returns
+ *		false with *err set only when the wait was interrupted.  Runs in the
+ *		worker, whose connection has the ack handler.
+ */
+bool
+agog_conn_publish_batch(AgogConn *conn, AgogPubItem *items, int n,
+						AgogError *err)
+{
+	WaitBudget	budget;
+	bool		interrupted = false;
+	bool		complete = false;
+	sigset_t	saved;
+
+	memset(err, 0, sizeof(*err));
+	for (int i = 0; i < n; i++)
+	{
+		items[i].outcome = AGOG_PUB_UNKNOWN;
+		items[i].stream[0] = '\0';
+		items[i].seq = 0;
+		items[i].duplicate = false;
+		memset(&items[i].err, 0, sizeof(items[i].err));
+	}
+
+	pthread_mutex_lock(&batch_mutex);
+	batch_items = items;
+	batch_n = n;
+	pthread_mutex_unlock(&batch_mutex);
+
+	NATS_BEGIN(saved);
+	for (int i = 0; i < n; i++)
+	{
+		jsPubOptions popts;
+		natsStatus	s;
+
+		jsPubOptions_Init(&popts);
+		popts.MsgId = items[i].msg_id;
+		popts.MaxWait = agog_timeout_ms;
+		s = js_PublishAsync(conn->js, items[i].subject, items[i].data,
+							items[i].len, &popts);
+		if (s != NATS_OK)
+		{
+			/* not sent; the server cannot have it */
+			pthread_mutex_lock(&batch_mutex);
+			capture_error(&items[i].err, s, 0);
+			items[i].outcome = (s == NATS_MAX_PAYLOAD) ? AGOG_PUB_REFUSED : AGOG_PUB_UNKNOWN;
+			pthread_mutex_unlock(&batch_mutex);
+		}
+	}
+	NATS_END(saved);
+
+	budget_start(&budget);
+	for (;;)
+	{
+		int64		slice = budget_next_slice(&budget, &interrupted);
+		jsPubOptions popts;
+		natsStatus	s;
+
+		if (slice <= 0)
+			break;
+		NATS_BEGIN(saved);
+		jsPubOptions_Init(&popts);
+		popts.MaxWait = slice;
+		s = js_PublishAsyncComplete(conn->js, &popts);
+		NATS_END(saved);
+		if (s != NATS_TIMEOUT)
+		{
+			complete = true;
+			break;
+		}
+	}
+	if (!complete)
+	{
+		natsMsgList pending;
+
+		/* take back what is still unanswered; it stays unknown */
+		NATS_BEGIN(saved);
+		if (js_PublishAsyncGetPendingList(&pending, conn->js) == NATS_OK)
+			natsMsgList_Destroy(&pending);
+		NATS_END(saved);
+	}
+
+	pthread_mutex_lock(&batch_mutex);
+	batch_items = NULL;
+	batch_n = 0;
+	pthread_mutex_unlock(&batch_mutex);
+
+	if (interrupted)
+	{
+		set_timeout_error(err, true);
+		return false;
+	}
+	return true;
 }
 
 /* ----------------------------------------------------------------
@@ -936,6 +1101,88 @@ agog_conn_get_seq(AgogConn *conn, const char *stream, uint64 seq,
 				  bool from_leader, AgogMsg *msg, AgogError *err)
 {
 	return get_msg(conn, stream, NULL, seq, from_leader, msg, err);
+}
+
+/*
+ * agog_conn_find_msg_id
+ *		Whether a message with this Nats-Msg-Id is stored on the subject, by
+ *		walking the subject's messages with direct gets (next by subject).
+ *		Used before resending a message whose first send has no known outcome
+ *		and may be older than the duplicate window.  The walk is bounded by the
+ *		stream's limits (10,000 messages by default).  *seq is 0 when absent.
+ */
+bool
+agog_conn_find_msg_id(AgogConn *conn, const char *stream, const char *subject,
+					  const char *msg_id, uint64 *seq, AgogError *err)
+{
+	uint64		next = 1;
+
+	*seq = 0;
+	memset(err, 0, sizeof(*err));
+	for (;;)
+	{
+		WaitBudget	budget;
+		natsStatus	s = NATS_TIMEOUT;
+		bool		interrupted = false;
+		bool		match = false;
+		uint64		found = 0;
+
+		budget_start(&budget);
+		for (;;)
+		{
+			int64		slice = budget_next_slice(&budget, &interrupted);
+			sigset_t	saved;
+			jsOptions	jopts;
+			jsDirectGetMsgOptions dg;
+			natsMsg    *m = NULL;
+
+			if (slice <= 0)
+				break;
+			NATS_BEGIN(saved);
+			jsOptions_Init(&jopts);
+			jopts.Wait = slice;
+			jsDirectGetMsgOptions_Init(&dg);
+			dg.Sequence = next;
+			dg.NextBySubject = subject;
+			s = js_DirectGetMsg(&m, conn->js, stream, &jopts, &dg);
+			if (s == NATS_OK)
+			{
+				const char *v = NULL;
+
+				found = natsMsg_GetSequence(m);
+				if (found == 0 && natsMsgHeader_Get(m, "Nats-Sequence", &v) == NATS_OK && v)
+					found = strtoull(v, NULL, 10);
+				v = NULL;
+				match = natsMsgHeader_Get(m, "Nats-Msg-Id", &v) == NATS_OK &&
+					v != NULL && strcmp(v, msg_id) == 0;
+			}
+			else if (s != NATS_TIMEOUT)
+				capture_error(err, s, 0);
+			natsMsg_Destroy(m);
+			NATS_END(saved);
+			if (s != NATS_TIMEOUT)
+				break;
+		}
+		if (s == NATS_TIMEOUT)
+		{
+			set_timeout_error(err, interrupted);
+			return false;
+		}
+		if (s != NATS_OK)
+			return err->not_found;	/* walked past the last message */
+		if (match)
+		{
+			*seq = found;
+			return true;
+		}
+		if (found < next)
+		{
+			set_error(err, ERRCODE_EXTERNAL_ROUTINE_EXCEPTION,
+					  "a direct get returned a message without its sequence");
+			return false;
+		}
+		next = found + 1;
+	}
 }
 
 /* ----------------------------------------------------------------

@@ -31,6 +31,8 @@ char	   *agog_database = NULL;
 int			agog_timeout_ms = 5000;
 int			agog_duplicate_window_ms = 120000;
 int			agog_stream_replicas = 1;
+int			agog_outbox_max_pending = 100000;
+int			agog_published_retention_s = 7 * 24 * 3600;
 
 /* Set when this transaction changed agog_nats.agents; read at commit. */
 static bool agents_changed_in_xact = false;
@@ -98,6 +100,24 @@ define_settings(void)
 							1, 1, 5,
 							PGC_SIGHUP,
 							0,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("agog_nats.outbox_max_pending",
+							"Most reports that may wait in the outbox to be published.",
+							"agog_publish_report fails with an error past it; 0 removes the cap.",
+							&agog_outbox_max_pending,
+							100000, 0, INT_MAX,
+							PGC_SIGHUP,
+							0,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("agog_nats.published_retention",
+							"How long published reports stay in the outbox.",
+							"The worker deletes older published rows; pending and dead rows stay.",
+							&agog_published_retention_s,
+							7 * 24 * 3600, 0, INT_MAX,
+							PGC_SIGHUP,
+							GUC_UNIT_S,
 							NULL, NULL, NULL);
 
 	MarkGUCPrefixReserved("agog_nats");
@@ -214,11 +234,13 @@ agog_xact_callback(XactEvent event, void *arg)
 				agog_wake_worker();
 			}
 			agents_changed_in_xact = false;
+			agog_outbox_at_commit();
 			break;
 		case XACT_EVENT_ABORT:
 		case XACT_EVENT_PARALLEL_ABORT:
 		case XACT_EVENT_PREPARE:
 			agents_changed_in_xact = false;
+			agog_outbox_at_abort();
 			break;
 		default:
 			break;

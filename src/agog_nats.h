@@ -46,6 +46,8 @@ extern char *agog_database;
 extern int	agog_timeout_ms;
 extern int	agog_duplicate_window_ms;
 extern int	agog_stream_replicas;
+extern int	agog_outbox_max_pending;
+extern int	agog_published_retention_s;
 
 /* ----------------------------------------------------------------
  * Connection wrapper (agog_conn.c).  No nats.c type leaves that file.
@@ -131,6 +133,34 @@ extern bool agog_conn_publish(AgogConn *conn, const char *subject,
 							  const char *msg_id, const char *data, int len,
 							  char **stream, uint64 *seq, bool *duplicate,
 							  AgogError *err);
+/* One message of an asynchronous batch publish, and what became of it. */
+typedef enum AgogPubOutcome
+{
+	AGOG_PUB_UNKNOWN = 0,		/* no answer: it may or may not be stored */
+	AGOG_PUB_STORED,			/* PubAck received (possibly a duplicate) */
+	AGOG_PUB_REFUSED,			/* the server refused it; see err */
+} AgogPubOutcome;
+
+typedef struct AgogPubItem
+{
+	/* in */
+	const char *subject;
+	const char *msg_id;
+	const char *data;
+	int			len;
+	/* out */
+	AgogPubOutcome outcome;
+	char		stream[AGOG_SERVER_LEN];
+	uint64		seq;
+	bool		duplicate;
+	AgogError	err;
+} AgogPubItem;
+
+extern bool agog_conn_publish_batch(AgogConn *conn, AgogPubItem *items, int n,
+									AgogError *err);
+extern bool agog_conn_find_msg_id(AgogConn *conn, const char *stream,
+								  const char *subject, const char *msg_id,
+								  uint64 *seq, AgogError *err);
 extern bool agog_conn_get_last(AgogConn *conn, const char *stream,
 							   const char *subject, bool from_leader,
 							   AgogMsg *msg, AgogError *err);
@@ -180,6 +210,12 @@ typedef struct AgogSharedState
 	int			streams_failed;
 	TimestampTz last_error_at;
 	char		last_error[AGOG_ERROR_LEN];
+	/* outbox: written by the worker, except pending which commits bump */
+	int64		max_payload;	/* the server's, 0 until known */
+	pg_atomic_uint64 outbox_pending;
+	uint64		reports_published;
+	uint64		reports_dead;
+	TimestampTz last_drain_at;
 } AgogSharedState;
 
 extern AgogSharedState *agog_shared;
@@ -189,6 +225,25 @@ extern void agog_shmem_startup(void);
 extern void agog_shmem_attach(void);
 extern void agog_wake_worker(void);
 extern void agog_shared_set_error(const char *text);
+
+/* ----------------------------------------------------------------
+ * Outbox (agog_outbox.c)
+ * ----------------------------------------------------------------
+ */
+#define AGOG_DRAIN_BATCH 256
+
+extern int64 agog_outbox_next_id(char **msg_id);
+extern void agog_outbox_check_depth(void);
+extern void agog_outbox_insert(int64 id, const char *msg_id, const char *agent,
+							   const char *task_type, const char *feature,
+							   const char *body);
+extern char *agog_outbox_latest_pending(const char *subject);
+extern void agog_outbox_note_changed(void);
+extern void agog_outbox_at_commit(void);
+extern void agog_outbox_at_abort(void);
+extern void agog_outbox_release_leases(void);
+extern int	agog_outbox_drain(AgogConn *conn);
+extern long agog_outbox_maintain(bool purge);
 
 /* ----------------------------------------------------------------
  * Streams (agog_stream.c)

@@ -30,6 +30,7 @@
 #include "utils/timestamp.h"
 
 PG_FUNCTION_INFO_V1(agog_publish_report_now);
+PG_FUNCTION_INFO_V1(agog_publish_report);
 PG_FUNCTION_INFO_V1(agog_fetch_report);
 PG_FUNCTION_INFO_V1(agog_fetch_report_by_seq);
 
@@ -53,19 +54,26 @@ text_arg(FunctionCallInfo fcinfo, int n, const char *name)
 	return text_to_cstring(PG_GETARG_TEXT_PP(n));
 }
 
+/* What the functions need of an agent's row. */
+typedef struct AgentInfo
+{
+	char	   *stream;
+	int32		max_msg_size;	/* -1: the server's limit */
+} AgentInfo;
+
 /*
- * agent_stream
- *		The stream of a known agent, from agog_nats.agents.  An unknown agent
- *		is refused with a hint.  Runs in a backend, in the caller's
- *		transaction; the lookup plan is prepared once per backend.
+ * agent_info
+ *		The stream and message size limit of a known agent, from
+ *		agog_nats.agents.  An unknown agent is refused with a hint.  Runs in a
+ *		backend, in the caller's transaction; the plan is prepared once.
  */
-static char *
-agent_stream(const char *agent)
+static AgentInfo
+agent_info(const char *agent)
 {
 	static SPIPlanPtr plan = NULL;
 	MemoryContext caller = CurrentMemoryContext;
 	Datum		arg = CStringGetTextDatum(agent);
-	char	   *stream = NULL;
+	AgentInfo	info = {NULL, -1};
 	int			ret;
 
 	if (SPI_connect() != SPI_OK_CONNECT)
@@ -73,7 +81,7 @@ agent_stream(const char *agent)
 	if (plan == NULL)
 	{
 		Oid			argtypes[1] = {TEXTOID};
-		SPIPlanPtr	p = SPI_prepare("SELECT stream_name FROM agog_nats.agents WHERE agent = $1",
+		SPIPlanPtr	p = SPI_prepare("SELECT stream_name, max_msg_size FROM agog_nats.agents WHERE agent = $1",
 									1, argtypes);
 
 		if (p == NULL || SPI_keepplan(p) != 0)
@@ -87,17 +95,49 @@ agent_stream(const char *agent)
 	if (SPI_processed == 1)
 	{
 		char	   *v = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+		bool		isnull;
 
-		stream = MemoryContextStrdup(caller, v);
+		info.stream = MemoryContextStrdup(caller, v);
+		info.max_msg_size = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0],
+														SPI_tuptable->tupdesc, 2, &isnull));
 	}
 	SPI_finish();
 
-	if (stream == NULL)
+	if (info.stream == NULL)
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_OBJECT),
 				 errmsg("unknown agent \"%s\"", agent),
 				 errhint("The agents are the rows of agog_nats.agents; an administrator adds one with INSERT INTO agog_nats.agents (agent, task_type) VALUES (...).")));
-	return stream;
+	return info;
+}
+
+/*
+ * check_report_size
+ *		Refuse a report whose message (body and Nats-Msg-Id header, as nats.c
+ *		frames them) exceeds the server's max_payload or the stream's maximum
+ *		message size.  max_payload 0 means unknown (the worker has not
+ *		connected yet): the worker then dead-letters an oversized report.
+ */
+static void
+check_report_size(int64 body_len, const char *msg_id, int64 max_payload,
+				  int32 max_msg_size)
+{
+	int64		total = body_len + strlen("NATS/1.0\r\nNats-Msg-Id: \r\n\r\n") + strlen(msg_id);
+
+	if (max_payload > 0 && total > max_payload)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("report is too large for the NATS server"),
+				 errdetail("The report is %lld bytes with its headers, and the server's max_payload is %lld bytes.",
+						   (long long) total, (long long) max_payload),
+				 errhint("Split the report, or raise max_payload in the NATS server's configuration.")));
+	if (max_msg_size > 0 && total > max_msg_size)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("report is too large for the agent's stream"),
+				 errdetail("The report is %lld bytes with its headers, and the stream takes messages of at most %d bytes.",
+						   (long long) total, max_msg_size),
+				 errhint("Split the report, or raise max_msg_size in agog_nats.agents.")));
 }
 
 /*
@@ -173,6 +213,32 @@ agog_encode_report(const char *agent, const char *task_type,
 }
 
 /*
+ * check_publish_args
+ *		The checks agog_publish_report and agog_publish_report_now share.
+ *		Returns the caller's metadata ({} for NULL).
+ */
+static Jsonb *
+check_publish_args(FunctionCallInfo fcinfo, char **agent, char **task_type,
+				   char **feature, char **content)
+{
+	Jsonb	   *metadata;
+
+	*agent = text_arg(fcinfo, 0, "agent");
+	*task_type = text_arg(fcinfo, 1, "task_type");
+	*feature = text_arg(fcinfo, 2, "feature");
+	*content = text_arg(fcinfo, 3, "content");
+	agog_check_token("agent", *agent);
+	agog_check_token("task_type", *task_type);
+	agog_check_token("feature", *feature);
+	if (PG_ARGISNULL(4))
+		metadata = DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum("{}")));
+	else
+		metadata = PG_GETARG_JSONB_P(4);
+	check_metadata(metadata);
+	return metadata;
+}
+
+/*
  * agog_publish_report_now
  *		Publish a report now over the backend's cached connection and return
  *		"<stream>.<seq>".  Not transactional: it is in JetStream even if the
@@ -181,40 +247,54 @@ agog_encode_report(const char *agent, const char *task_type,
 Datum
 agog_publish_report_now(PG_FUNCTION_ARGS)
 {
-	char	   *agent = text_arg(fcinfo, 0, "agent");
-	char	   *task_type = text_arg(fcinfo, 1, "task_type");
-	char	   *feature = text_arg(fcinfo, 2, "feature");
-	char	   *content = text_arg(fcinfo, 3, "content");
-	Jsonb	   *metadata = PG_ARGISNULL(4) ? NULL : PG_GETARG_JSONB_P(4);
-	StringInfo	body;
+	char	   *agent;
+	char	   *task_type;
+	char	   *feature;
+	char	   *content;
+	Jsonb	   *metadata = check_publish_args(fcinfo, &agent, &task_type, &feature, &content);
+	AgentInfo	info = agent_info(agent);
+	StringInfo	body = agog_encode_report(agent, task_type, feature, content, metadata);
+	char	   *msg_id = agog_unique_msg_id("now");
+	AgogConn   *conn = agog_backend_conn();
 	char	   *stream;
 	uint64		seq;
 	bool		duplicate;
 	AgogError	err;
 
-	agog_check_token("agent", agent);
-	agog_check_token("task_type", task_type);
-	agog_check_token("feature", feature);
-	if (metadata == NULL)
-		metadata = DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum("{}")));
-	check_metadata(metadata);
-	(void) agent_stream(agent);
-
-	body = agog_encode_report(agent, task_type, feature, content, metadata);
-	if (!agog_conn_publish(agog_backend_conn(),
-						   agog_report_subject(agent, task_type, feature),
-						   agog_unique_msg_id("now"), body->data, body->len,
+	check_report_size(body->len, msg_id, agog_conn_max_payload(conn), info.max_msg_size);
+	if (!agog_conn_publish(conn, agog_report_subject(agent, task_type, feature),
+						   msg_id, body->data, body->len,
 						   &stream, &seq, &duplicate, &err))
-	{
-		if (err.sqlstate == ERRCODE_PROGRAM_LIMIT_EXCEEDED)
-			ereport(ERROR,
-					(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
-					 errmsg("report is too large for the NATS server"),
-					 errdetail_internal("%s.", err.text),
-					 errhint("Split the report, or raise max_payload in the NATS server's configuration.")));
 		agog_raise(&err, "publish the report to NATS JetStream");
-	}
 	PG_RETURN_TEXT_P(cstring_to_text(psprintf("%s." UINT64_FORMAT, stream, seq)));
+}
+
+/*
+ * agog_publish_report
+ *		Write the report to the outbox in the caller's transaction and return
+ *		its id; the worker publishes it after commit, exactly once.  Checks
+ *		exactly what agog_publish_report_now checks, before commit, without
+ *		talking to NATS (the worker's view of max_payload is used).
+ */
+Datum
+agog_publish_report(PG_FUNCTION_ARGS)
+{
+	char	   *agent;
+	char	   *task_type;
+	char	   *feature;
+	char	   *content;
+	Jsonb	   *metadata = check_publish_args(fcinfo, &agent, &task_type, &feature, &content);
+	AgentInfo	info = agent_info(agent);
+	StringInfo	body = agog_encode_report(agent, task_type, feature, content, metadata);
+	char	   *msg_id;
+	int64		id;
+
+	agog_shmem_attach();
+	agog_outbox_check_depth();
+	id = agog_outbox_next_id(&msg_id);
+	check_report_size(body->len, msg_id, agog_shared->max_payload, info.max_msg_size);
+	agog_outbox_insert(id, msg_id, agent, task_type, feature, body->data);
+	PG_RETURN_INT64(id);
 }
 
 /*
@@ -234,8 +314,8 @@ put_report_row(ReturnSetInfo *rsinfo, AgogMsg *msg)
 		!pg_verifymbstr(msg->data, msg->len, true))
 		ereport(ERROR,
 				(errcode(ERRCODE_CHARACTER_NOT_IN_REPERTOIRE),
-				 errmsg("report %s." UINT64_FORMAT " is not valid text in the database encoding",
-						msg->stream, msg->seq)));
+				 errmsg("report on %s is not valid text in the database encoding",
+						msg->subject)));
 
 	{
 		JsonLexContext *lex = makeJsonLexContextCstringLen(msg->data, msg->len,
@@ -269,8 +349,13 @@ put_report_row(ReturnSetInfo *rsinfo, AgogMsg *msg)
 		values[0] = PointerGetDatum(cstring_to_text_with_len(msg->data, msg->len));
 		nulls[1] = true;
 	}
-	values[2] = CStringGetTextDatum(psprintf("%s." UINT64_FORMAT, msg->stream, msg->seq));
-	values[3] = Int64GetDatum((int64) msg->seq);
+	if (msg->stream != NULL)
+	{
+		values[2] = CStringGetTextDatum(psprintf("%s." UINT64_FORMAT, msg->stream, msg->seq));
+		values[3] = Int64GetDatum((int64) msg->seq);
+	}
+	else
+		nulls[2] = nulls[3] = true;	/* not yet in JetStream */
 	values[4] = CStringGetTextDatum(msg->subject);
 	if (msg->time != 0)
 		values[5] = TimestampTzGetDatum(msg->time);
@@ -294,18 +379,30 @@ agog_fetch_report(PG_FUNCTION_ARGS)
 	char	   *task_type = text_arg(fcinfo, 1, "task_type");
 	char	   *feature = text_arg(fcinfo, 2, "feature");
 	char	   *stream;
+	char	   *subject;
+	char	   *pending;
 	AgogMsg		msg;
 	AgogError	err;
 
 	agog_check_token("agent", agent);
 	agog_check_token("task_type", task_type);
 	agog_check_token("feature", feature);
-	stream = agent_stream(agent);
+	stream = agent_info(agent).stream;
+	subject = agog_report_subject(agent, task_type, feature);
 
 	InitMaterializedSRF(fcinfo, 0);
-	if (agog_conn_get_last(agog_backend_conn(), stream,
-						   agog_report_subject(agent, task_type, feature),
-						   agog_stream_replicas > 1, &msg, &err))
+	pending = agog_outbox_latest_pending(subject);
+	if (pending != NULL)
+	{
+		/* committed or ours, not yet in JetStream: newer than what is there */
+		memset(&msg, 0, sizeof(msg));
+		msg.subject = subject;
+		msg.data = pending;
+		msg.len = strlen(pending);
+		put_report_row(rsinfo, &msg);
+	}
+	else if (agog_conn_get_last(agog_backend_conn(), stream, subject,
+								agog_stream_replicas > 1, &msg, &err))
 		put_report_row(rsinfo, &msg);
 	else if (!err.not_found)
 		agog_raise(&err, "fetch the report from NATS JetStream");
@@ -337,7 +434,7 @@ agog_fetch_report_by_seq(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("sequence must be positive"),
 				 errdetail("Stream sequences start at 1; got " INT64_FORMAT ".", seq)));
-	stream = agent_stream(agent);
+	stream = agent_info(agent).stream;
 
 	InitMaterializedSRF(fcinfo, 0);
 	if (agog_conn_get_seq(agog_backend_conn(), stream, (uint64) seq,

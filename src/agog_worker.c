@@ -34,7 +34,9 @@
 #include "storage/ipc.h"
 #include "storage/latch.h"
 #include "tcop/tcopprot.h"
+#include "catalog/namespace.h"
 #include "utils/builtins.h"
+#include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
 
@@ -47,6 +49,8 @@ PG_FUNCTION_INFO_V1(agog_worker_status);
 #define EXTENSION_POLL_MS		2000
 #define BACKOFF_MIN_MS			250
 #define BACKOFF_MAX_MS			5000
+#define OUTBOX_POLL_MS			1000
+#define DRAIN_SLICE_MS			500
 
 /* What the worker last logged, so it logs once per change of state. */
 typedef enum LoggedState
@@ -105,11 +109,12 @@ worker_detach(int code, Datum arg)
 
 /*
  * extension_installed
- *		Whether CREATE EXTENSION agog_nats has run in this database.  Opens a
- *		short transaction of its own.
+ *		Whether CREATE EXTENSION agog_nats has run in this database, and
+ *		whether its version has the outbox (0.2.0 on).  Opens a short
+ *		transaction of its own.
  */
 static bool
-extension_installed(void)
+extension_installed(bool *has_outbox)
 {
 	MemoryContext caller = CurrentMemoryContext;
 	bool		found;
@@ -117,6 +122,13 @@ extension_installed(void)
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
 	found = OidIsValid(get_extension_oid("agog_nats", true));
+	*has_outbox = false;
+	if (found)
+	{
+		Oid			nsp = get_namespace_oid("agog_nats", true);
+
+		*has_outbox = OidIsValid(nsp) && OidIsValid(get_relname_relid("outbox", nsp));
+	}
 	CommitTransactionCommand();
 	/* commit leaves TopMemoryContext current; go back to the loop's */
 	MemoryContextSwitchTo(caller);
@@ -171,6 +183,9 @@ agog_worker_main(Datum main_arg)
 	TimestampTz next_connect = 0;
 	TimestampTz next_streams = 0;
 	TimestampTz streams_checked = 0;
+	TimestampTz outbox_checked = 0;
+	bool		leases_released = false;
+	bool		has_outbox = false;
 
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
 	pqsignal(SIGTERM, SignalHandlerForShutdownRequest);
@@ -221,7 +236,7 @@ agog_worker_main(Datum main_arg)
 			need_streams = true;
 		}
 
-		if (!extension_installed())
+		if (!extension_installed(&has_outbox))
 		{
 			if (logged != LOGGED_NO_EXTENSION)
 				ereport(LOG,
@@ -265,6 +280,9 @@ agog_worker_main(Datum main_arg)
 				seen_reconnects = ev.reconnects;
 				seen_disconnects = ev.disconnects;
 				set_connected(conn, true);
+				LWLockAcquire(agog_shared->lock, LW_EXCLUSIVE);
+				agog_shared->max_payload = agog_conn_max_payload(conn);
+				LWLockRelease(agog_shared->lock);
 				ereport(LOG,
 						(errmsg("agog_nats worker connected to NATS at %s",
 								agog_shared->server)));
@@ -370,6 +388,44 @@ agog_worker_main(Datum main_arg)
 			}
 		}
 
+		if (has_outbox)
+		{
+			bool		more = false;
+
+			if (!leases_released)
+			{
+				agog_outbox_release_leases();
+				leases_released = true;
+			}
+			/* drain while connected and the streams are in place */
+			if (conn != NULL && agog_shared->connected && !need_streams)
+			{
+				TimestampTz start = GetCurrentTimestamp();
+				int			n;
+
+				do
+				{
+					MemoryContextReset(loop_cxt);
+					n = agog_outbox_drain(conn);
+					more = (n == AGOG_DRAIN_BATCH);
+				} while (more && !ShutdownRequestPending && !ConfigReloadPending &&
+						 !TimestampDifferenceExceeds(start, GetCurrentTimestamp(), DRAIN_SLICE_MS));
+			}
+			now = GetCurrentTimestamp();
+			if (more)
+				timeout = 0;
+			else if (outbox_checked == 0 ||
+					 TimestampDifferenceExceeds(outbox_checked, now, OUTBOX_POLL_MS))
+			{
+				long		due = agog_outbox_maintain(true);
+
+				outbox_checked = now;
+				if (due >= 0 && conn != NULL && agog_shared->connected)
+					timeout = Min(timeout, Max(due, 10));
+			}
+			timeout = Min(timeout, OUTBOX_POLL_MS);
+		}
+
 		if (conn == NULL)
 			timeout = Min(timeout, ms_until(next_connect));
 		else if (need_streams)
@@ -381,7 +437,7 @@ wait:
 		if (!ShutdownRequestPending)
 			(void) WaitLatchOrSocket(MyLatch, events,
 									 conn != NULL ? agog_conn_event_fd(conn) : PGINVALID_SOCKET,
-									 Max(timeout, 1), PG_WAIT_EXTENSION);
+									 timeout, PG_WAIT_EXTENSION);
 		ResetLatch(MyLatch);
 		CHECK_FOR_INTERRUPTS();
 	}

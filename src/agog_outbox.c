@@ -1,0 +1,674 @@
+/*-------------------------------------------------------------------------
+ *
+ * agog_outbox.c
+ *		The transactional outbox: reports written in the caller's transaction
+ *		and published to JetStream by the worker after commit, exactly once.
+ *
+ * A report is a row of agog_nats.outbox, inserted by agog_publish_report in
+ * the caller's transaction; a rollback (or a rollback to a savepoint) takes
+ * it back like any row.  At commit the transaction only sets the worker's
+ * latch.  The worker then:
+ *
+ *	1. claims a batch of due rows (FOR UPDATE SKIP LOCKED), counting the
+ *	   attempt and leasing the rows, and commits: from here on a row with
+ *	   attempts > 1 may have been sent before;
+ *	2. for a row that may have been sent longer ago than half the duplicate
+ *	   window, looks for its Nats-Msg-Id on the subject first (JetStream's
+ *	   dedup no longer covers a resend then);
+ *	3. publishes the rest asynchronously, Nats-Msg-Id = the row's msg_id;
+ *	4. records each outcome in a second transaction: published (stream,
+ *	   sequence; a duplicate ack counts), dead (a permanent refusal, with
+ *	   the server's error), or pending again with backoff (no answer).
+ *
+ * A crash anywhere leaves the row pending; the next attempt is covered by
+ * JetStream's duplicate window or by step 2, so each committed report is
+ * stored once.
+ *
+ * Copyright (c) 2026, agog_nats developers
+ *
+ * src/agog_outbox.c
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "agog_nats.h"
+
+#include "access/xact.h"
+#include "access/xlog.h"
+#include "catalog/pg_type.h"
+#include "commands/trigger.h"
+#include "executor/spi.h"
+#include "fmgr.h"
+#include "funcapi.h"
+#include "miscadmin.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/memutils.h"
+#include "utils/snapmgr.h"
+#include "utils/timestamp.h"
+
+PG_FUNCTION_INFO_V1(agog_outbox_changed);
+PG_FUNCTION_INFO_V1(agog_retry_dead);
+PG_FUNCTION_INFO_V1(agog_outbox_stats);
+
+/* Backoff of a row that got no answer, and attempts before a refusal is final. */
+#define BACKOFF_MIN_MS		250
+#define BACKOFF_MAX_MS		30000
+#define REFUSALS_BEFORE_DEAD 10
+#define PURGE_BATCH			10000
+
+/* Set when this transaction wrote the outbox; read at commit. */
+static bool outbox_changed_in_xact = false;
+static uint64 outbox_inserted_in_xact = 0;
+
+/* Plans kept for the backend's or the worker's life. */
+static SPIPlanPtr next_id_plan = NULL;
+static SPIPlanPtr insert_plan = NULL;
+static SPIPlanPtr pending_plan = NULL;
+static SPIPlanPtr claim_plan = NULL;
+static SPIPlanPtr record_plan = NULL;
+
+/*
+ * keep_plan
+ *		Prepare a statement once and keep it.  Runs inside SPI.
+ */
+static SPIPlanPtr
+keep_plan(SPIPlanPtr *slot, const char *sql, int nargs, Oid *argtypes)
+{
+	if (*slot == NULL)
+	{
+		SPIPlanPtr	p = SPI_prepare(sql, nargs, argtypes);
+
+		if (p == NULL || SPI_keepplan(p) != 0)
+			elog(ERROR, "could not prepare \"%s\": %s", sql,
+				 SPI_result_code_string(SPI_result));
+		*slot = p;
+	}
+	return *slot;
+}
+
+/* ----------------------------------------------------------------
+ * Backend side: agog_publish_report and agog_fetch_report
+ * ----------------------------------------------------------------
+ */
+
+/*
+ * agog_outbox_next_id
+ *		The next outbox id, and its Nats-Msg-Id: agog-<system id>-<database
+ *		oid>-<id>, unique across clusters and databases that share a NATS
+ *		server.  Runs in the caller's transaction.
+ */
+int64
+agog_outbox_next_id(char **msg_id)
+{
+	int64		id;
+	bool		isnull;
+	int			ret;
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	ret = SPI_execute_plan(keep_plan(&next_id_plan,
+									 "SELECT pg_catalog.nextval('agog_nats.outbox_id_seq')",
+									 0, NULL),
+						   NULL, NULL, false, 1);
+	if (ret != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "could not draw an outbox id: %s", SPI_result_code_string(ret));
+	id = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	SPI_finish();
+
+	*msg_id = psprintf("agog-" UINT64_FORMAT "-%u-" INT64_FORMAT,
+					   GetSystemIdentifier(), MyDatabaseId, id);
+	return id;
+}
+
+/*
+ * agog_outbox_check_depth
+ *		Refuse a new report while the outbox holds agog_nats.outbox_max_pending
+ *		unpublished ones (counted by the worker every second, plus what has
+ *		committed since).
+ */
+void
+agog_outbox_check_depth(void)
+{
+	uint64		pending;
+
+	if (agog_outbox_max_pending <= 0 || agog_shared == NULL)
+		return;
+	pending = pg_atomic_read_u64(&agog_shared->outbox_pending) + outbox_inserted_in_xact;
+	if (pending >= (uint64) agog_outbox_max_pending)
+		ereport(ERROR,
+				(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
+				 errmsg("the agog_nats outbox is full"),
+				 errdetail("%llu reports are waiting to be published; agog_nats.outbox_max_pending is %d.",
+						   (unsigned long long) pending, agog_outbox_max_pending),
+				 errhint("Check agog_nats.worker_health: the NATS server may be unreachable. Raise agog_nats.outbox_max_pending to queue more.")));
+}
+
+/*
+ * agog_outbox_insert
+ *		Write a checked, encoded report into the outbox, in the caller's
+ *		transaction.
+ */
+void
+agog_outbox_insert(int64 id, const char *msg_id, const char *agent,
+				   const char *task_type, const char *feature, const char *body)
+{
+	Oid			argtypes[6] = {INT8OID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID};
+	Datum		values[6];
+	int			ret;
+
+	values[0] = Int64GetDatum(id);
+	values[1] = CStringGetTextDatum(msg_id);
+	values[2] = CStringGetTextDatum(agent);
+	values[3] = CStringGetTextDatum(task_type);
+	values[4] = CStringGetTextDatum(feature);
+	values[5] = CStringGetTextDatum(body);
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	ret = SPI_execute_plan(keep_plan(&insert_plan,
+									 "INSERT INTO agog_nats.outbox (id, msg_id, agent, task_type, feature, body) "
+									 "VALUES ($1, $2, $3, $4, $5, $6)",
+									 6, argtypes),
+						   values, NULL, false, 0);
+	if (ret != SPI_OK_INSERT)
+		elog(ERROR, "could not write the report to the outbox: %s",
+			 SPI_result_code_string(ret));
+	SPI_finish();
+	outbox_inserted_in_xact++;
+}
+
+/*
+ * agog_outbox_latest_pending
+ *		The body of the newest report on the subject that is not yet in
+ *		JetStream (this transaction's own, or committed and waiting), or NULL.
+ */
+char *
+agog_outbox_latest_pending(const char *subject)
+{
+	MemoryContext caller = CurrentMemoryContext;
+	Oid			argtypes[1] = {TEXTOID};
+	Datum		arg = CStringGetTextDatum(subject);
+	char	   *body = NULL;
+	int			ret;
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	ret = SPI_execute_plan(keep_plan(&pending_plan,
+									 "SELECT body FROM agog_nats.outbox "
+									 " WHERE subject = $1 AND state = 'pending' "
+									 " ORDER BY id DESC LIMIT 1",
+									 1, argtypes),
+						   &arg, NULL, true, 1);
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "could not read the outbox: %s", SPI_result_code_string(ret));
+	if (SPI_processed == 1)
+	{
+		char	   *v = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+
+		body = MemoryContextStrdup(caller, v);
+	}
+	SPI_finish();
+	return body;
+}
+
+/* ----------------------------------------------------------------
+ * Commit hooks
+ * ----------------------------------------------------------------
+ */
+
+void
+agog_outbox_note_changed(void)
+{
+	outbox_changed_in_xact = true;
+}
+
+/*
+ * agog_outbox_changed
+ *		Statement trigger on agog_nats.outbox: note the change; the worker is
+ *		woken at commit.  The worker's own updates do not wake it.
+ */
+Datum
+agog_outbox_changed(PG_FUNCTION_ARGS)
+{
+	if (!CALLED_AS_TRIGGER(fcinfo))
+		ereport(ERROR,
+				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+				 errmsg("agog_outbox_changed must be called as a trigger")));
+	if (agog_shared == NULL || agog_shared->worker_pid != MyProcPid)
+		agog_outbox_note_changed();
+	return PointerGetDatum(NULL);
+}
+
+/*
+ * agog_outbox_at_commit
+ *		Transaction callback at commit: count what was queued and wake the
+ *		worker.  An atomic add and a latch; nothing that can fail.
+ */
+void
+agog_outbox_at_commit(void)
+{
+	if (outbox_inserted_in_xact > 0 && agog_shared != NULL)
+		pg_atomic_fetch_add_u64(&agog_shared->outbox_pending, outbox_inserted_in_xact);
+	if (outbox_changed_in_xact)
+		agog_wake_worker();
+	outbox_changed_in_xact = false;
+	outbox_inserted_in_xact = 0;
+}
+
+void
+agog_outbox_at_abort(void)
+{
+	outbox_changed_in_xact = false;
+	outbox_inserted_in_xact = 0;
+}
+
+/* ----------------------------------------------------------------
+ * Admin functions
+ * ----------------------------------------------------------------
+ */
+
+/*
+ * agog_retry_dead
+ *		Put dead reports back in the queue, with the same message id (a
+ *		resend of one the server did store is deduplicated or found).
+ */
+Datum
+agog_retry_dead(PG_FUNCTION_ARGS)
+{
+	Oid			argtypes[1] = {INT8ARRAYOID};
+	Datum		arg = PG_ARGISNULL(0) ? (Datum) 0 : PG_GETARG_DATUM(0);
+	char		nulls[1] = {PG_ARGISNULL(0) ? 'n' : ' '};
+	int			ret;
+	uint64		n;
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	ret = SPI_execute_with_args("UPDATE agog_nats.outbox "
+								"   SET state = 'pending', next_attempt_at = now(), "
+								"       attempts = 0, last_error = NULL "
+								" WHERE state = 'dead' AND ($1 IS NULL OR id = ANY ($1))",
+								1, argtypes, &arg, nulls, false, 0);
+	if (ret != SPI_OK_UPDATE)
+		elog(ERROR, "could not requeue dead reports: %s", SPI_result_code_string(ret));
+	n = SPI_processed;
+	SPI_finish();
+	if (n > 0)
+	{
+		outbox_inserted_in_xact += n;
+		agog_outbox_note_changed();
+	}
+	PG_RETURN_INT64((int64) n);
+}
+
+/*
+ * agog_outbox_stats
+ *		The worker's counters since it started.
+ */
+Datum
+agog_outbox_stats(PG_FUNCTION_ARGS)
+{
+	TupleDesc	tupdesc;
+	Datum		values[5];
+	bool		nulls[5] = {false};
+
+	agog_shmem_attach();
+	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "return type must be a row type");
+
+	LWLockAcquire(agog_shared->lock, LW_SHARED);
+	values[0] = Int64GetDatum((int64) agog_shared->reports_published);
+	values[1] = Int64GetDatum((int64) agog_shared->reports_dead);
+	values[2] = TimestampTzGetDatum(agog_shared->last_drain_at);
+	nulls[2] = agog_shared->last_drain_at == 0;
+	values[3] = Int64GetDatum(agog_shared->max_payload);
+	nulls[3] = agog_shared->max_payload == 0;
+	LWLockRelease(agog_shared->lock);
+	values[4] = Int64GetDatum((int64) pg_atomic_read_u64(&agog_shared->outbox_pending));
+
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
+}
+
+/* ----------------------------------------------------------------
+ * Worker side
+ * ----------------------------------------------------------------
+ */
+
+/* A claimed row. */
+typedef struct Claimed
+{
+	int64		id;
+	char	   *msg_id;
+	char	   *subject;
+	char	   *body;
+	int			attempts;
+	int64		first_sent_age_ms;
+	char	   *stream;			/* the agent's stream; NULL if the agent is gone */
+	uint64		found_seq;		/* already stored at this sequence, or 0 */
+	bool		unresolved;		/* could not check an earlier send */
+} Claimed;
+
+/* Run fn inside a transaction of the worker, with SPI, in the given context. */
+static void
+begin_worker_xact(MemoryContext cxt)
+{
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	MemoryContextSwitchTo(cxt);
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+}
+
+static void
+end_worker_xact(MemoryContext cxt)
+{
+	SPI_finish();
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	MemoryContextSwitchTo(cxt);
+}
+
+/*
+ * agog_outbox_release_leases
+ *		At worker start: rows leased by a worker that died are due again now.
+ *		Only one worker runs, so no lease of a live drainer is cut short.
+ */
+void
+agog_outbox_release_leases(void)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	int			ret;
+
+	begin_worker_xact(cxt);
+	ret = SPI_execute("UPDATE agog_nats.outbox SET next_attempt_at = now() "
+					  " WHERE state = 'pending' AND attempts > 0 AND next_attempt_at > now()",
+					  false, 0);
+	if (ret != SPI_OK_UPDATE)
+		elog(ERROR, "could not release outbox leases: %s", SPI_result_code_string(ret));
+	end_worker_xact(cxt);
+}
+
+/*
+ * claim_batch
+ *		Transaction 1: lease up to AGOG_DRAIN_BATCH due rows, oldest first,
+ *		counting the attempt.  Rows another drainer holds are skipped.
+ */
+static int
+claim_batch(Claimed *rows, MemoryContext cxt)
+{
+	Oid			argtypes[2] = {INT4OID, INT4OID};
+	Datum		args[2];
+	int			ret;
+	int			n;
+
+	args[0] = Int32GetDatum(AGOG_DRAIN_BATCH);
+	args[1] = Int32GetDatum(2 * agog_timeout_ms + 1000);
+
+	begin_worker_xact(cxt);
+	ret = SPI_execute_plan(keep_plan(&claim_plan,
+									 "WITH c AS ("
+									 "  SELECT id FROM agog_nats.outbox"
+									 "   WHERE state = 'pending' AND next_attempt_at <= now()"
+									 "   ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)"
+									 " UPDATE agog_nats.outbox o"
+									 "    SET attempts = o.attempts + 1,"
+									 "        first_sent_at = coalesce(o.first_sent_at, now()),"
+									 "        next_attempt_at = now() + $2 * interval '1 millisecond'"
+									 "   FROM c WHERE o.id = c.id"
+									 " RETURNING o.id, o.msg_id, o.subject, o.body, o.attempts,"
+									 "   (extract(epoch FROM now() - coalesce(o.first_sent_at, now())) * 1000)::bigint,"
+									 "   (SELECT a.stream_name FROM agog_nats.agents a WHERE a.agent = o.agent)",
+									 2, argtypes),
+						   args, NULL, false, 0);
+	if (ret != SPI_OK_UPDATE_RETURNING)
+		elog(ERROR, "could not claim outbox rows: %s", SPI_result_code_string(ret));
+
+	n = (int) SPI_processed;
+	for (int i = 0; i < n; i++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[i];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		bool		isnull;
+		MemoryContext spi = MemoryContextSwitchTo(cxt);
+
+		rows[i].id = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
+		rows[i].msg_id = SPI_getvalue(tup, desc, 2);
+		rows[i].subject = SPI_getvalue(tup, desc, 3);
+		rows[i].body = SPI_getvalue(tup, desc, 4);
+		rows[i].attempts = DatumGetInt32(SPI_getbinval(tup, desc, 5, &isnull));
+		rows[i].first_sent_age_ms = DatumGetInt64(SPI_getbinval(tup, desc, 6, &isnull));
+		rows[i].stream = SPI_getvalue(tup, desc, 7);
+		MemoryContextSwitchTo(spi);
+	}
+	end_worker_xact(cxt);
+	return n;
+}
+
+/* Backoff after the given number of attempts. */
+static int
+backoff_ms(int attempts)
+{
+	int64		ms = BACKOFF_MIN_MS;
+
+	for (int i = 1; i < attempts && ms < BACKOFF_MAX_MS; i++)
+		ms *= 2;
+	return (int) Min(ms, BACKOFF_MAX_MS);
+}
+
+/*
+ * record_outcome
+ *		Transaction 2 (one row of it): published, dead or pending again.
+ *		Only a row still pending is changed.
+ */
+static void
+record_outcome(int64 id, const char *state, const char *stream, uint64 seq,
+			   bool duplicate, const char *error, int delay_ms)
+{
+	Oid			argtypes[7] = {INT8OID, TEXTOID, TEXTOID, INT8OID, BOOLOID, TEXTOID, INT4OID};
+	Datum		values[7];
+	char		nulls[7] = {' ', ' ', ' ', ' ', ' ', ' ', ' '};
+	bool		published = strcmp(state, "published") == 0;
+	int			ret;
+
+	values[0] = Int64GetDatum(id);
+	values[1] = CStringGetTextDatum(state);
+	if (published)
+	{
+		values[2] = CStringGetTextDatum(stream);
+		values[3] = Int64GetDatum((int64) seq);
+		values[4] = BoolGetDatum(duplicate);
+	}
+	else
+		nulls[2] = nulls[3] = nulls[4] = 'n';
+	if (error != NULL)
+		values[5] = CStringGetTextDatum(error);
+	else
+		nulls[5] = 'n';
+	values[6] = Int32GetDatum(delay_ms);
+
+	ret = SPI_execute_plan(keep_plan(&record_plan,
+									 "UPDATE agog_nats.outbox"
+									 "   SET state = $2, stream = $3, seq = $4, duplicate = $5,"
+									 "       published_at = CASE WHEN $2 = 'published' THEN now() END,"
+									 "       last_error = $6,"
+									 "       next_attempt_at = CASE WHEN $2 = 'pending'"
+									 "            THEN now() + $7 * interval '1 millisecond'"
+									 "            ELSE next_attempt_at END"
+									 " WHERE id = $1 AND state = 'pending'",
+									 7, argtypes),
+						   values, nulls, false, 0);
+	if (ret != SPI_OK_UPDATE)
+		elog(ERROR, "could not record an outbox outcome: %s", SPI_result_code_string(ret));
+}
+
+/*
+ * agog_outbox_drain
+ *		Claim, publish and record one batch.  Returns the number of rows
+ *		claimed (0 when nothing is due).  Runs in the worker, outside any
+ *		transaction; all memory of the batch is freed before it returns.
+ */
+int
+agog_outbox_drain(AgogConn *conn)
+{
+	MemoryContext caller = CurrentMemoryContext;
+	MemoryContext cxt = AllocSetContextCreate(caller, "agog_nats drain batch",
+											  ALLOCSET_DEFAULT_SIZES);
+	Claimed    *rows;
+	AgogPubItem *items;
+	int		   *item_row;
+	int			n;
+	int			nitems = 0;
+	uint64		published = 0;
+	uint64		dead = 0;
+	AgogError	err;
+	bool		interrupted = false;
+
+	MemoryContextSwitchTo(cxt);
+	rows = palloc0(sizeof(Claimed) * AGOG_DRAIN_BATCH);
+	n = claim_batch(rows, cxt);
+	if (n == 0)
+	{
+		MemoryContextSwitchTo(caller);
+		MemoryContextDelete(cxt);
+		return 0;
+	}
+
+	items = palloc0(sizeof(AgogPubItem) * n);
+	item_row = palloc0(sizeof(int) * n);
+
+	/*
+	 * A row claimed before may have been stored by an earlier send whose ack
+	 * was lost.  Within the duplicate window JetStream drops a resend; past
+	 * half of it, look for the message id on the subject instead.
+	 */
+	for (int i = 0; i < n; i++)
+	{
+		if (rows[i].attempts > 1 && rows[i].stream != NULL &&
+			rows[i].first_sent_age_ms >= agog_duplicate_window_ms / 2)
+		{
+			if (!agog_conn_find_msg_id(conn, rows[i].stream, rows[i].subject,
+									   rows[i].msg_id, &rows[i].found_seq, &err))
+			{
+				rows[i].unresolved = true;
+				interrupted |= (err.sqlstate == ERRCODE_ADMIN_SHUTDOWN);
+				continue;
+			}
+			if (rows[i].found_seq != 0)
+				continue;
+		}
+		items[nitems].subject = rows[i].subject;
+		items[nitems].msg_id = rows[i].msg_id;
+		items[nitems].data = rows[i].body;
+		items[nitems].len = (int) strlen(rows[i].body);
+		item_row[nitems] = i;
+		nitems++;
+	}
+
+	if (nitems > 0 && !interrupted &&
+		!agog_conn_publish_batch(conn, items, nitems, &err))
+		interrupted = true;
+
+	/* Transaction 2: record every outcome. */
+	begin_worker_xact(cxt);
+	for (int i = 0; i < n; i++)
+	{
+		if (rows[i].found_seq != 0)
+		{
+			/* an earlier send was stored: found by its message id */
+			record_outcome(rows[i].id, "published", rows[i].stream,
+						   rows[i].found_seq, true, NULL, 0);
+			published++;
+		}
+		else if (rows[i].unresolved && !interrupted)
+			record_outcome(rows[i].id, "pending", NULL, 0, false,
+						   "could not check whether an earlier send was stored",
+						   backoff_ms(rows[i].attempts));
+	}
+	for (int k = 0; k < nitems; k++)
+	{
+		Claimed    *row = &rows[item_row[k]];
+		AgogPubItem *it = &items[k];
+
+		if (interrupted && it->outcome == AGOG_PUB_UNKNOWN)
+			continue;			/* the lease runs out; it is retried */
+		if (it->outcome == AGOG_PUB_STORED)
+		{
+			record_outcome(row->id, "published", it->stream, it->seq,
+						   it->duplicate, NULL, 0);
+			published++;
+		}
+		else if (it->outcome == AGOG_PUB_REFUSED &&
+				 (it->err.sqlstate == ERRCODE_PROGRAM_LIMIT_EXCEEDED ||
+				  row->attempts >= REFUSALS_BEFORE_DEAD))
+		{
+			record_outcome(row->id, "dead", NULL, 0, false, it->err.text, 0);
+			dead++;
+		}
+		else
+			record_outcome(row->id, "pending", NULL, 0, false,
+						   it->err.text[0] ? it->err.text : "no acknowledgement from JetStream",
+						   backoff_ms(row->attempts));
+	}
+	end_worker_xact(cxt);
+
+	LWLockAcquire(agog_shared->lock, LW_EXCLUSIVE);
+	agog_shared->reports_published += published;
+	agog_shared->reports_dead += dead;
+	agog_shared->last_drain_at = GetCurrentTimestamp();
+	LWLockRelease(agog_shared->lock);
+
+	MemoryContextSwitchTo(caller);
+	MemoryContextDelete(cxt);
+	return interrupted ? 0 : n;
+}
+
+/*
+ * agog_outbox_maintain
+ *		Count the pending rows (for the depth cap) and, when purge is set,
+ *		delete published rows older than agog_nats.published_retention.
+ *		Returns the milliseconds until the next pending row is due (-1 when
+ *		none).  Runs in the worker.
+ */
+long
+agog_outbox_maintain(bool purge)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	int			ret;
+	bool		isnull;
+	int64		pending;
+	int64		due_ms = -1;
+	Datum		d;
+
+	begin_worker_xact(cxt);
+	ret = SPI_execute("SELECT count(*),"
+					  "       (extract(epoch FROM min(next_attempt_at) - now()) * 1000)::bigint"
+					  "  FROM agog_nats.outbox WHERE state = 'pending'",
+					  true, 1);
+	if (ret != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "could not count the outbox: %s", SPI_result_code_string(ret));
+	pending = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull);
+	if (!isnull)
+		due_ms = Max(0, DatumGetInt64(d));
+
+	if (purge)
+	{
+		Oid			argtypes[2] = {INT4OID, INT4OID};
+		Datum		args[2];
+
+		args[0] = Int32GetDatum(agog_published_retention_s);
+		args[1] = Int32GetDatum(PURGE_BATCH);
+		ret = SPI_execute_with_args("DELETE FROM agog_nats.outbox WHERE id IN ("
+									"  SELECT id FROM agog_nats.outbox"
+									"   WHERE state = 'published'"
+									"     AND published_at < now() - $1 * interval '1 second'"
+									"   LIMIT $2)",
+									2, argtypes, args, NULL, false, 0);
+		if (ret != SPI_OK_DELETE)
+			elog(ERROR, "could not purge the outbox: %s", SPI_result_code_string(ret));
+	}
+	end_worker_xact(cxt);
+
+	pg_atomic_write_u64(&agog_shared->outbox_pending, (uint64) pending);
+	return (long) due_ms;
+}
