@@ -39,6 +39,32 @@ COMMENT ON TABLE agog_nats.outbox IS
 SELECT pg_catalog.pg_extension_config_dump('agog_nats.outbox', '');
 SELECT pg_catalog.pg_extension_config_dump('agog_nats.outbox_id_seq', '');
 
+-- The worker's claim: lease up to batch_size due reports, oldest first,
+-- counting the attempt.  Rows another transaction holds are skipped, and a
+-- leased row is not due again until its lease runs out, so two drainers
+-- never claim one report at once.
+CREATE FUNCTION agog_nats.claim_outbox(batch_size integer, lease_ms integer)
+    RETURNS TABLE (id bigint, msg_id text, subject text, body text, attempts integer,
+                   first_sent_age_ms bigint, stream text)
+    LANGUAGE sql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+    WITH c AS (
+        SELECT o.id FROM agog_nats.outbox o
+         WHERE o.state = 'pending' AND o.next_attempt_at <= now()
+         ORDER BY o.id LIMIT batch_size
+           FOR UPDATE SKIP LOCKED)
+    UPDATE agog_nats.outbox o
+       SET attempts = o.attempts + 1,
+           first_sent_at = coalesce(o.first_sent_at, now()),
+           next_attempt_at = now() + lease_ms * interval '1 millisecond'
+      FROM c WHERE o.id = c.id
+    RETURNING o.id, o.msg_id, o.subject, o.body, o.attempts,
+              (extract(epoch FROM now() - coalesce(o.first_sent_at, now())) * 1000)::bigint,
+              (SELECT a.stream_name FROM agog_nats.agents a WHERE a.agent = o.agent)
+    $$;
+REVOKE ALL ON FUNCTION agog_nats.claim_outbox(integer, integer) FROM PUBLIC;
+
 -- Wakes the worker at commit.
 CREATE FUNCTION agog_nats.outbox_changed() RETURNS trigger
     LANGUAGE C

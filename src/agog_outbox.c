@@ -390,8 +390,8 @@ agog_outbox_release_leases(void)
 
 /*
  * claim_batch
- *		Transaction 1: lease up to AGOG_DRAIN_BATCH due rows, oldest first,
- *		counting the attempt.  Rows another drainer holds are skipped.
+ *		Transaction 1: agog_nats.claim_outbox leases up to AGOG_DRAIN_BATCH
+ *		due rows, oldest first, counting the attempt.
  */
 static int
 claim_batch(Claimed *rows, MemoryContext cxt)
@@ -406,21 +406,10 @@ claim_batch(Claimed *rows, MemoryContext cxt)
 
 	begin_worker_xact(cxt);
 	ret = SPI_execute_plan(keep_plan(&claim_plan,
-									 "WITH c AS ("
-									 "  SELECT id FROM agog_nats.outbox"
-									 "   WHERE state = 'pending' AND next_attempt_at <= now()"
-									 "   ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)"
-									 " UPDATE agog_nats.outbox o"
-									 "    SET attempts = o.attempts + 1,"
-									 "        first_sent_at = coalesce(o.first_sent_at, now()),"
-									 "        next_attempt_at = now() + $2 * interval '1 millisecond'"
-									 "   FROM c WHERE o.id = c.id"
-									 " RETURNING o.id, o.msg_id, o.subject, o.body, o.attempts,"
-									 "   (extract(epoch FROM now() - coalesce(o.first_sent_at, now())) * 1000)::bigint,"
-									 "   (SELECT a.stream_name FROM agog_nats.agents a WHERE a.agent = o.agent)",
+									 "SELECT * FROM agog_nats.claim_outbox($1, $2)",
 									 2, argtypes),
 						   args, NULL, false, 0);
-	if (ret != SPI_OK_UPDATE_RETURNING)
+	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "could not claim outbox rows: %s", SPI_result_code_string(ret));
 
 	n = (int) SPI_processed;

@@ -207,10 +207,12 @@ EOF
     FAILED=$((FAILED + f))
 
     if [ "$f" -ne 0 ]; then
-        if [ -s "$WORK/regression.diffs" ]; then
-            say "regression.diffs (first 200 lines)"
-            head -n 200 "$WORK/regression.diffs"
-        fi
+        for diffs in "$WORK/regression.diffs" "$WORK/output_iso/regression.diffs"; do
+            if [ -s "$diffs" ]; then
+                say "$diffs (first 200 lines)"
+                head -n 200 "$diffs"
+            fi
+        done
         if [ -f "$WORK/log/postmaster.log" ]; then
             say "tail of postmaster.log"
             tail -n 60 "$WORK/log/postmaster.log"
