@@ -76,14 +76,28 @@ END
 $$;
 SELECT pid, connected, server, streams_ok FROM agog_worker_status();
 
-\echo == each agent publishes its report for the feature
+\echo == each agent publishes its report for the feature, in one transaction
+BEGIN;
 SELECT agent, task_type,
-       agog_publish_report_now(agent, task_type, :'feature',
+       agog_publish_report(agent, task_type, :'feature',
            format(E'# %s report on %s\n\n%s', initcap(task_type), :'feature',
                   repeat('Findings, decisions and next steps. ', 40)),
-           jsonb_build_object('files_analyzed', 15, 'demo', true)) AS message_id
+           jsonb_build_object('files_analyzed', 15, 'demo', true)) AS report_id
   FROM agog_nats.agents ORDER BY array_position(
        ARRAY['research','critique','backend','frontend','qa','statistics'], task_type);
+COMMIT;
+
+\echo == the worker publishes them after commit, exactly once
+DO $$
+BEGIN
+    FOR i IN 1..200 LOOP
+        EXIT WHEN NOT EXISTS (SELECT 1 FROM agog_nats.outbox WHERE state = 'pending');
+        PERFORM pg_sleep(0.05);
+    END LOOP;
+END
+$$;
+SELECT id, agent, feature, state, message_id, bytes, publish_lag
+  FROM agog_nats.reports WHERE feature = :'feature' ORDER BY id;
 
 \echo == the next agent fetches the research report
 SELECT message_id, subject, published_at, length(content) AS content_bytes,
