@@ -176,6 +176,7 @@ agog_worker_main(Datum main_arg)
 	LoggedState logged = LOGGED_NONE;
 	char		logged_error[AGOG_ERROR_LEN] = "";
 	bool		need_streams = true;
+	bool		streams_tried = false;	/* since the last (re)connect */
 	uint64		streams_generation = 0;
 	uint64		seen_reconnects = 0;
 	uint64		seen_disconnects = 0;
@@ -289,6 +290,7 @@ agog_worker_main(Datum main_arg)
 				logged = LOGGED_CONNECTED;
 				backoff_ms = BACKOFF_MIN_MS;
 				need_streams = true;
+				streams_tried = false;
 				next_streams = 0;
 			}
 		}
@@ -314,7 +316,12 @@ agog_worker_main(Datum main_arg)
 				seen_reconnects = ev.reconnects;
 				/* a server restarted on an empty store has no streams */
 				need_streams = true;
+				streams_tried = false;
 				next_streams = 0;
+				/* another server of the cluster may announce another limit */
+				LWLockAcquire(agog_shared->lock, LW_EXCLUSIVE);
+				agog_shared->max_payload = agog_conn_max_payload(conn);
+				LWLockRelease(agog_shared->lock);
 			}
 			if (ev.closed)
 			{
@@ -358,7 +365,10 @@ agog_worker_main(Datum main_arg)
 				int			ok;
 				int			failed;
 
-				if (agog_reconcile_streams(conn, &ok, &failed, &err))
+				bool		all_ok = agog_reconcile_streams(conn, &ok, &failed, &err);
+
+				streams_tried = true;
+				if (all_ok)
 				{
 					need_streams = false;
 					streams_generation = generation;
@@ -397,8 +407,12 @@ agog_worker_main(Datum main_arg)
 				agog_outbox_release_leases();
 				leases_released = true;
 			}
-			/* drain while connected and the streams are in place */
-			if (conn != NULL && agog_shared->connected && !need_streams)
+			/*
+			 * Drain while connected, once the streams have been checked since
+			 * the last (re)connect; one agent whose stream cannot be created
+			 * must not hold up the others' reports.
+			 */
+			if (conn != NULL && agog_shared->connected && streams_tried)
 			{
 				TimestampTz start = GetCurrentTimestamp();
 				int			n;
