@@ -11,8 +11,11 @@ CREATE TABLE agog_nats.outbox (
     agent           text NOT NULL CHECK (agent ~ '^[A-Za-z0-9_-]{1,64}$'),
     task_type       text NOT NULL CHECK (task_type ~ '^[A-Za-z0-9_-]{1,64}$'),
     feature         text NOT NULL CHECK (feature ~ '^[A-Za-z0-9_-]{1,64}$'),
-    subject         text NOT NULL GENERATED ALWAYS AS
-                    ('agog.deliverables.' || agent || '.' || task_type || '.' || feature) STORED,
+    kind            text NOT NULL DEFAULT 'report' CHECK (kind IN ('report', 'task')),
+    subject         text NOT NULL CHECK (
+                    (kind = 'report' AND subject = 'agog.deliverables.' || agent || '.' || task_type || '.' || feature)
+                    OR (kind = 'task' AND subject = 'agog.tasks.' || agent || '.' || feature)),
+    target_stream   text NOT NULL,
     body            text NOT NULL,
     state           text NOT NULL DEFAULT 'pending'
                     CHECK (state IN ('pending', 'published', 'dead')),
@@ -61,7 +64,7 @@ CREATE FUNCTION agog_nats.claim_outbox(batch_size integer, lease_ms integer)
       FROM c WHERE o.id = c.id
     RETURNING o.id, o.msg_id, o.subject, o.body, o.attempts,
               (extract(epoch FROM now() - coalesce(o.first_sent_at, now())) * 1000)::bigint,
-              (SELECT a.stream_name FROM agog_nats.agents a WHERE a.agent = o.agent)
+              o.target_stream
     $$;
 REVOKE ALL ON FUNCTION agog_nats.claim_outbox(integer, integer) FROM PUBLIC;
 
@@ -113,7 +116,7 @@ COMMENT ON FUNCTION @extschema@.agog_outbox_stats() IS
 
 -- Every report's state.
 CREATE VIEW agog_nats.reports AS
-SELECT o.id, o.agent, o.task_type, o.feature, o.subject, o.state,
+SELECT o.id, o.kind, o.agent, o.task_type, o.feature, o.subject, o.state,
        CASE WHEN o.state = 'published' THEN o.stream || '.' || o.seq END AS message_id,
        o.duplicate, o.attempts, octet_length(o.body) AS bytes,
        o.created_at, o.published_at, o.published_at - o.created_at AS publish_lag,

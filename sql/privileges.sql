@@ -42,7 +42,7 @@ SET ROLE agog_test_writer;
 SELECT agog_publish_report_now('cynthia', 'research', 'by-writer', 'c') IS NOT NULL AS published;
 SELECT agog_publish_report('cynthia', 'research', 'by-writer', 'c') IS NOT NULL AS queued;
 -- The outbox is written only through agog_publish_report's checks.
-SELECT try($$INSERT INTO agog_nats.outbox (msg_id, agent, task_type, feature, body) VALUES ('x', 'cynthia', 'research', 'f', 'raw')$$);
+SELECT try($$INSERT INTO agog_nats.outbox (msg_id, agent, task_type, feature, subject, target_stream, body) VALUES ('x', 'cynthia', 'research', 'f', 'agog.deliverables.cynthia.research.f', 'agog_features_research', 'raw')$$);
 SELECT try('UPDATE agog_nats.outbox SET state = ''dead''');
 SELECT try('SELECT agog_retry_dead()');
 SELECT try('DELETE FROM agog_nats.agents');

@@ -236,6 +236,7 @@ extern int64 agog_outbox_next_id(char **msg_id);
 extern void agog_outbox_check_depth(void);
 extern void agog_outbox_insert(int64 id, const char *msg_id, const char *agent,
 							   const char *task_type, const char *feature,
+							   const char *subject, const char *stream,
 							   const char *body);
 extern char *agog_outbox_latest_pending(const char *subject);
 extern void agog_outbox_note_changed(void);

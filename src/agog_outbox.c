@@ -150,10 +150,11 @@ agog_outbox_check_depth(void)
  */
 void
 agog_outbox_insert(int64 id, const char *msg_id, const char *agent,
-				   const char *task_type, const char *feature, const char *body)
+				   const char *task_type, const char *feature,
+				   const char *subject, const char *stream, const char *body)
 {
-	Oid			argtypes[6] = {INT8OID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID};
-	Datum		values[6];
+	Oid			argtypes[8] = {INT8OID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID};
+	Datum		values[8];
 	int			ret;
 
 	values[0] = Int64GetDatum(id);
@@ -161,14 +162,17 @@ agog_outbox_insert(int64 id, const char *msg_id, const char *agent,
 	values[2] = CStringGetTextDatum(agent);
 	values[3] = CStringGetTextDatum(task_type);
 	values[4] = CStringGetTextDatum(feature);
-	values[5] = CStringGetTextDatum(body);
+	values[5] = CStringGetTextDatum(subject);
+	values[6] = CStringGetTextDatum(stream);
+	values[7] = CStringGetTextDatum(body);
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
 	ret = SPI_execute_plan(keep_plan(&insert_plan,
-									 "INSERT INTO agog_nats.outbox (id, msg_id, agent, task_type, feature, body) "
-									 "VALUES ($1, $2, $3, $4, $5, $6)",
-									 6, argtypes),
+									 "INSERT INTO agog_nats.outbox "
+									 "  (id, msg_id, agent, task_type, feature, subject, target_stream, body) "
+									 "VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+									 8, argtypes),
 						   values, NULL, false, 0);
 	if (ret != SPI_OK_INSERT)
 		elog(ERROR, "could not write the report to the outbox: %s",

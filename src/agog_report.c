@@ -293,7 +293,9 @@ agog_publish_report(PG_FUNCTION_ARGS)
 	agog_outbox_check_depth();
 	id = agog_outbox_next_id(&msg_id);
 	check_report_size(body->len, msg_id, agog_shared->max_payload, info.max_msg_size);
-	agog_outbox_insert(id, msg_id, agent, task_type, feature, body->data);
+	agog_outbox_insert(id, msg_id, agent, task_type, feature,
+					   agog_report_subject(agent, task_type, feature), info.stream,
+					   body->data);
 	PG_RETURN_INT64(id);
 }
 
