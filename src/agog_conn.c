@@ -58,6 +58,24 @@ static bool library_open = false;
 static AgogConn *backend_conn = NULL;
 static char *backend_conn_url = NULL;
 
+/* Every open connection of this process, closed at exit if still open. */
+#define MAX_OPEN_CONNS 4
+static AgogConn *open_conns[MAX_OPEN_CONNS];
+
+/* Slices of a connect attempt, in milliseconds; the last one repeats. */
+static const int64 connect_slices[] = {100, 200, 400, 500};
+
+typedef struct WaitBudget
+{
+	TimestampTz start;
+	int			attempt;
+} WaitBudget;
+
+static void budget_start(WaitBudget *b);
+static int64 budget_next_slice(WaitBudget *b, const int64 *slices, int nslices,
+							   bool *interrupted);
+static void set_timeout_error(AgogError *err, bool interrupted);
+
 static bool default_interrupt_check(void);
 static AgogInterruptCheck interrupt_check = default_interrupt_check;
 
@@ -70,10 +88,9 @@ static struct
 {
 	uint64		disconnects;
 	uint64		reconnects;
-	int			closed;
 	int			pipe_rd;
 	int			pipe_wr;
-}			conn_events = {0, 0, 0, -1, -1};
+}			conn_events = {0, 0, -1, -1};
 
 /*
  * The asynchronous batch being published by the worker.  The ack handler runs
@@ -251,12 +268,31 @@ agog_raise(const AgogError *err, const char *action)
 static void
 conn_at_exit(int code, Datum arg)
 {
-	if (backend_conn != NULL)
-	{
-		agog_conn_close(backend_conn);
-		backend_conn = NULL;
-	}
+	backend_conn = NULL;
+	for (int i = 0; i < MAX_OPEN_CONNS; i++)
+		if (open_conns[i] != NULL)
+			agog_conn_close(open_conns[i]);
 	agog_conn_shutdown_library();
+}
+
+static void
+register_conn(AgogConn *conn)
+{
+	for (int i = 0; i < MAX_OPEN_CONNS; i++)
+		if (open_conns[i] == NULL)
+		{
+			open_conns[i] = conn;
+			return;
+		}
+	elog(ERROR, "too many NATS connections in one process");
+}
+
+static void
+unregister_conn(AgogConn *conn)
+{
+	for (int i = 0; i < MAX_OPEN_CONNS; i++)
+		if (open_conns[i] == conn)
+			open_conns[i] = NULL;
 }
 
 /*
@@ -334,13 +370,6 @@ static void
 on_reconnected(natsConnection *nc, void *closure)
 {
 	__atomic_add_fetch(&conn_events.reconnects, 1, __ATOMIC_SEQ_CST);
-	notify_owner();
-}
-
-static void
-on_closed(natsConnection *nc, void *closure)
-{
-	__atomic_store_n(&conn_events.closed, 1, __ATOMIC_SEQ_CST);
 	notify_owner();
 }
 
@@ -449,8 +478,10 @@ agog_conn_open(const char *url, const char *name, bool keep_reconnecting,
 	natsConnection *nc = NULL;
 	jsCtx	   *js = NULL;
 	jsOptions	jsopts;
-	natsStatus	s;
+	natsStatus	s = NATS_OK;
 	sigset_t	saved;
+	WaitBudget	budget;
+	bool		interrupted = false;
 
 	memset(err, 0, sizeof(*err));
 	servers = split_servers(url, &nservers);
@@ -477,70 +508,93 @@ agog_conn_open(const char *url, const char *name, bool keep_reconnecting,
 	}
 	conn = MemoryContextAllocZero(TopMemoryContext, sizeof(AgogConn));
 
-	NATS_BEGIN(saved);
-	s = natsOptions_Create(&opts);
-	if (s == NATS_OK)
-		s = natsOptions_SetServers(opts, servers, nservers);
-	if (s == NATS_OK)
-		s = natsOptions_SetName(opts, name);
-	if (s == NATS_OK)
-		s = natsOptions_SetTimeout(opts, agog_timeout_ms);
-	if (s == NATS_OK)
-		s = natsOptions_SetWriteDeadline(opts, agog_timeout_ms);
-	if (s == NATS_OK)
-		s = natsOptions_SetNoRandomize(opts, true);
-	if (s == NATS_OK && keep_reconnecting)
+	/*
+	 * Connect in attempts of growing length, so cancel and shutdown are
+	 * served between them even when a server accepts TCP but never answers.
+	 * A refused connection fails at once and is not retried here.
+	 */
+	budget_start(&budget);
+	for (;;)
 	{
-		s = natsOptions_SetAllowReconnect(opts, true);
-		if (s == NATS_OK)
-			s = natsOptions_SetMaxReconnect(opts, -1);
-		if (s == NATS_OK)
-			s = natsOptions_SetReconnectWait(opts, 250);
-		if (s == NATS_OK)
-			s = natsOptions_SetPingInterval(opts, 2000);
-		if (s == NATS_OK)
-			s = natsOptions_SetMaxPingsOut(opts, 2);
-		if (s == NATS_OK)
-			s = natsOptions_SetDisconnectedCB(opts, on_disconnected, NULL);
-		if (s == NATS_OK)
-			s = natsOptions_SetReconnectedCB(opts, on_reconnected, NULL);
-		if (s == NATS_OK)
-			s = natsOptions_SetClosedCB(opts, on_closed, NULL);
-	}
-	else if (s == NATS_OK)
-		s = natsOptions_SetAllowReconnect(opts, false);
-	if (s == NATS_OK)
-		s = natsConnection_Connect(&nc, opts);
-	if (s == NATS_OK)
-	{
-		jsOptions_Init(&jsopts);
-		jsopts.Wait = agog_timeout_ms;
-		if (keep_reconnecting)
+		int64		slice = budget_next_slice(&budget, connect_slices,
+											  lengthof(connect_slices), &interrupted);
+		TimestampTz started = GetCurrentTimestamp();
+
+		if (slice <= 0)
 		{
-			jsopts.PublishAsync.AckHandler = on_pub_ack;
-			jsopts.PublishAsync.MaxPending = 8192;
+			s = NATS_TIMEOUT;
+			set_timeout_error(err, interrupted);
+			break;
 		}
-		s = natsConnection_JetStream(&js, nc, &jsopts);
+		opts = NULL;
+		nc = NULL;
+		js = NULL;
+		NATS_BEGIN(saved);
+		s = natsOptions_Create(&opts);
+		if (s == NATS_OK)
+			s = natsOptions_SetServers(opts, servers, nservers);
+		if (s == NATS_OK)
+			s = natsOptions_SetName(opts, name);
+		if (s == NATS_OK)
+			s = natsOptions_SetTimeout(opts, slice);
+		if (s == NATS_OK)
+			s = natsOptions_SetWriteDeadline(opts, agog_timeout_ms);
+		if (s == NATS_OK)
+			s = natsOptions_SetNoRandomize(opts, true);
+		if (s == NATS_OK && keep_reconnecting)
+		{
+			s = natsOptions_SetAllowReconnect(opts, true);
+			if (s == NATS_OK)
+				s = natsOptions_SetMaxReconnect(opts, -1);
+			if (s == NATS_OK)
+				s = natsOptions_SetReconnectWait(opts, 250);
+			if (s == NATS_OK)
+				s = natsOptions_SetPingInterval(opts, 2000);
+			if (s == NATS_OK)
+				s = natsOptions_SetMaxPingsOut(opts, 2);
+			if (s == NATS_OK)
+				s = natsOptions_SetDisconnectedCB(opts, on_disconnected, NULL);
+			if (s == NATS_OK)
+				s = natsOptions_SetReconnectedCB(opts, on_reconnected, NULL);
+		}
+		else if (s == NATS_OK)
+			s = natsOptions_SetAllowReconnect(opts, false);
+		if (s == NATS_OK)
+			s = natsConnection_Connect(&nc, opts);
+		if (s == NATS_OK)
+		{
+			jsOptions_Init(&jsopts);
+			jsopts.Wait = agog_timeout_ms;
+			if (keep_reconnecting)
+			{
+				jsopts.PublishAsync.AckHandler = on_pub_ack;
+				jsopts.PublishAsync.MaxPending = 8192;
+			}
+			s = natsConnection_JetStream(&js, nc, &jsopts);
+		}
+		if (s != NATS_OK)
+		{
+			capture_error(err, s, 0);
+			jsCtx_Destroy(js);
+			natsConnection_Destroy(nc);
+		}
+		natsOptions_Destroy(opts);
+		NATS_END(saved);
+
+		if (s == NATS_OK ||
+			!TimestampDifferenceExceeds(started, GetCurrentTimestamp(), (int) (slice / 2)))
+			break;
 	}
-	if (s != NATS_OK)
-	{
-		capture_error(err, s, 0);
-		jsCtx_Destroy(js);
-		natsConnection_Destroy(nc);
-	}
-	natsOptions_Destroy(opts);
-	NATS_END(saved);
 
 	if (s != NATS_OK)
 	{
 		pfree(conn);
 		return NULL;
 	}
-	if (keep_reconnecting)
-		__atomic_store_n(&conn_events.closed, 0, __ATOMIC_SEQ_CST);
 	conn->nc = nc;
 	conn->js = js;
 	conn->with_events = keep_reconnecting;
+	register_conn(conn);
 	return conn;
 }
 
@@ -555,6 +609,7 @@ agog_conn_close(AgogConn *conn)
 
 	if (conn == NULL)
 		return;
+	unregister_conn(conn);
 	NATS_BEGIN(saved);
 	jsCtx_Destroy(conn->js);
 	natsConnection_Destroy(conn->nc);
@@ -669,7 +724,6 @@ agog_conn_take_events(AgogConn *conn, AgogConnEvents *events)
 			;
 	events->disconnects = __atomic_load_n(&conn_events.disconnects, __ATOMIC_SEQ_CST);
 	events->reconnects = __atomic_load_n(&conn_events.reconnects, __ATOMIC_SEQ_CST);
-	events->closed = __atomic_load_n(&conn_events.closed, __ATOMIC_SEQ_CST) != 0;
 }
 
 /*
@@ -684,6 +738,8 @@ agog_backend_conn(void)
 	AgogError	err;
 	char		name[64];
 
+	/* the settings exist only when the library was preloaded */
+	agog_shmem_attach();
 	if (backend_conn != NULL &&
 		(strcmp(backend_conn_url, agog_url) != 0 ||
 		 !agog_conn_is_usable(backend_conn)))
@@ -709,12 +765,6 @@ agog_backend_conn(void)
  * Bounded waits
  * ----------------------------------------------------------------
  */
-typedef struct WaitBudget
-{
-	TimestampTz start;
-	int			attempt;
-} WaitBudget;
-
 static void
 budget_start(WaitBudget *b)
 {
@@ -729,7 +779,8 @@ budget_start(WaitBudget *b)
  *		first; *interrupted is set when the worker is asked to stop.
  */
 static int64
-budget_next_slice(WaitBudget *b, bool *interrupted)
+budget_next_slice(WaitBudget *b, const int64 *slices, int nslices,
+				  bool *interrupted)
 {
 	long		secs;
 	int			usecs;
@@ -748,7 +799,7 @@ budget_next_slice(WaitBudget *b, bool *interrupted)
 	remaining = agog_timeout_ms - elapsed_ms;
 	if (remaining <= 0)
 		return 0;
-	slice = wait_slices[Min(b->attempt, (int) lengthof(wait_slices) - 1)];
+	slice = slices[Min(b->attempt, nslices - 1)];
 	b->attempt++;
 	return Min(slice, remaining);
 }
@@ -809,7 +860,7 @@ agog_conn_publish(AgogConn *conn, const char *subject, const char *msg_id,
 	budget_start(&budget);
 	for (;;)
 	{
-		int64		slice = budget_next_slice(&budget, &interrupted);
+		int64		slice = budget_next_slice(&budget, wait_slices, lengthof(wait_slices), &interrupted);
 		sigset_t	saved;
 		jsPubOptions popts;
 		jsPubAck   *pa = NULL;
@@ -905,7 +956,7 @@ agog_conn_publish_batch(AgogConn *conn, AgogPubItem *items, int n,
 	budget_start(&budget);
 	for (;;)
 	{
-		int64		slice = budget_next_slice(&budget, &interrupted);
+		int64		slice = budget_next_slice(&budget, wait_slices, lengthof(wait_slices), &interrupted);
 		jsPubOptions popts;
 		natsStatus	s;
 
@@ -1034,7 +1085,7 @@ get_msg(AgogConn *conn, const char *stream, const char *subject, uint64 seq,
 	budget_start(&budget);
 	for (;;)
 	{
-		int64		slice = budget_next_slice(&budget, &interrupted);
+		int64		slice = budget_next_slice(&budget, wait_slices, lengthof(wait_slices), &interrupted);
 		sigset_t	saved;
 		jsOptions	jopts;
 		natsMsg    *m = NULL;
@@ -1130,7 +1181,7 @@ agog_conn_find_msg_id(AgogConn *conn, const char *stream, const char *subject,
 		budget_start(&budget);
 		for (;;)
 		{
-			int64		slice = budget_next_slice(&budget, &interrupted);
+			int64		slice = budget_next_slice(&budget, wait_slices, lengthof(wait_slices), &interrupted);
 			sigset_t	saved;
 			jsOptions	jopts;
 			jsDirectGetMsgOptions dg;
@@ -1210,7 +1261,7 @@ agog_conn_stream_states(AgogConn *conn, AgogStreamState **states, int *count,
 	budget_start(&budget);
 	for (;;)
 	{
-		int64		slice = budget_next_slice(&budget, &interrupted);
+		int64		slice = budget_next_slice(&budget, wait_slices, lengthof(wait_slices), &interrupted);
 		sigset_t	saved;
 		jsOptions	jopts;
 		jsStreamInfoList *list = NULL;
@@ -1322,7 +1373,7 @@ agog_conn_ensure_stream(AgogConn *conn, const AgogStreamSpec *spec,
 	budget_start(&budget);
 	for (;;)
 	{
-		int64		slice = budget_next_slice(&budget, &interrupted);
+		int64		slice = budget_next_slice(&budget, wait_slices, lengthof(wait_slices), &interrupted);
 		sigset_t	saved;
 		jsOptions	jopts;
 		jsStreamConfig cfg;

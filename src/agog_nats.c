@@ -126,16 +126,21 @@ define_settings(void)
 /*
  * _PG_init
  *		Library load.  With shared_preload_libraries: settings, shared memory,
- *		the worker and the commit hook.  Loaded any other way it only defines
- *		the settings; agog_assert_preloaded() then refuses CREATE EXTENSION.
+ *		the worker and the commit hook.  Loaded any other way it does nothing;
+ *		agog_assert_preloaded() then refuses CREATE EXTENSION.
  */
 void
 _PG_init(void)
 {
-	define_settings();
-
+	/*
+	 * Loaded late (not preloaded), define nothing: agog_nats.database is a
+	 * PGC_POSTMASTER setting, which cannot be created after startup, and
+	 * every function refuses to run anyway.
+	 */
 	if (!process_shared_preload_libraries_in_progress)
 		return;
+
+	define_settings();
 
 	prev_shmem_request_hook = shmem_request_hook;
 	shmem_request_hook = agog_shmem_request_hook;

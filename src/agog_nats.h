@@ -113,7 +113,6 @@ typedef struct AgogConnEvents
 {
 	uint64		disconnects;
 	uint64		reconnects;
-	bool		closed;
 } AgogConnEvents;
 
 /* Interrupt check run between bounded waits; returns true to give up. */

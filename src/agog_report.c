@@ -223,6 +223,7 @@ check_publish_args(FunctionCallInfo fcinfo, char **agent, char **task_type,
 {
 	Jsonb	   *metadata;
 
+	agog_shmem_attach();
 	*agent = text_arg(fcinfo, 0, "agent");
 	*task_type = text_arg(fcinfo, 1, "task_type");
 	*feature = text_arg(fcinfo, 2, "feature");

@@ -202,6 +202,10 @@ agog_worker_main(Datum main_arg)
 	agog_shared->worker_pid = MyProcPid;
 	agog_shared->worker_latch = MyLatch;
 	agog_shared->connected = false;
+	/* what an earlier worker saw no longer holds */
+	agog_shared->streams_checked_at = 0;
+	agog_shared->streams_ok = 0;
+	agog_shared->streams_failed = 0;
 	LWLockRelease(agog_shared->lock);
 	before_shmem_exit(worker_detach, (Datum) 0);
 
@@ -323,7 +327,7 @@ agog_worker_main(Datum main_arg)
 				agog_shared->max_payload = agog_conn_max_payload(conn);
 				LWLockRelease(agog_shared->lock);
 			}
-			if (ev.closed)
+			if (!agog_conn_is_usable(conn))
 			{
 				ereport(LOG, (errmsg("agog_nats worker's NATS connection was closed")));
 				agog_conn_close(conn);

@@ -486,3 +486,246 @@ END
 }
 
 1;
+
+# ---------------------------------------------------------------------------
+# Helpers added for 010_worker_lifecycle, 020_faults and 030_dump_restore.
+# ---------------------------------------------------------------------------
+
+package AgogNatsTest;
+
+use strict;
+use warnings;
+
+# The six built-in agents of the seed: task type => agent.
+our %BUILTIN_AGENTS = (
+	research   => 'cynthia',
+	critique   => 'sylvia',
+	backend    => 'roy',
+	frontend   => 'jen',
+	qa         => 'billy',
+	statistics => 'priya');
+
+# Names of the six built-in agent streams, sorted.
+sub builtin_streams
+{
+	return map { "agog_features_$_" } sort keys %BUILTIN_AGENTS;
+}
+
+# agog_worker_status() of $node (database $db, default postgres) as a hash
+# ref; NULLs are undef, booleans 1/0, streams_checked_at as epoch seconds.
+sub worker_status
+{
+	my ($node, $db) = @_;
+	my $out = $node->safe_psql($db // 'postgres',
+		  q{SELECT coalesce(pid::text, '\N'), connected::int, coalesce(server, '\N'), }
+		. q{reconnects, disconnects, streams_ok, streams_failed, }
+		. q{coalesce(extract(epoch FROM streams_checked_at)::text, '\N'), }
+		. q{coalesce(replace(last_error, '|', '/'), '\N') FROM agog_worker_status()});
+	my @v = split /\|/, $out, -1;
+	my @k = qw(pid connected server reconnects disconnects streams_ok
+	  streams_failed streams_checked_at last_error);
+	my %h;
+	@h{@k} = map { defined $_ && $_ eq '\N' ? undef : $_ } @v;
+	return \%h;
+}
+
+# Size of the node's server log now: an offset for log_since().
+sub log_offset
+{
+	my ($node) = @_;
+	return -s $node->logfile // 0;
+}
+
+# The node's server log from byte $offset on.
+sub log_since
+{
+	my ($node, $offset) = @_;
+	return PostgreSQL::Test::Utils::slurp_file($node->logfile, $offset // 0);
+}
+
+# Differences between a stream as /jsz shows it ($info, from
+# NatsServer::stream_info) and the configuration the worker must give the
+# built-in stream of task type $task_type; %want may override
+# duplicate_window (ns, default 2 min) and num_replicas (default 1).
+# Returns a list of "field: got X, want Y" strings, empty when it matches.
+sub stream_config_problems
+{
+	my ($info, $task_type, %want) = @_;
+	return ("stream agog_features_$task_type is missing") unless $info;
+	my $agent = $BUILTIN_AGENTS{$task_type} // $want{agent};
+	my $c     = $info->{config} || {};
+	my @p;
+	my $subjects = join(',', @{ $c->{subjects} || [] });
+	push @p, "subjects: got [$subjects], want [agog.deliverables.$agent.>]"
+	  unless $subjects eq "agog.deliverables.$agent.>";
+	my %exp = (
+		name             => "agog_features_$task_type",
+		storage          => 'file',
+		retention        => 'limits',
+		discard          => 'old',
+		max_msgs         => 10000,
+		max_bytes        => 1073741824,
+		max_age          => 604800000000000,
+		duplicate_window => $want{duplicate_window} // 120000000000,
+		num_replicas     => $want{num_replicas} // 1);
+	for my $k (sort keys %exp)
+	{
+		my $got = $c->{$k} // '(none)';
+		push @p, "$k: got $got, want $exp{$k}" unless "$got" eq "$exp{$k}";
+	}
+	push @p, "allow_direct: got " . ($c->{allow_direct} ? 'true' : 'false') . ", want true"
+	  unless $c->{allow_direct};
+	return @p;
+}
+
+# Problems with all six built-in streams on $nats (one /jsz request);
+# empty when all six exist with the expected configuration.
+sub builtin_stream_problems
+{
+	my ($nats, %want) = @_;
+	my %seen;
+	my $jsz = eval { $nats->jsz };
+	return ("monitor request failed: $@") unless $jsz;
+	for my $acc (@{ $jsz->{account_details} || [] })
+	{
+		for my $s (@{ $acc->{stream_detail} || [] })
+		{
+			$seen{ $s->{name} } = $s if defined $s->{name};
+		}
+	}
+	return map { stream_config_problems($seen{"agog_features_$_"}, $_, %want) }
+	  sort keys %BUILTIN_AGENTS;
+}
+
+
+package AgogNatsTest::NatsServer;
+
+use strict;
+use warnings;
+
+# Open a client connection (CONNECT with headers and no_responders), or undef.
+sub _client
+{
+	my ($self, $timeout_s) = @_;
+	my $s = IO::Socket::INET->new(
+		PeerAddr => '127.0.0.1',
+		PeerPort => $self->{port},
+		Proto    => 'tcp',
+		Timeout  => $timeout_s) or return undef;
+	binmode $s;
+	print $s 'CONNECT {"verbose":false,"pedantic":false,"headers":true,'
+	  . '"no_responders":true,"protocol":1,"lang":"perl","version":"0"}' . "\r\n";
+	return $s;
+}
+
+# Read from $s until $want (a code ref given the buffer, returning a result
+# or undef to keep reading) answers, or $timeout_s passes (undef). Answers
+# the server's PINGs; dies on -ERR.
+sub _read_until
+{
+	my ($s, $want, $timeout_s) = @_;
+	my $buf      = '';
+	my $deadline = Time::HiRes::time() + $timeout_s;
+	my $sel      = IO::Select->new($s);
+	while (Time::HiRes::time() < $deadline)
+	{
+		while ($buf =~ /\A([^\r\n]*)\r\n/)
+		{
+			my $line = $1;
+			if ($line =~ /^-ERR/)
+			{
+				croak "nats: $line";
+			}
+			if ($line =~ /^PING/)
+			{
+				print $s "PONG\r\n";
+				substr($buf, 0, length($line) + 2) = '';
+				next;
+			}
+			my ($r, $consumed) = $want->($line, $buf);
+			return $r if defined $r;
+			last if defined $consumed && $consumed < 0;    # need more bytes
+			substr($buf, 0, $consumed // length($line) + 2) = '';
+		}
+		next unless $sel->can_read(0.05);
+		my $got = sysread($s, $buf, 65536, length($buf));
+		last unless $got;
+	}
+	return undef;
+}
+
+# Plain PUB of $payload to $subject, no reply subject, with no JetStream
+# acknowledgement asked for; a PING after it makes sure the server has
+# processed the PUB before this returns true (false on timeout).
+sub publish
+{
+	my ($self, $subject, $payload, $timeout_s) = @_;
+	$timeout_s //= 5;
+	my $s = $self->_client($timeout_s) or return 0;
+	{
+		use bytes;
+		print $s "PUB $subject " . length($payload) . "\r\n$payload\r\nPING\r\n";
+	}
+	$s->flush;
+	my $ok = _read_until($s, sub { return $_[0] =~ /^PONG/ ? 1 : undef }, $timeout_s);
+	close $s;
+	return $ok ? 1 : 0;
+}
+
+# Like request(), but returns the whole reply: a hash ref with subject,
+# status (e.g. 404, undef when the reply has no status line), description,
+# headers (a hash ref, last value per name) and body; undef on timeout.
+sub request_msg
+{
+	my ($self, $subject, $payload, $timeout_s) = @_;
+	$payload   //= '';
+	$timeout_s //= 5;
+	my $s = $self->_client($timeout_s) or return undef;
+	my $inbox = "_INBOX.agogtest." . int(rand(1e9));
+	{
+		use bytes;
+		print $s "SUB $inbox 1\r\nPUB $subject $inbox " . length($payload)
+		  . "\r\n$payload\r\n";
+	}
+	$s->flush;
+	my $reply = _read_until(
+		$s,
+		sub {
+			my ($line, $buf) = @_;
+			if ($line =~ /^MSG\s+(\S+)\s+1\s+(?:\S+\s+)?(\d+)\s*$/)
+			{
+				my ($subj, $n) = ($1, $2);
+				return (undef, -1) if length($buf) < length($line) + 2 + $n + 2;
+				return {
+					subject => $subj,
+					headers => {},
+					body    => substr($buf, length($line) + 2, $n)
+				};
+			}
+			if ($line =~ /^HMSG\s+(\S+)\s+1\s+(?:\S+\s+)?(\d+)\s+(\d+)\s*$/)
+			{
+				my ($subj, $h, $n) = ($1, $2, $3);
+				return (undef, -1) if length($buf) < length($line) + 2 + $n + 2;
+				my $all = substr($buf, length($line) + 2, $n);
+				my @hl  = split /\r\n/, substr($all, 0, $h);
+				my $first = shift(@hl) // '';
+				my %r = (subject => $subj, headers => {}, body => substr($all, $h));
+				if ($first =~ /^NATS\/1\.0\s+(\d+)\s*(.*)$/)
+				{
+					$r{status}      = $1;
+					$r{description} = $2;
+				}
+				for (@hl)
+				{
+					$r{headers}{$1} = $2 if /^([^:]+):\s*(.*)$/;
+				}
+				return \%r;
+			}
+			return undef;
+		},
+		$timeout_s);
+	close $s;
+	return $reply;
+}
+
+1;
