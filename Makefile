@@ -10,6 +10,7 @@ OBJS = \
 	src/agog_report.o \
 	src/agog_stream.o \
 	src/agog_outbox.o \
+	src/agog_workflow.o \
 	src/agog_worker.o
 
 # Every released script and every upgrade script of the chain.
@@ -20,7 +21,7 @@ PG_CFLAGS = -Wall -Wextra -Werror -Wno-unused-parameter -Wno-missing-field-initi
 SHLIB_LINK = -lnats
 
 # pg_regress suites: sql/<name>.sql against expected/<name>.out.
-REGRESS = setup validate publish_fetch stream_status outbox privileges upgrade
+REGRESS = setup validate publish_fetch stream_status outbox workflow privileges upgrade
 REGRESS_OPTS = --inputdir=. --outputdir=$(REGRESS_OUTPUTDIR)
 REGRESS_OUTPUTDIR ?= .
 

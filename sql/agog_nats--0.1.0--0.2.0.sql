@@ -33,7 +33,7 @@ CREATE TABLE agog_nats.outbox (
 ALTER SEQUENCE agog_nats.outbox_id_seq OWNED BY agog_nats.outbox.id;
 CREATE INDEX outbox_pending ON agog_nats.outbox (id) WHERE state = 'pending';
 CREATE INDEX outbox_pending_due ON agog_nats.outbox (next_attempt_at) WHERE state = 'pending';
-CREATE INDEX outbox_pending_subject ON agog_nats.outbox (subject, id) WHERE state = 'pending';
+CREATE INDEX outbox_subject ON agog_nats.outbox (subject, id);
 CREATE INDEX outbox_published_at ON agog_nats.outbox (published_at) WHERE state = 'published';
 COMMENT ON TABLE agog_nats.outbox IS
     'Reports published by agog_publish_report: pending until the worker has the PubAck, then published (stream, seq) or dead (last_error)';

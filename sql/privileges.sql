@@ -46,11 +46,22 @@ SELECT try($$INSERT INTO agog_nats.outbox (msg_id, agent, task_type, feature, su
 SELECT try('UPDATE agog_nats.outbox SET state = ''dead''');
 SELECT try('SELECT agog_retry_dead()');
 SELECT try('DELETE FROM agog_nats.agents');
+-- Writers claim and complete tasks; they do not start workflows.
+SELECT count(*) AS claimed FROM agog_claim_task('cynthia');
+SELECT try('SELECT agog_complete_task(-1, ''{}'')');
+SELECT try('SELECT agog_start_workflow(''by-writer'')');
+SELECT try('UPDATE agog_nats.tasks SET state = ''completed''');
 RESET ROLE;
 
 SET ROLE agog_test_admin;
 SELECT try('UPDATE agog_nats.agents SET description = description WHERE agent = ''nobody''');
 SELECT agog_retry_dead(ARRAY[-1]::bigint[]) AS requeued;
+-- Admins run workflows and define pipelines.
+SELECT agog_start_workflow('by-admin', 'slow') AS admin_wf \gset
+SELECT agog_cancel_workflow(:admin_wf, 'privileges test');
+SELECT agog_define_pipeline('by-admin', '[{"stage": "only", "agent": "roy"}]');
+SELECT try('DELETE FROM agog_nats.workflows');
 RESET ROLE;
+SELECT count(*) AS reader_sees FROM agog_nats.workflow_progress;
 
 DROP ROLE agog_test_nobody, agog_test_reader, agog_test_writer, agog_test_admin;

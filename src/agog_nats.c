@@ -33,6 +33,9 @@ int			agog_duplicate_window_ms = 120000;
 int			agog_stream_replicas = 1;
 int			agog_outbox_max_pending = 100000;
 int			agog_published_retention_s = 7 * 24 * 3600;
+int			agog_task_lease_s = 60;
+int			agog_event_retention_s = 30 * 24 * 3600;
+int			agog_workflow_retention_s = 30 * 24 * 3600;
 
 /* Set when this transaction changed agog_nats.agents; read at commit. */
 static bool agents_changed_in_xact = false;
@@ -116,6 +119,33 @@ define_settings(void)
 							"The worker deletes older published rows; pending and dead rows stay.",
 							&agog_published_retention_s,
 							7 * 24 * 3600, 0, INT_MAX,
+							PGC_SIGHUP,
+							GUC_UNIT_S,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("agog_nats.task_lease",
+							"Lease of a claimed task, renewed by agog_heartbeat_task.",
+							"A running task whose lease runs out is retried.",
+							&agog_task_lease_s,
+							60, 1, 24 * 3600,
+							PGC_USERSET,
+							GUC_UNIT_S,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("agog_nats.event_retention",
+							"How long workflow events are kept.",
+							NULL,
+							&agog_event_retention_s,
+							30 * 24 * 3600, 60, INT_MAX,
+							PGC_SIGHUP,
+							GUC_UNIT_S,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("agog_nats.workflow_retention",
+							"How long finished workflows, their tasks and notices are kept.",
+							NULL,
+							&agog_workflow_retention_s,
+							30 * 24 * 3600, 60, INT_MAX,
 							PGC_SIGHUP,
 							GUC_UNIT_S,
 							NULL, NULL, NULL);

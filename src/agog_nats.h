@@ -48,6 +48,9 @@ extern int	agog_duplicate_window_ms;
 extern int	agog_stream_replicas;
 extern int	agog_outbox_max_pending;
 extern int	agog_published_retention_s;
+extern int	agog_task_lease_s;
+extern int	agog_event_retention_s;
+extern int	agog_workflow_retention_s;
 
 /* ----------------------------------------------------------------
  * Connection wrapper (agog_conn.c).  No nats.c type leaves that file.
@@ -244,6 +247,12 @@ extern void agog_outbox_at_abort(void);
 extern void agog_outbox_release_leases(void);
 extern int	agog_outbox_drain(AgogConn *conn);
 extern long agog_outbox_maintain(bool purge);
+
+/* ----------------------------------------------------------------
+ * Workflows (agog_workflow.c)
+ * ----------------------------------------------------------------
+ */
+extern long agog_workflow_step(void);
 
 /* ----------------------------------------------------------------
  * Streams (agog_stream.c)

@@ -30,6 +30,18 @@ PG_FUNCTION_INFO_V1(agog_stream_status);
 	"       (extract(epoch FROM max_age) * 1000)::bigint, max_msg_size " \
 	"  FROM agog_nats.agents ORDER BY agent"
 
+/* Streams of the workflow engine, kept like the agent streams. */
+static const struct
+{
+	const char *name;
+	const char *subject;
+	const char *description;
+}			system_streams[] =
+{
+	{"agog_tasks", "agog.tasks.>", "agog_nats: tiny task notices to agents"},
+	{"agog_notices", "agog.notices.>", "agog_nats: completion notices from agents"},
+};
+
 typedef struct AgentRow
 {
 	char	   *agent;
@@ -152,6 +164,43 @@ agog_reconcile_streams(AgogConn *conn, int *ok, int *failed,
 			}
 			(*failed)++;
 		}
+	}
+
+	/*
+	 * The workflow streams: tiny task notices (agog.tasks.<agent>.<feature>)
+	 * and completion notices from agents that speak only NATS
+	 * (agog.notices.<agent>.<feature>).  They count as failed when they
+	 * fail, not in *ok, which counts agent streams.
+	 */
+	for (int i = 0; i < lengthof(system_streams); i++)
+	{
+		AgogStreamSpec spec;
+		AgogError	err;
+		bool		created;
+		bool		updated;
+
+		spec.name = system_streams[i].name;
+		spec.subject = system_streams[i].subject;
+		spec.description = system_streams[i].description;
+		spec.max_msgs = 10000;
+		spec.max_bytes = INT64CONST(1073741824);
+		spec.max_age_ms = INT64CONST(7) * 24 * 3600 * 1000;
+		spec.max_msg_size = -1;
+		spec.replicas = agog_stream_replicas;
+		spec.duplicate_window_ms = agog_duplicate_window_ms;
+		if (!agog_conn_ensure_stream(conn, &spec, &created, &updated, &err))
+		{
+			if (*failed == 0)
+			{
+				*first_err = err;
+				snprintf(first_err->text, sizeof(first_err->text),
+						 "stream \"%s\": %s", spec.name, err.text);
+			}
+			(*failed)++;
+		}
+		else if (created)
+			ereport(LOG,
+					(errmsg("agog_nats created JetStream stream \"%s\"", spec.name)));
 	}
 	return *failed == 0;
 }

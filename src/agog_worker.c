@@ -110,11 +110,12 @@ worker_detach(int code, Datum arg)
 /*
  * extension_installed
  *		Whether CREATE EXTENSION agog_nats has run in this database, and
- *		whether its version has the outbox (0.2.0 on).  Opens a short
+ *		whether its version has the outbox (0.2.0 on) and the workflow
+ *		engine (0.3.0 on).  Opens a short
  *		transaction of its own.
  */
 static bool
-extension_installed(bool *has_outbox)
+extension_installed(bool *has_outbox, bool *has_workflows)
 {
 	MemoryContext caller = CurrentMemoryContext;
 	bool		found;
@@ -122,12 +123,13 @@ extension_installed(bool *has_outbox)
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
 	found = OidIsValid(get_extension_oid("agog_nats", true));
-	*has_outbox = false;
+	*has_outbox = *has_workflows = false;
 	if (found)
 	{
 		Oid			nsp = get_namespace_oid("agog_nats", true);
 
 		*has_outbox = OidIsValid(nsp) && OidIsValid(get_relname_relid("outbox", nsp));
+		*has_workflows = OidIsValid(nsp) && OidIsValid(get_relname_relid("tasks", nsp));
 	}
 	CommitTransactionCommand();
 	/* commit leaves TopMemoryContext current; go back to the loop's */
@@ -187,6 +189,7 @@ agog_worker_main(Datum main_arg)
 	TimestampTz outbox_checked = 0;
 	bool		leases_released = false;
 	bool		has_outbox = false;
+	bool		has_workflows = false;
 
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
 	pqsignal(SIGTERM, SignalHandlerForShutdownRequest);
@@ -241,7 +244,7 @@ agog_worker_main(Datum main_arg)
 			need_streams = true;
 		}
 
-		if (!extension_installed(&has_outbox))
+		if (!extension_installed(&has_outbox, &has_workflows))
 		{
 			if (logged != LOGGED_NO_EXTENSION)
 				ereport(LOG,
@@ -400,6 +403,23 @@ agog_worker_main(Datum main_arg)
 				agog_shared->streams_failed = failed;
 				LWLockRelease(agog_shared->lock);
 			}
+		}
+
+		/*
+		 * Time out, retry and dispatch workflow tasks, connected or not.
+		 * Publish what is queued first, so a notice dispatched now can name
+		 * the message id of a report its upstream stage just committed.
+		 */
+		if (has_workflows)
+		{
+			long		due;
+
+			if (has_outbox && conn != NULL && agog_shared->connected && streams_tried)
+				(void) agog_outbox_drain(conn);
+			due = agog_workflow_step();
+
+			if (due >= 0)
+				timeout = Min(timeout, Max(due, 10));
 		}
 
 		if (has_outbox)

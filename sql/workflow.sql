@@ -1,0 +1,226 @@
+-- The workflow engine: pipelines as data, tasks claimed and completed from
+-- SQL, the worker dispatching, timing out and retrying.
+
+-- A SQL agent for the tests: wait (bounded) for the worker to dispatch a
+-- task to the agent, claim it, publish its report and complete it, all in
+-- the caller's transaction.
+CREATE FUNCTION play(who text, status text DEFAULT 'complete', lease interval DEFAULT NULL)
+RETURNS text LANGUAGE plpgsql AS $$
+DECLARE
+    c record;
+    tt text;
+BEGIN
+    FOR i IN 1..200 LOOP
+        SELECT * INTO c FROM agog_claim_task(who, 'sql-test', lease);
+        EXIT WHEN c.task_id IS NOT NULL;
+        PERFORM pg_sleep(0.05);
+    END LOOP;
+    IF c.task_id IS NULL THEN
+        RETURN 'nothing dispatched to ' || who;
+    END IF;
+    tt := c.notice ->> 'taskType';
+    PERFORM agog_publish_report(who, tt, c.feature,
+        format('# %s on %s (attempt %s)%s', tt, c.feature, c.attempt, repeat(' words', 200)));
+    RETURN format('%s/%s attempt %s: ', who, c.stage, c.attempt) ||
+        agog_complete_task(c.task_id, jsonb_build_object(
+            'status', status, 'agent', who, 'task', c.feature,
+            'nats_channel', format('agog.deliverables.%s.%s.%s', who, tt, c.feature),
+            'summary', 'did ' || tt, 'complexity', 'Medium',
+            'blockers', CASE WHEN status = 'complete' THEN 'None' ELSE 'tests are red' END,
+            'ready_for_next_stage', status = 'complete',
+            'completion_time', '2026-01-01T00:00:00.000Z', 'files_modified', 2,
+            'metadata', '{"by": "play"}'::jsonb));
+END
+$$;
+
+CREATE FUNCTION wait_for(cond text, seconds int DEFAULT 15) RETURNS boolean
+LANGUAGE plpgsql AS $$
+DECLARE
+    ok boolean;
+BEGIN
+    FOR i IN 1..seconds * 20 LOOP
+        EXECUTE 'SELECT ' || cond INTO ok;
+        IF ok THEN RETURN true; END IF;
+        PERFORM pg_sleep(0.05);
+    END LOOP;
+    RETURN false;
+END
+$$;
+
+-- The seed's feature pipeline.
+SELECT stage, agent, task_type, depends_on, timeout, max_attempts, retry_backoff
+  FROM agog_nats.stages WHERE pipeline = 'feature' ORDER BY position;
+
+-- A user pipeline with stages in parallel.
+SELECT agog_define_pipeline('review', '[
+    {"stage": "research", "agent": "cynthia"},
+    {"stage": "critique", "agent": "sylvia", "depends_on": ["research"]},
+    {"stage": "stats",    "agent": "priya",  "depends_on": ["research"]},
+    {"stage": "qa",       "agent": "billy",  "depends_on": ["critique", "stats"],
+     "timeout": "10 minutes", "max_attempts": 2, "retry_backoff": "0 seconds"}]',
+    'research, then critique and statistics in parallel, then qa');
+SELECT stage, agent, task_type, depends_on, max_attempts FROM agog_nats.stages
+ WHERE pipeline = 'review' ORDER BY position;
+
+-- Refused when defined: a cycle, an unknown agent or stage, a bad token.
+SELECT try($$SELECT agog_define_pipeline('loop', '[{"stage": "a", "agent": "cynthia", "depends_on": ["b"]},
+                                                   {"stage": "b", "agent": "sylvia", "depends_on": ["a"]}]')$$);
+SELECT try($$SELECT agog_define_pipeline('self', '[{"stage": "a", "agent": "cynthia", "depends_on": ["a"]}]')$$);
+SELECT try($$SELECT agog_define_pipeline('ghost', '[{"stage": "a", "agent": "casper"}]')$$);
+SELECT try($$SELECT agog_define_pipeline('dangling', '[{"stage": "a", "agent": "cynthia", "depends_on": ["zz"]}]')$$);
+SELECT try($$SELECT agog_define_pipeline('bad', '[{"stage": "a.b", "agent": "cynthia"}]')$$);
+SELECT try($$SELECT agog_define_pipeline('empty', '[]')$$);
+SELECT count(*) AS none_defined FROM agog_nats.pipelines
+ WHERE pipeline IN ('loop', 'self', 'ghost', 'dangling', 'bad', 'empty');
+-- A direct edit that makes a cycle fails at commit.
+BEGIN;
+UPDATE agog_nats.stages SET depends_on = '{qa}' WHERE pipeline = 'review' AND stage = 'research';
+COMMIT;
+SELECT depends_on FROM agog_nats.stages WHERE pipeline = 'review' AND stage = 'research';
+
+-- Starting: bad input is refused and nothing is created.
+SELECT try($$SELECT agog_start_workflow('bad.feature')$$);
+SELECT try($$SELECT agog_start_workflow('f1', 'no-such-pipeline')$$);
+SELECT try($$SELECT agog_start_workflow('f1', 'feature', '[1]')$$);
+SELECT count(*) AS no_workflows FROM agog_nats.workflows;
+
+-- The seed's six-stage workflow, end to end, from SQL alone.
+SELECT agog_start_workflow('customer-search', 'feature', '{"requested_by": "tests"}') AS wf \gset
+SELECT stage, CASE WHEN state IN ('ready', 'dispatched') THEN 'ready' ELSE state END AS state
+  FROM agog_nats.tasks WHERE workflow_id = :wf ORDER BY position;
+SELECT play('cynthia');
+-- The notice for the next stage is tiny, and names the research report.
+SELECT wait_for($$EXISTS (SELECT 1 FROM agog_nats.tasks WHERE stage = 'critique' AND state = 'dispatched'
+                            AND notice -> 'inputs' -> 0 ->> 'message_id' IS NOT NULL)$$);
+SELECT notice ->> 'stage' AS stage, notice ->> 'agent' AS agent, notice ->> 'feature' AS feature,
+       notice ->> 'attempt' AS attempt, jsonb_array_length(notice -> 'inputs') AS inputs,
+       notice -> 'inputs' -> 0 ->> 'subject' AS input_subject,
+       notice -> 'inputs' -> 0 ->> 'message_id' ~ '^agog_features_research\.[0-9]+$' AS input_id,
+       notice ->> 'report_subject' AS report_subject,
+       notice_bytes < 1024 AS tiny
+  FROM agog_nats.tasks WHERE workflow_id = :wf AND stage = 'critique';
+-- It went through the outbox to agog.tasks.<agent>.<feature>.
+SELECT wait_for($$NOT EXISTS (SELECT 1 FROM agog_nats.outbox WHERE kind = 'task' AND state = 'pending')$$);
+SELECT kind, subject, state, message_id ~ '^agog_tasks\.[0-9]+$' AS in_agog_tasks
+  FROM agog_nats.reports WHERE kind = 'task' AND feature = 'customer-search' ORDER BY id;
+SELECT play('sylvia');
+SELECT play('roy');
+SELECT play('jen');
+SELECT play('billy');
+SELECT play('priya');
+SELECT wait_for($$(SELECT state = 'completed' FROM agog_nats.workflows WHERE id = $$ || :wf || $$)$$);
+SELECT pipeline, feature, state, stage_reached, done, total, current_agents, elapsed > '0' AS elapsed_ok
+  FROM agog_nats.workflow_progress WHERE workflow_id = :wf;
+-- The worker resolves each report's message id once it has published it.
+SELECT wait_for($$NOT EXISTS (SELECT 1 FROM agog_nats.tasks WHERE workflow_id = $$ || :wf || $$
+                                 AND report_message_id IS NULL)$$);
+SELECT stage, agent, outcome, attempts, wait >= '0' AS wait_ok, run >= '0' AS run_ok,
+       report_message_id ~ '^agog_features_' AS has_report
+  FROM agog_nats.task_timeline WHERE workflow_id = :wf ORDER BY task_id;
+SELECT kind, count(*) FROM agog_nats.events WHERE workflow_id = :wf GROUP BY kind ORDER BY kind;
+SELECT tokens_without_nats > 5 * tokens_with_nats AS saves, saved_pct > 80 AS most
+  FROM agog_nats.token_savings WHERE workflow_id = :wf;
+SELECT agent, tasks, completed, failures FROM agog_nats.agent_performance ORDER BY agent;
+
+-- Bad input on completion: a clear error, and the workflow unchanged.
+SELECT agog_start_workflow('bad-notices', 'review') AS wf2 \gset
+SELECT wait_for($$EXISTS (SELECT 1 FROM agog_nats.tasks WHERE workflow_id = $$ || :wf2 || $$ AND state = 'dispatched')$$);
+SELECT task_id AS t2 FROM agog_claim_task('cynthia') \gset
+CREATE TEMP TABLE before_bad AS SELECT id, state, attempt FROM agog_nats.tasks WHERE workflow_id = :wf2;
+CREATE TEMP TABLE good AS SELECT jsonb_build_object(
+    'status', 'complete', 'agent', 'cynthia', 'task', 'bad-notices',
+    'nats_channel', 'agog.deliverables.cynthia.research.bad-notices', 'summary', 's',
+    'complexity', 'Low', 'blockers', 'None', 'ready_for_next_stage', true,
+    'completion_time', '2026-01-01T00:00:00.000Z', 'files_modified', 0, 'metadata', '{}'::jsonb) AS n;
+SELECT try(format('SELECT agog_complete_task(%s, %L)', 999999, (SELECT n FROM good)));
+SELECT try(format('SELECT agog_complete_task(%s, %L)', :t2, (SELECT n - 'summary' FROM good)));
+SELECT try(format('SELECT agog_complete_task(%s, %L)', :t2, (SELECT n || '{"files_modified": "two"}' FROM good)));
+SELECT try(format('SELECT agog_complete_task(%s, %L)', :t2, (SELECT n || '{"ready_for_next_stage": "yes"}' FROM good)));
+SELECT try(format('SELECT agog_complete_task(%s, %L)', :t2, (SELECT n || '{"status": "done"}' FROM good)));
+SELECT try(format('SELECT agog_complete_task(%s, %L)', :t2, (SELECT n || '{"completion_time": "yesterday-ish"}' FROM good)));
+SELECT try(format('SELECT agog_complete_task(%s, %L)', :t2, (SELECT n || '{"agent": "roy"}' FROM good)));
+SELECT try(format('SELECT agog_complete_task(%s, %L)', :t2, (SELECT n || '{"task": "other"}' FROM good)));
+SELECT try(format('SELECT agog_complete_task(%s, %L)', :t2, (SELECT n FROM good)));
+SELECT try(format('SELECT agog_complete_task(%s, %L)', :t2, (SELECT n || '{"nats_channel": "agog.tasks.x"}' FROM good)));
+SELECT try(format('SELECT agog_complete_task(%s, %L)',
+                  (SELECT id FROM agog_nats.tasks WHERE workflow_id = :wf2 AND stage = 'qa'), (SELECT n FROM good)));
+SELECT count(*) AS changed FROM agog_nats.tasks t JOIN before_bad b USING (id)
+ WHERE (t.state, t.attempt) IS DISTINCT FROM (b.state, b.attempt);
+-- With its report the same notice is accepted; sent again, it is refused.
+SELECT agog_publish_report('cynthia', 'research', 'bad-notices', '# the report') IS NOT NULL AS published;
+SELECT agog_complete_task(:t2, (SELECT n FROM good));
+SELECT try(format('SELECT agog_complete_task(%s, %L)', :t2, (SELECT n FROM good)));
+
+-- Parallel stages, then a cancel: every open task is cancelled, and a
+-- completion that comes after it is refused.
+SELECT wait_for($$(SELECT count(*) = 2 FROM agog_nats.tasks WHERE workflow_id = $$ || :wf2 || $$ AND state = 'dispatched')$$);
+SELECT stage, state FROM agog_nats.tasks WHERE workflow_id = :wf2 ORDER BY position;
+SELECT task_id AS t3 FROM agog_claim_task('sylvia') \gset
+SELECT agog_cancel_workflow(:wf2, 'requirements changed');
+SELECT state, reason FROM agog_nats.workflows WHERE id = :wf2;
+SELECT stage, state FROM agog_nats.tasks WHERE workflow_id = :wf2 ORDER BY position;
+SELECT try(format('SELECT agog_complete_task(%s, %L)', :t3, (SELECT n || '{"agent": "sylvia", "nats_channel": "agog.deliverables.cynthia.research.bad-notices"}' FROM good)));
+SELECT try(format('SELECT agog_cancel_workflow(%s)', :wf2));
+SELECT try('SELECT agog_cancel_workflow(424242)');
+
+-- A stage that fails is retried with backoff up to its attempts, then the
+-- workflow fails and its other tasks are cancelled; it can be retried.
+SELECT agog_define_pipeline('flaky', '[
+    {"stage": "build", "agent": "roy", "max_attempts": 2, "retry_backoff": "0 seconds"},
+    {"stage": "test", "agent": "billy", "depends_on": ["build"]}]');
+SELECT agog_start_workflow('flaky-feature', 'flaky') AS wf3 \gset
+SELECT play('roy', 'failed');
+SELECT play('roy', 'failed');
+SELECT wait_for($$(SELECT state = 'failed' FROM agog_nats.workflows WHERE id = $$ || :wf3 || $$)$$);
+SELECT state, reason FROM agog_nats.workflows WHERE id = :wf3;
+SELECT stage, state, attempt, last_error FROM agog_nats.tasks WHERE workflow_id = :wf3 ORDER BY position;
+SELECT outcome, count(*) FROM agog_nats.notices n JOIN agog_nats.tasks t ON t.id = n.task_id
+ WHERE t.workflow_id = :wf3 GROUP BY outcome ORDER BY outcome;
+SELECT try(format('SELECT agog_retry_workflow(%s)', :wf)); -- completed: not retried
+SELECT agog_retry_workflow(:wf3);
+SELECT play('roy');
+SELECT play('billy');
+SELECT wait_for($$(SELECT state = 'completed' FROM agog_nats.workflows WHERE id = $$ || :wf3 || $$)$$);
+SELECT kind, count(*) FROM agog_nats.events WHERE workflow_id = :wf3 GROUP BY kind ORDER BY kind;
+
+-- A task nobody claims before its deadline is retried, then fails the
+-- workflow; a lease that runs out is lost.
+SELECT agog_define_pipeline('slow', '[{"stage": "s", "agent": "jen", "timeout": "1 second", "max_attempts": 2, "retry_backoff": "0 seconds"}]');
+SELECT agog_start_workflow('slow-feature', 'slow') AS wf4 \gset
+SELECT wait_for($$(SELECT state = 'failed' FROM agog_nats.workflows WHERE id = $$ || :wf4 || $$)$$);
+SELECT state, reason FROM agog_nats.workflows WHERE id = :wf4;
+SELECT kind, detail ->> 'reason' AS reason FROM agog_nats.events
+ WHERE workflow_id = :wf4 AND kind IN ('task_retry', 'task_failed', 'workflow_failed') ORDER BY id;
+
+SELECT agog_define_pipeline('leased', '[{"stage": "s", "agent": "jen", "max_attempts": 2, "retry_backoff": "0 seconds"}]');
+SELECT agog_start_workflow('leased-feature', 'leased') AS wf5 \gset
+SELECT wait_for($$EXISTS (SELECT 1 FROM agog_nats.tasks WHERE workflow_id = $$ || :wf5 || $$ AND state = 'dispatched')$$);
+SELECT task_id AS t5 FROM agog_claim_task('jen', 'tests', '1 second') \gset
+SELECT agog_heartbeat_task(:t5, '1 second') > now() AS extended;
+SELECT pg_sleep(1.2);
+SELECT try(format('SELECT agog_heartbeat_task(%s)', :t5));
+SELECT wait_for($$(SELECT attempt = 2 AND state = 'dispatched' FROM agog_nats.tasks WHERE id = $$ || :t5 || $$)$$);
+SELECT state, attempt, last_error FROM agog_nats.tasks WHERE id = :t5;
+SELECT play('jen');
+SELECT wait_for($$(SELECT state = 'completed' FROM agog_nats.workflows WHERE id = $$ || :wf5 || $$)$$);
+
+-- Notices from agents that speak only NATS: applied once; a malformed one
+-- is kept with its error.
+SELECT agog_start_workflow('nats-agent', 'slow') AS wf6 \gset
+SELECT wait_for($$EXISTS (SELECT 1 FROM agog_nats.tasks WHERE workflow_id = $$ || :wf6 || $$ AND state = 'dispatched')$$);
+UPDATE agog_nats.tasks SET deadline = now() + interval '1 hour' WHERE workflow_id = :wf6;
+SELECT agog_publish_report('jen', 'frontend', 'nats-agent', '# from a NATS agent') IS NOT NULL AS published;
+CREATE TEMP TABLE nats_notice AS SELECT jsonb_build_object(
+    'status', 'complete', 'agent', 'jen', 'task', 'nats-agent',
+    'nats_channel', 'agog.deliverables.jen.frontend.nats-agent', 'summary', 's',
+    'complexity', 'Low', 'blockers', 'None', 'ready_for_next_stage', true,
+    'completion_time', '2026-01-01T00:00:00.000Z', 'files_modified', 1, 'metadata', '{}'::jsonb)::text AS body;
+SELECT agog_nats.apply_nats_notice('agog.notices.jen.nats-agent', (SELECT body FROM nats_notice));
+SELECT agog_nats.apply_nats_notice('agog.notices.jen.nats-agent', (SELECT body FROM nats_notice));
+SELECT agog_nats.apply_nats_notice('agog.notices.jen.nats-agent', 'not json at all');
+SELECT agog_nats.apply_nats_notice('agog.notices.jen.nats-agent', '{"status": "complete"}');
+SELECT agog_nats.apply_nats_notice('agog.notices.nobody.nowhere', (SELECT body FROM nats_notice));
+SELECT subject, left(body, 20) AS body, error FROM agog_nats.bad_notices ORDER BY id;
+SELECT state FROM agog_nats.workflows WHERE id = :wf6;
+SELECT source, outcome FROM agog_nats.notices n JOIN agog_nats.tasks t ON t.id = n.task_id
+ WHERE t.workflow_id = :wf6;
