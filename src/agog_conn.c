@@ -46,6 +46,11 @@ struct AgogConn
 	natsConnection *nc;
 	jsCtx	   *js;
 	bool		with_events;
+	/* the worker's completion-notice consumer, see agog_conn_notices_open */
+	natsSubscription *notice_sub;
+	natsSubscription *bell_sub;
+	natsMsgList held;			/* fetched, not yet released */
+	bool		holding;
 };
 
 /* Slices of a bounded wait, in milliseconds; the last one repeats. */
@@ -367,6 +372,13 @@ on_disconnected(natsConnection *nc, void *closure)
 }
 
 static void
+on_bell(natsConnection *nc, natsSubscription *sub, natsMsg *msg, void *closure)
+{
+	natsMsg_Destroy(msg);
+	notify_owner();
+}
+
+static void
 on_reconnected(natsConnection *nc, void *closure)
 {
 	__atomic_add_fetch(&conn_events.reconnects, 1, __ATOMIC_SEQ_CST);
@@ -610,6 +622,7 @@ agog_conn_close(AgogConn *conn)
 	if (conn == NULL)
 		return;
 	unregister_conn(conn);
+	agog_conn_notices_reset(conn);
 	NATS_BEGIN(saved);
 	jsCtx_Destroy(conn->js);
 	natsConnection_Destroy(conn->nc);
@@ -1428,4 +1441,176 @@ agog_conn_ensure_stream(AgogConn *conn, const AgogStreamSpec *spec,
 	if (s == NATS_TIMEOUT)
 		set_timeout_error(err, interrupted);
 	return false;
+}
+
+/* ----------------------------------------------------------------
+ * Completion notices from NATS agents (worker only)
+ * ----------------------------------------------------------------
+ */
+
+#define NOTICE_STREAM	"agog_notices"
+#define NOTICE_SUBJECT	"agog.notices.>"
+#define NOTICE_DURABLE	"agog_nats_worker"
+
+/*
+ * agog_conn_notices_open
+ *		Bind the durable pull consumer on the notices stream (creating it on
+ *		first use) and a plain subscription on the same subjects that only
+ *		rings the worker's event pipe, so a notice wakes the worker instead
+ *		of waiting for a poll.  Idempotent.
+ */
+bool
+agog_conn_notices_open(AgogConn *conn, AgogError *err)
+{
+	sigset_t	saved;
+	natsStatus	s = NATS_OK;
+	jsErrCode	jerr = 0;
+
+	memset(err, 0, sizeof(*err));
+	if (conn->notice_sub != NULL)
+		return true;
+
+	NATS_BEGIN(saved);
+	{
+		jsOptions	jopts;
+		jsSubOptions so;
+
+		jsOptions_Init(&jopts);
+		jopts.Wait = agog_timeout_ms;
+		jsSubOptions_Init(&so);
+		so.Stream = NOTICE_STREAM;
+		so.ManualAck = true;
+		so.Config.Durable = NOTICE_DURABLE;
+		so.Config.AckPolicy = js_AckExplicit;
+		so.Config.AckWait = (int64) 60 * 1000 * 1000 * 1000;
+		so.Config.MaxDeliver = -1;
+		so.Config.DeliverPolicy = js_DeliverAll;
+		so.Config.FilterSubject = NOTICE_SUBJECT;
+		s = js_PullSubscribe(&conn->notice_sub, conn->js, NOTICE_SUBJECT, NOTICE_DURABLE,
+							 &jopts, &so, &jerr);
+		if (s == NATS_OK && conn->bell_sub == NULL)
+			s = natsConnection_Subscribe(&conn->bell_sub, conn->nc, NOTICE_SUBJECT,
+										 on_bell, NULL);
+		if (s != NATS_OK)
+		{
+			capture_error(err, s, jerr);
+			natsSubscription_Destroy(conn->notice_sub);
+			conn->notice_sub = NULL;
+		}
+	}
+	NATS_END(saved);
+	return s == NATS_OK;
+}
+
+/*
+ * agog_conn_notices_reset
+ *		Drop the consumer's subscriptions (after a reconnect, which may be to a
+ *		server that lost the consumer) and anything fetched and not released:
+ *		unacknowledged notices are delivered again.
+ */
+void
+agog_conn_notices_reset(AgogConn *conn)
+{
+	sigset_t	saved;
+
+	agog_conn_notices_release(conn);
+	NATS_BEGIN(saved);
+	natsSubscription_Destroy(conn->notice_sub);
+	natsSubscription_Destroy(conn->bell_sub);
+	NATS_END(saved);
+	conn->notice_sub = NULL;
+	conn->bell_sub = NULL;
+}
+
+/*
+ * agog_conn_notices_fetch
+ *		Take up to max notices that are waiting, without waiting for more.
+ *		They are held until agog_conn_notices_release; each one acknowledged
+ *		with agog_conn_notices_ack is not delivered again.  Returns how many,
+ *		or -1 with *err set.
+ */
+int
+agog_conn_notices_fetch(AgogConn *conn, AgogNotice *out, int max, AgogError *err)
+{
+	sigset_t	saved;
+	natsStatus	s;
+	jsFetchRequest req;
+	bool		copied = true;
+	int			n = 0;
+
+	memset(err, 0, sizeof(*err));
+	agog_conn_notices_release(conn);
+	if (conn->notice_sub == NULL)
+		return 0;
+
+	NATS_BEGIN(saved);
+	jsFetchRequest_Init(&req);
+	req.Batch = max;
+	req.NoWait = true;
+	req.Expires = (int64) Min(agog_timeout_ms, 1000) * 1000 * 1000;
+	s = natsSubscription_FetchRequest(&conn->held, conn->notice_sub, &req);
+	if (s == NATS_OK)
+	{
+		conn->holding = true;
+		n = conn->held.Count;
+		for (int i = 0; i < n && copied; i++)
+		{
+			natsMsg    *m = conn->held.Msgs[i];
+			const char *subj = natsMsg_GetSubject(m);
+
+			out[i].subject = copy_bytes_noerror(subj, strlen(subj));
+			out[i].len = natsMsg_GetDataLength(m);
+			out[i].body = copy_bytes_noerror(natsMsg_GetData(m), out[i].len);
+			copied = out[i].subject != NULL && out[i].body != NULL;
+		}
+	}
+	else if (s != NATS_TIMEOUT && s != NATS_NOT_FOUND)
+		capture_error(err, s, 0);
+	NATS_END(saved);
+
+	if (!copied)
+		ereport(ERROR,
+				(errcode(ERRCODE_OUT_OF_MEMORY),
+				 errmsg("out of memory"),
+				 errdetail("Failed to copy a completion notice read from NATS.")));
+	if (s == NATS_OK)
+		return n;
+	if (s == NATS_TIMEOUT || s == NATS_NOT_FOUND)
+		return 0;				/* nothing waiting */
+	return -1;
+}
+
+/*
+ * agog_conn_notices_ack
+ *		Acknowledge the i-th notice of the last fetch: its transaction has
+ *		committed.  A lost ack only means the notice comes again, and is then
+ *		recognised as a duplicate.
+ */
+void
+agog_conn_notices_ack(AgogConn *conn, int i)
+{
+	sigset_t	saved;
+
+	if (!conn->holding || i < 0 || i >= conn->held.Count)
+		return;
+	NATS_BEGIN(saved);
+	(void) natsMsg_Ack(conn->held.Msgs[i], NULL);
+	NATS_END(saved);
+}
+
+/*
+ * agog_conn_notices_release
+ *		Destroy the fetched notices.
+ */
+void
+agog_conn_notices_release(AgogConn *conn)
+{
+	sigset_t	saved;
+
+	if (!conn->holding)
+		return;
+	NATS_BEGIN(saved);
+	natsMsgList_Destroy(&conn->held);
+	NATS_END(saved);
+	conn->holding = false;
 }

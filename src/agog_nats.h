@@ -174,6 +174,21 @@ extern bool agog_conn_ensure_stream(AgogConn *conn, const AgogStreamSpec *spec,
 									bool *created, bool *updated,
 									AgogError *err);
 extern void agog_conn_shutdown_library(void);
+
+/* Completion notices consumed from NATS by the worker. */
+typedef struct AgogNotice
+{
+	char	   *subject;
+	char	   *body;
+	int			len;
+} AgogNotice;
+
+extern bool agog_conn_notices_open(AgogConn *conn, AgogError *err);
+extern void agog_conn_notices_reset(AgogConn *conn);
+extern int	agog_conn_notices_fetch(AgogConn *conn, AgogNotice *out, int max,
+									AgogError *err);
+extern void agog_conn_notices_ack(AgogConn *conn, int i);
+extern void agog_conn_notices_release(AgogConn *conn);
 pg_attribute_noreturn() extern void agog_raise(const AgogError *err,
 											   const char *action);
 
@@ -253,6 +268,7 @@ extern long agog_outbox_maintain(bool purge);
  * ----------------------------------------------------------------
  */
 extern long agog_workflow_step(void);
+extern int	agog_notices_consume(AgogConn *conn);
 
 /* ----------------------------------------------------------------
  * Streams (agog_stream.c)

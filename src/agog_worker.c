@@ -321,6 +321,8 @@ agog_worker_main(Datum main_arg)
 				agog_shared->reconnects += ev.reconnects - seen_reconnects;
 				LWLockRelease(agog_shared->lock);
 				seen_reconnects = ev.reconnects;
+				/* the server may have lost the notice consumer: bind again */
+				agog_conn_notices_reset(conn);
 				/* a server restarted on an empty store has no streams */
 				need_streams = true;
 				streams_tried = false;
@@ -414,8 +416,14 @@ agog_worker_main(Datum main_arg)
 		{
 			long		due;
 
-			if (has_outbox && conn != NULL && agog_shared->connected && streams_tried)
-				(void) agog_outbox_drain(conn);
+			if (conn != NULL && agog_shared->connected && streams_tried)
+			{
+				/* completion notices from agents that speak only NATS */
+				if (agog_notices_consume(conn) > 0)
+					timeout = 0;	/* there may be more */
+				if (has_outbox)
+					(void) agog_outbox_drain(conn);
+			}
 			due = agog_workflow_step();
 
 			if (due >= 0)

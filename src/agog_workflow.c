@@ -10,6 +10,11 @@
  * own: time out overdue tasks, dispatch ready ones (their tiny notices go
  * through the outbox, which the worker drains right after).
  *
+ * Agents that speak only NATS send their completion notices to
+ * agog.notices.<agent>.<feature>; the worker consumes them through a durable
+ * consumer and acknowledges each one only after the transaction that applied
+ * it (or kept it as a bad notice) has committed.
+ *
  * Copyright (c) 2026, agog_nats developers
  *
  * src/agog_workflow.c
@@ -19,7 +24,10 @@
 #include "agog_nats.h"
 
 #include "access/xact.h"
+#include "catalog/pg_type.h"
 #include "executor/spi.h"
+#include "mb/pg_wchar.h"
+#include "utils/builtins.h"
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
 
@@ -55,4 +63,75 @@ agog_workflow_step(void)
 	CommitTransactionCommand();
 	MemoryContextSwitchTo(cxt);
 	return next_ms;
+}
+
+#define NOTICE_BATCH 64
+
+/*
+ * agog_notices_consume
+ *		Apply the completion notices waiting in NATS, each in a transaction
+ *		of its own, acknowledged after its commit.  Returns how many were
+ *		taken (0 when none, or when the consumer cannot be reached now).
+ *		Runs in the worker, outside any transaction.
+ */
+int
+agog_notices_consume(AgogConn *conn)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	AgogNotice	notices[NOTICE_BATCH];
+	AgogError	err;
+	int			n;
+
+	if (!agog_conn_notices_open(conn, &err))
+		return 0;				/* the stream may not exist yet; next time */
+	n = agog_conn_notices_fetch(conn, notices, NOTICE_BATCH, &err);
+	if (n < 0)
+	{
+		/* the consumer may be gone with a wiped server: bind it again */
+		agog_conn_notices_reset(conn);
+		return 0;
+	}
+
+	for (int i = 0; i < n; i++)
+	{
+		Oid			argtypes[2] = {TEXTOID, TEXTOID};
+		Datum		args[2];
+		char	   *body = notices[i].body;
+		int			ret;
+
+		/* a body that is not text is kept as hex, and fails as JSON */
+		if (memchr(body, '\0', notices[i].len) != NULL ||
+			!pg_verifymbstr(body, notices[i].len, true))
+		{
+			StringInfoData hex;
+
+			initStringInfo(&hex);
+			appendStringInfoString(&hex, "\\x");
+			for (int b = 0; b < Min(notices[i].len, 4096); b++)
+				appendStringInfo(&hex, "%02x", (unsigned char) body[b]);
+			body = hex.data;
+		}
+		args[0] = CStringGetTextDatum(notices[i].subject);
+		args[1] = CStringGetTextDatum(body);
+
+		SetCurrentStatementStartTimestamp();
+		StartTransactionCommand();
+		PushActiveSnapshot(GetTransactionSnapshot());
+		MemoryContextSwitchTo(cxt);
+		if (SPI_connect() != SPI_OK_CONNECT)
+			elog(ERROR, "SPI_connect failed");
+		ret = SPI_execute_with_args("SELECT agog_nats.apply_nats_notice($1, $2)",
+									2, argtypes, args, NULL, false, 1);
+		if (ret != SPI_OK_SELECT)
+			elog(ERROR, "agog_nats.apply_nats_notice() failed: %s",
+				 SPI_result_code_string(ret));
+		SPI_finish();
+		PopActiveSnapshot();
+		CommitTransactionCommand();
+		MemoryContextSwitchTo(cxt);
+
+		agog_conn_notices_ack(conn, i);
+	}
+	agog_conn_notices_release(conn);
+	return n;
 }
