@@ -26,7 +26,7 @@ REGRESS_OPTS = --inputdir=. --outputdir=$(REGRESS_OUTPUTDIR)
 REGRESS_OUTPUTDIR ?= .
 
 # Isolation specs: specs/<name>.spec against expected/<name>.out.
-ISOLATION = outbox_claim
+ISOLATION = outbox_claim task_claim
 
 PG_CONFIG ?= $(shell command -v pg_config15 2>/dev/null || echo /usr/lib/postgresql/15/bin/pg_config)
 PGXS := $(shell $(PG_CONFIG) --pgxs)
