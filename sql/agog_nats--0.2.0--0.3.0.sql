@@ -578,14 +578,14 @@ BEGIN
 
     -- Retention.
     DELETE FROM agog_nats.events
-     WHERE id IN (SELECT id FROM agog_nats.events
-                   WHERE at < now() - current_setting('agog_nats.event_retention')::interval
-                   LIMIT 10000);
+     WHERE id = ANY (ARRAY(SELECT id FROM agog_nats.events
+                            WHERE at < now() - current_setting('agog_nats.event_retention')::interval
+                            LIMIT 10000));
     DELETE FROM agog_nats.workflows
-     WHERE id IN (SELECT id FROM agog_nats.workflows
-                   WHERE state <> 'running'
-                     AND finished_at < now() - current_setting('agog_nats.workflow_retention')::interval
-                   LIMIT 1000);
+     WHERE id = ANY (ARRAY(SELECT id FROM agog_nats.workflows
+                            WHERE state <> 'running'
+                              AND finished_at < now() - current_setting('agog_nats.workflow_retention')::interval
+                            LIMIT 1000));
 
     SELECT (extract(epoch FROM min(x) - now()) * 1000)::bigint INTO next_ms
       FROM (SELECT min(next_attempt_at) AS x FROM agog_nats.tasks WHERE state = 'ready'

@@ -449,49 +449,100 @@ backoff_ms(int attempts)
 }
 
 /*
+ * The outcomes of a batch, recorded by one UPDATE: one statement per batch
+ * instead of one per row (each statement's executor start re-reads the
+ * table's CHECK constraints).
+ */
+typedef struct Outcomes
+{
+	ArrayBuildState *ids;
+	ArrayBuildState *states;
+	ArrayBuildState *streams;
+	ArrayBuildState *seqs;
+	ArrayBuildState *dups;
+	ArrayBuildState *errors;
+	ArrayBuildState *delays;
+	int			n;
+} Outcomes;
+
+static void
+outcomes_init(Outcomes *o)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+
+	o->ids = initArrayResult(INT8OID, cxt, false);
+	o->states = initArrayResult(TEXTOID, cxt, false);
+	o->streams = initArrayResult(TEXTOID, cxt, false);
+	o->seqs = initArrayResult(INT8OID, cxt, false);
+	o->dups = initArrayResult(BOOLOID, cxt, false);
+	o->errors = initArrayResult(TEXTOID, cxt, false);
+	o->delays = initArrayResult(INT4OID, cxt, false);
+	o->n = 0;
+}
+
+/*
  * record_outcome
- *		Transaction 2 (one row of it): published, dead or pending again.
- *		Only a row still pending is changed.
+ *		Add one row's outcome: published, dead or pending again.
  */
 static void
-record_outcome(int64 id, const char *state, const char *stream, uint64 seq,
-			   bool duplicate, const char *error, int delay_ms)
+record_outcome(Outcomes *o, int64 id, const char *state, const char *stream,
+			   uint64 seq, bool duplicate, const char *error, int delay_ms)
 {
-	Oid			argtypes[7] = {INT8OID, TEXTOID, TEXTOID, INT8OID, BOOLOID, TEXTOID, INT4OID};
-	Datum		values[7];
-	char		nulls[7] = {' ', ' ', ' ', ' ', ' ', ' ', ' '};
+	MemoryContext cxt = CurrentMemoryContext;
 	bool		published = strcmp(state, "published") == 0;
+
+	accumArrayResult(o->ids, Int64GetDatum(id), false, INT8OID, cxt);
+	accumArrayResult(o->states, CStringGetTextDatum(state), false, TEXTOID, cxt);
+	accumArrayResult(o->streams, published ? CStringGetTextDatum(stream) : (Datum) 0,
+					 !published, TEXTOID, cxt);
+	accumArrayResult(o->seqs, Int64GetDatum((int64) seq), !published, INT8OID, cxt);
+	accumArrayResult(o->dups, BoolGetDatum(duplicate), !published, BOOLOID, cxt);
+	accumArrayResult(o->errors, error ? CStringGetTextDatum(error) : (Datum) 0,
+					 error == NULL, TEXTOID, cxt);
+	accumArrayResult(o->delays, Int32GetDatum(delay_ms), false, INT4OID, cxt);
+	o->n++;
+}
+
+/*
+ * flush_outcomes
+ *		Transaction 2: record every outcome of the batch.  Only rows still
+ *		pending are changed.  Runs inside the worker's transaction, with SPI.
+ */
+static void
+flush_outcomes(Outcomes *o)
+{
+	Oid			argtypes[7] = {INT8ARRAYOID, TEXTARRAYOID, TEXTARRAYOID, INT8ARRAYOID,
+	BOOLARRAYOID, TEXTARRAYOID, INT4ARRAYOID};
+	Datum		values[7];
+	MemoryContext cxt = CurrentMemoryContext;
 	int			ret;
 
-	values[0] = Int64GetDatum(id);
-	values[1] = CStringGetTextDatum(state);
-	if (published)
-	{
-		values[2] = CStringGetTextDatum(stream);
-		values[3] = Int64GetDatum((int64) seq);
-		values[4] = BoolGetDatum(duplicate);
-	}
-	else
-		nulls[2] = nulls[3] = nulls[4] = 'n';
-	if (error != NULL)
-		values[5] = CStringGetTextDatum(error);
-	else
-		nulls[5] = 'n';
-	values[6] = Int32GetDatum(delay_ms);
+	if (o->n == 0)
+		return;
+	values[0] = makeArrayResult(o->ids, cxt);
+	values[1] = makeArrayResult(o->states, cxt);
+	values[2] = makeArrayResult(o->streams, cxt);
+	values[3] = makeArrayResult(o->seqs, cxt);
+	values[4] = makeArrayResult(o->dups, cxt);
+	values[5] = makeArrayResult(o->errors, cxt);
+	values[6] = makeArrayResult(o->delays, cxt);
 
 	ret = SPI_execute_plan(keep_plan(&record_plan,
-									 "UPDATE agog_nats.outbox"
-									 "   SET state = $2, stream = $3, seq = $4, duplicate = $5,"
-									 "       published_at = CASE WHEN $2 = 'published' THEN now() END,"
-									 "       last_error = $6,"
-									 "       next_attempt_at = CASE WHEN $2 = 'pending'"
-									 "            THEN now() + $7 * interval '1 millisecond'"
-									 "            ELSE next_attempt_at END"
-									 " WHERE id = $1 AND state = 'pending'",
+									 "UPDATE agog_nats.outbox o"
+									 "   SET state = r.state, stream = r.stream, seq = r.seq,"
+									 "       duplicate = r.dup,"
+									 "       published_at = CASE WHEN r.state = 'published' THEN now() END,"
+									 "       last_error = r.err,"
+									 "       next_attempt_at = CASE WHEN r.state = 'pending'"
+									 "            THEN now() + r.delay * interval '1 millisecond'"
+									 "            ELSE o.next_attempt_at END"
+									 "  FROM unnest($1, $2, $3, $4, $5, $6, $7)"
+									 "       AS r(id, state, stream, seq, dup, err, delay)"
+									 " WHERE o.id = r.id AND o.state = 'pending'",
 									 7, argtypes),
-						   values, nulls, false, 0);
+						   values, NULL, false, 0);
 	if (ret != SPI_OK_UPDATE)
-		elog(ERROR, "could not record an outbox outcome: %s", SPI_result_code_string(ret));
+		elog(ERROR, "could not record outbox outcomes: %s", SPI_result_code_string(ret));
 }
 
 /*
@@ -515,6 +566,7 @@ agog_outbox_drain(AgogConn *conn)
 	uint64		dead = 0;
 	AgogError	err;
 	bool		interrupted = false;
+	Outcomes	outcomes;
 
 	MemoryContextSwitchTo(cxt);
 	rows = palloc0(sizeof(Claimed) * AGOG_DRAIN_BATCH);
@@ -561,19 +613,20 @@ agog_outbox_drain(AgogConn *conn)
 		!agog_conn_publish_batch(conn, items, nitems, &err))
 		interrupted = true;
 
-	/* Transaction 2: record every outcome. */
+	/* Transaction 2: record every outcome (array set-up needs a transaction). */
 	begin_worker_xact(cxt);
+	outcomes_init(&outcomes);
 	for (int i = 0; i < n; i++)
 	{
 		if (rows[i].found_seq != 0)
 		{
 			/* an earlier send was stored: found by its message id */
-			record_outcome(rows[i].id, "published", rows[i].stream,
+			record_outcome(&outcomes, rows[i].id, "published", rows[i].stream,
 						   rows[i].found_seq, true, NULL, 0);
 			published++;
 		}
 		else if (rows[i].unresolved && !interrupted)
-			record_outcome(rows[i].id, "pending", NULL, 0, false,
+			record_outcome(&outcomes, rows[i].id, "pending", NULL, 0, false,
 						   "could not check whether an earlier send was stored",
 						   backoff_ms(rows[i].attempts));
 	}
@@ -586,7 +639,7 @@ agog_outbox_drain(AgogConn *conn)
 			continue;			/* the lease runs out; it is retried */
 		if (it->outcome == AGOG_PUB_STORED)
 		{
-			record_outcome(row->id, "published", it->stream, it->seq,
+			record_outcome(&outcomes, row->id, "published", it->stream, it->seq,
 						   it->duplicate, NULL, 0);
 			published++;
 		}
@@ -594,14 +647,15 @@ agog_outbox_drain(AgogConn *conn)
 				 (it->err.sqlstate == ERRCODE_PROGRAM_LIMIT_EXCEEDED ||
 				  row->attempts >= REFUSALS_BEFORE_DEAD))
 		{
-			record_outcome(row->id, "dead", NULL, 0, false, it->err.text, 0);
+			record_outcome(&outcomes, row->id, "dead", NULL, 0, false, it->err.text, 0);
 			dead++;
 		}
 		else
-			record_outcome(row->id, "pending", NULL, 0, false,
+			record_outcome(&outcomes, row->id, "pending", NULL, 0, false,
 						   it->err.text[0] ? it->err.text : "no acknowledgement from JetStream",
 						   backoff_ms(row->attempts));
 	}
+	flush_outcomes(&outcomes);
 	end_worker_xact(cxt);
 
 	LWLockAcquire(agog_shared->lock, LW_EXCLUSIVE);
@@ -651,11 +705,11 @@ agog_outbox_maintain(bool purge)
 
 		args[0] = Int32GetDatum(agog_published_retention_s);
 		args[1] = Int32GetDatum(PURGE_BATCH);
-		ret = SPI_execute_with_args("DELETE FROM agog_nats.outbox WHERE id IN ("
+		ret = SPI_execute_with_args("DELETE FROM agog_nats.outbox WHERE id = ANY (ARRAY("
 									"  SELECT id FROM agog_nats.outbox"
 									"   WHERE state = 'published'"
 									"     AND published_at < now() - $1 * interval '1 second'"
-									"   LIMIT $2)",
+									"   LIMIT $2))",
 									2, argtypes, args, NULL, false, 0);
 		if (ret != SPI_OK_DELETE)
 			elog(ERROR, "could not purge the outbox: %s", SPI_result_code_string(ret));
