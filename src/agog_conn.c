@@ -833,10 +833,87 @@ set_timeout_error(AgogError *err, bool interrupted)
 	}
 }
 
+/*
+ * One attempt of a sliced wait: runs its own signal-blocked section, waits
+ * at most wait_ms, and fills *err for any failure but NATS_TIMEOUT.
+ */
+typedef natsStatus (*AttemptFn) (AgogConn *conn, int64 wait_ms, void *arg,
+								 AgogError *err);
+
+/*
+ * run_sliced
+ *		Run attempt until it answers something other than NATS_TIMEOUT, or
+ *		agog_nats.timeout_ms is used up, checking for interrupts between
+ *		slices.  A timeout (or an interrupt) sets *err.
+ */
+static natsStatus
+run_sliced(AgogConn *conn, AttemptFn attempt, void *arg, AgogError *err)
+{
+	WaitBudget	budget;
+	bool		interrupted = false;
+	natsStatus	s = NATS_TIMEOUT;
+
+	memset(err, 0, sizeof(*err));
+	budget_start(&budget);
+	for (;;)
+	{
+		int64		slice = budget_next_slice(&budget, wait_slices,
+											  lengthof(wait_slices), &interrupted);
+
+		if (slice <= 0)
+			break;
+		s = attempt(conn, slice, arg, err);
+		if (s != NATS_TIMEOUT)
+			break;
+	}
+	if (s == NATS_TIMEOUT)
+		set_timeout_error(err, interrupted);
+	return s;
+}
+
 /* ----------------------------------------------------------------
  * Publish
  * ----------------------------------------------------------------
  */
+
+typedef struct PublishArgs
+{
+	const char *subject;
+	const char *msg_id;
+	const char *data;
+	int			len;
+	char		stream[AGOG_SERVER_LEN];
+	uint64		seq;
+	bool		duplicate;
+} PublishArgs;
+
+static natsStatus
+publish_attempt(AgogConn *conn, int64 wait_ms, void *arg, AgogError *err)
+{
+	PublishArgs *a = (PublishArgs *) arg;
+	sigset_t	saved;
+	jsPubOptions popts;
+	jsPubAck   *pa = NULL;
+	jsErrCode	jerr = 0;
+	natsStatus	s;
+
+	NATS_BEGIN(saved);
+	jsPubOptions_Init(&popts);
+	popts.MsgId = a->msg_id;
+	popts.MaxWait = wait_ms;
+	s = js_Publish(&pa, conn->js, a->subject, a->data, a->len, &popts, &jerr);
+	if (s == NATS_OK)
+	{
+		strlcpy(a->stream, pa->Stream ? pa->Stream : "", sizeof(a->stream));
+		a->seq = pa->Sequence;
+		a->duplicate = pa->Duplicate;
+	}
+	else if (s != NATS_TIMEOUT)
+		capture_error(err, s, jerr);
+	jsPubAck_Destroy(pa);
+	NATS_END(saved);
+	return s;
+}
 
 /*
  * agog_conn_publish
@@ -844,20 +921,17 @@ set_timeout_error(AgogError *err, bool interrupted)
  *		within agog_nats.timeout_ms.  A message larger than the server's
  *		max_payload (headers included) is refused before anything is sent.
  *		On success *stream (palloc'd), *seq and *duplicate describe the ack.
+ *		A resend after a slice carries the same message id (deduplicated).
  */
 bool
 agog_conn_publish(AgogConn *conn, const char *subject, const char *msg_id,
 				  const char *data, int len, char **stream, uint64 *seq,
 				  bool *duplicate, AgogError *err)
 {
-	WaitBudget	budget;
 	int64		max_payload = agog_conn_max_payload(conn);
 	int64		header_len = strlen("NATS/1.0\r\nNats-Msg-Id: \r\n\r\n") + strlen(msg_id);
-	char		ack_stream[AGOG_SERVER_LEN];
-	natsStatus	s = NATS_TIMEOUT;
-	bool		interrupted = false;
+	PublishArgs a;
 
-	memset(err, 0, sizeof(*err));
 	if ((int64) len + header_len > max_payload)
 	{
 		char		text[256];
@@ -870,44 +944,17 @@ agog_conn_publish(AgogConn *conn, const char *subject, const char *msg_id,
 		return false;
 	}
 
-	budget_start(&budget);
-	for (;;)
-	{
-		int64		slice = budget_next_slice(&budget, wait_slices, lengthof(wait_slices), &interrupted);
-		sigset_t	saved;
-		jsPubOptions popts;
-		jsPubAck   *pa = NULL;
-		jsErrCode	jerr = 0;
-
-		if (slice <= 0)
-			break;
-		NATS_BEGIN(saved);
-		jsPubOptions_Init(&popts);
-		popts.MsgId = msg_id;
-		popts.MaxWait = slice;
-		s = js_Publish(&pa, conn->js, subject, data, len, &popts, &jerr);
-		if (s == NATS_OK)
-		{
-			strlcpy(ack_stream, pa->Stream ? pa->Stream : "", sizeof(ack_stream));
-			*seq = pa->Sequence;
-			*duplicate = pa->Duplicate;
-		}
-		else if (s != NATS_TIMEOUT)
-			capture_error(err, s, jerr);
-		jsPubAck_Destroy(pa);
-		NATS_END(saved);
-
-		if (s != NATS_TIMEOUT)
-			break;
-	}
-	if (s == NATS_OK)
-	{
-		*stream = pstrdup(ack_stream);
-		return true;
-	}
-	if (s == NATS_TIMEOUT)
-		set_timeout_error(err, interrupted);
-	return false;
+	memset(&a, 0, sizeof(a));
+	a.subject = subject;
+	a.msg_id = msg_id;
+	a.data = data;
+	a.len = len;
+	if (run_sliced(conn, publish_attempt, &a, err) != NATS_OK)
+		return false;
+	*stream = pstrdup(a.stream);
+	*seq = a.seq;
+	*duplicate = a.duplicate;
+	return true;
 }
 
 /*
@@ -1076,6 +1123,54 @@ copy_msg(natsMsg *m, const char *stream, AgogMsg *out, char *time_text,
 	return out->subject && out->data && out->stream;
 }
 
+typedef struct GetArgs
+{
+	const char *stream;
+	const char *subject;		/* last on this subject, or NULL */
+	uint64		seq;			/* else this sequence */
+	bool		from_leader;
+	AgogMsg    *msg;
+	bool		copied;
+	char		time_text[64];
+} GetArgs;
+
+static natsStatus
+get_attempt(AgogConn *conn, int64 wait_ms, void *arg, AgogError *err)
+{
+	GetArgs    *a = (GetArgs *) arg;
+	sigset_t	saved;
+	jsOptions	jopts;
+	natsMsg    *m = NULL;
+	jsErrCode	jerr = 0;
+	natsStatus	s;
+
+	NATS_BEGIN(saved);
+	jsOptions_Init(&jopts);
+	jopts.Wait = wait_ms;
+	if (a->from_leader && a->subject != NULL)
+		s = js_GetLastMsg(&m, conn->js, a->stream, a->subject, &jopts, &jerr);
+	else if (a->from_leader)
+		s = js_GetMsg(&m, conn->js, a->stream, a->seq, &jopts, &jerr);
+	else
+	{
+		jsDirectGetMsgOptions dg;
+
+		jsDirectGetMsgOptions_Init(&dg);
+		if (a->subject != NULL)
+			dg.LastBySubject = a->subject;
+		else
+			dg.Sequence = a->seq;
+		s = js_DirectGetMsg(&m, conn->js, a->stream, &jopts, &dg);
+	}
+	if (s == NATS_OK)
+		a->copied = copy_msg(m, a->stream, a->msg, a->time_text, sizeof(a->time_text));
+	else if (s != NATS_TIMEOUT)
+		capture_error(err, s, jerr);
+	natsMsg_Destroy(m);
+	NATS_END(saved);
+	return s;
+}
+
 /*
  * get_msg
  *		Read one stored message, by last-on-subject or by sequence, within
@@ -1088,69 +1183,27 @@ static bool
 get_msg(AgogConn *conn, const char *stream, const char *subject, uint64 seq,
 		bool from_leader, AgogMsg *msg, AgogError *err)
 {
-	WaitBudget	budget;
-	natsStatus	s = NATS_TIMEOUT;
-	bool		interrupted = false;
-	bool		copied = false;
-	char		time_text[64];
+	GetArgs		a;
 
-	memset(err, 0, sizeof(*err));
-	budget_start(&budget);
-	for (;;)
-	{
-		int64		slice = budget_next_slice(&budget, wait_slices, lengthof(wait_slices), &interrupted);
-		sigset_t	saved;
-		jsOptions	jopts;
-		natsMsg    *m = NULL;
-		jsErrCode	jerr = 0;
-
-		if (slice <= 0)
-			break;
-		NATS_BEGIN(saved);
-		jsOptions_Init(&jopts);
-		jopts.Wait = slice;
-		if (from_leader && subject != NULL)
-			s = js_GetLastMsg(&m, conn->js, stream, subject, &jopts, &jerr);
-		else if (from_leader)
-			s = js_GetMsg(&m, conn->js, stream, seq, &jopts, &jerr);
-		else
-		{
-			jsDirectGetMsgOptions dg;
-
-			jsDirectGetMsgOptions_Init(&dg);
-			if (subject != NULL)
-				dg.LastBySubject = subject;
-			else
-				dg.Sequence = seq;
-			s = js_DirectGetMsg(&m, conn->js, stream, &jopts, &dg);
-		}
-		if (s == NATS_OK)
-			copied = copy_msg(m, stream, msg, time_text, sizeof(time_text));
-		else if (s != NATS_TIMEOUT)
-			capture_error(err, s, jerr);
-		natsMsg_Destroy(m);
-		NATS_END(saved);
-
-		if (s != NATS_TIMEOUT)
-			break;
-	}
-	if (s == NATS_OK && !copied)
+	memset(&a, 0, sizeof(a));
+	a.stream = stream;
+	a.subject = subject;
+	a.seq = seq;
+	a.from_leader = from_leader;
+	a.msg = msg;
+	if (run_sliced(conn, get_attempt, &a, err) != NATS_OK)
+		return false;
+	if (!a.copied)
 		ereport(ERROR,
 				(errcode(ERRCODE_OUT_OF_MEMORY),
 				 errmsg("out of memory"),
 				 errdetail("Failed to copy a message of %d bytes read from NATS.", msg->len)));
-	if (s == NATS_OK)
-	{
-		if (msg->time == 0 && time_text[0] != '\0')
-			msg->time = DatumGetTimestampTz(DirectFunctionCall3(timestamptz_in,
-																CStringGetDatum(time_text),
-																ObjectIdGetDatum(InvalidOid),
-																Int32GetDatum(-1)));
-		return true;
-	}
-	if (s == NATS_TIMEOUT)
-		set_timeout_error(err, interrupted);
-	return false;
+	if (msg->time == 0 && a.time_text[0] != '\0')
+		msg->time = DatumGetTimestampTz(DirectFunctionCall3(timestamptz_in,
+															CStringGetDatum(a.time_text),
+															ObjectIdGetDatum(InvalidOid),
+															Int32GetDatum(-1)));
+	return true;
 }
 
 bool
@@ -1167,6 +1220,51 @@ agog_conn_get_seq(AgogConn *conn, const char *stream, uint64 seq,
 	return get_msg(conn, stream, NULL, seq, from_leader, msg, err);
 }
 
+typedef struct NextArgs
+{
+	const char *stream;
+	const char *subject;
+	const char *msg_id;
+	uint64		next;			/* walk from this sequence */
+	uint64		found;			/* the sequence of the message read */
+	bool		match;			/* its Nats-Msg-Id is msg_id */
+} NextArgs;
+
+static natsStatus
+next_attempt(AgogConn *conn, int64 wait_ms, void *arg, AgogError *err)
+{
+	NextArgs   *a = (NextArgs *) arg;
+	sigset_t	saved;
+	jsOptions	jopts;
+	jsDirectGetMsgOptions dg;
+	natsMsg    *m = NULL;
+	natsStatus	s;
+
+	NATS_BEGIN(saved);
+	jsOptions_Init(&jopts);
+	jopts.Wait = wait_ms;
+	jsDirectGetMsgOptions_Init(&dg);
+	dg.Sequence = a->next;
+	dg.NextBySubject = a->subject;
+	s = js_DirectGetMsg(&m, conn->js, a->stream, &jopts, &dg);
+	if (s == NATS_OK)
+	{
+		const char *v = NULL;
+
+		a->found = natsMsg_GetSequence(m);
+		if (a->found == 0 && natsMsgHeader_Get(m, "Nats-Sequence", &v) == NATS_OK && v)
+			a->found = strtoull(v, NULL, 10);
+		v = NULL;
+		a->match = natsMsgHeader_Get(m, "Nats-Msg-Id", &v) == NATS_OK &&
+			v != NULL && strcmp(v, a->msg_id) == 0;
+	}
+	else if (s != NATS_TIMEOUT)
+		capture_error(err, s, 0);
+	natsMsg_Destroy(m);
+	NATS_END(saved);
+	return s;
+}
+
 /*
  * agog_conn_find_msg_id
  *		Whether a message with this Nats-Msg-Id is stored on the subject, by
@@ -1179,73 +1277,37 @@ bool
 agog_conn_find_msg_id(AgogConn *conn, const char *stream, const char *subject,
 					  const char *msg_id, uint64 *seq, AgogError *err)
 {
-	uint64		next = 1;
+	NextArgs	a;
 
 	*seq = 0;
-	memset(err, 0, sizeof(*err));
+	memset(&a, 0, sizeof(a));
+	a.stream = stream;
+	a.subject = subject;
+	a.msg_id = msg_id;
+	a.next = 1;
 	for (;;)
 	{
-		WaitBudget	budget;
-		natsStatus	s = NATS_TIMEOUT;
-		bool		interrupted = false;
-		bool		match = false;
-		uint64		found = 0;
+		natsStatus	s;
 
-		budget_start(&budget);
-		for (;;)
-		{
-			int64		slice = budget_next_slice(&budget, wait_slices, lengthof(wait_slices), &interrupted);
-			sigset_t	saved;
-			jsOptions	jopts;
-			jsDirectGetMsgOptions dg;
-			natsMsg    *m = NULL;
-
-			if (slice <= 0)
-				break;
-			NATS_BEGIN(saved);
-			jsOptions_Init(&jopts);
-			jopts.Wait = slice;
-			jsDirectGetMsgOptions_Init(&dg);
-			dg.Sequence = next;
-			dg.NextBySubject = subject;
-			s = js_DirectGetMsg(&m, conn->js, stream, &jopts, &dg);
-			if (s == NATS_OK)
-			{
-				const char *v = NULL;
-
-				found = natsMsg_GetSequence(m);
-				if (found == 0 && natsMsgHeader_Get(m, "Nats-Sequence", &v) == NATS_OK && v)
-					found = strtoull(v, NULL, 10);
-				v = NULL;
-				match = natsMsgHeader_Get(m, "Nats-Msg-Id", &v) == NATS_OK &&
-					v != NULL && strcmp(v, msg_id) == 0;
-			}
-			else if (s != NATS_TIMEOUT)
-				capture_error(err, s, 0);
-			natsMsg_Destroy(m);
-			NATS_END(saved);
-			if (s != NATS_TIMEOUT)
-				break;
-		}
+		a.found = 0;
+		a.match = false;
+		s = run_sliced(conn, next_attempt, &a, err);
 		if (s == NATS_TIMEOUT)
-		{
-			set_timeout_error(err, interrupted);
 			return false;
-		}
 		if (s != NATS_OK)
 			return err->not_found;	/* walked past the last message */
-		if (match)
+		if (a.match)
 		{
-			*seq = found;
+			*seq = a.found;
 			return true;
 		}
-		if (found < next)
+		if (a.found < a.next)
 		{
 			set_error(err, ERRCODE_EXTERNAL_ROUTINE_EXCEPTION,
 					  "a direct get returned a message without its sequence");
 			return false;
 		}
-		next = found + 1;
+		a.next = a.found + 1;
 	}
 }
 
@@ -1253,6 +1315,67 @@ agog_conn_find_msg_id(AgogConn *conn, const char *stream, const char *subject,
  * Streams
  * ----------------------------------------------------------------
  */
+
+typedef struct StatesArgs
+{
+	AgogStreamState *states;
+	int			count;
+	bool		copied;
+} StatesArgs;
+
+static natsStatus
+states_attempt(AgogConn *conn, int64 wait_ms, void *arg, AgogError *err)
+{
+	StatesArgs *a = (StatesArgs *) arg;
+	sigset_t	saved;
+	jsOptions	jopts;
+	jsStreamInfoList *list = NULL;
+	jsErrCode	jerr = 0;
+	natsStatus	s;
+
+	a->copied = true;
+	NATS_BEGIN(saved);
+	jsOptions_Init(&jopts);
+	jopts.Wait = wait_ms;
+	s = js_Streams(&list, conn->js, &jopts, &jerr);
+	if (s == NATS_NOT_FOUND)
+		s = NATS_OK;			/* no stream at all in the account */
+	else if (s == NATS_OK && list != NULL && list->Count > 0)
+	{
+		AgogStreamState *out = palloc_extended(sizeof(AgogStreamState) * list->Count,
+											   MCXT_ALLOC_NO_OOM | MCXT_ALLOC_ZERO);
+
+		a->copied = (out != NULL);
+		for (int i = 0; a->copied && i < list->Count; i++)
+		{
+			jsStreamInfo *si = list->List[i];
+			jsStreamConfig *cfg = si->Config;
+
+			out[i].name = copy_bytes_noerror(cfg->Name, strlen(cfg->Name));
+			a->copied = (out[i].name != NULL);
+			out[i].msgs = si->State.Msgs;
+			out[i].bytes = si->State.Bytes;
+			out[i].first_seq = si->State.FirstSeq;
+			out[i].last_seq = si->State.LastSeq;
+			out[i].consumers = si->State.Consumers;
+			out[i].first_time = si->State.Msgs > 0 && si->State.FirstTime > 0 ?
+				unix_nanos_to_timestamptz(si->State.FirstTime) : 0;
+			out[i].last_time = si->State.Msgs > 0 && si->State.LastTime > 0 ?
+				unix_nanos_to_timestamptz(si->State.LastTime) : 0;
+			out[i].max_msgs = cfg->MaxMsgs;
+			out[i].max_bytes = cfg->MaxBytes;
+			out[i].max_age_ms = cfg->MaxAge / 1000000;
+			out[i].replicas = (int) cfg->Replicas;
+		}
+		a->states = out;
+		a->count = list->Count;
+	}
+	else if (s != NATS_OK && s != NATS_TIMEOUT)
+		capture_error(err, s, jerr);
+	jsStreamInfoList_Destroy(list);
+	NATS_END(saved);
+	return s;
+}
 
 /*
  * agog_conn_stream_states
@@ -1263,82 +1386,21 @@ bool
 agog_conn_stream_states(AgogConn *conn, AgogStreamState **states, int *count,
 						AgogError *err)
 {
-	WaitBudget	budget;
-	natsStatus	s = NATS_TIMEOUT;
-	bool		interrupted = false;
-	bool		copied = true;
+	StatesArgs	a;
 
-	memset(err, 0, sizeof(*err));
+	memset(&a, 0, sizeof(a));
 	*states = NULL;
 	*count = 0;
-	budget_start(&budget);
-	for (;;)
-	{
-		int64		slice = budget_next_slice(&budget, wait_slices, lengthof(wait_slices), &interrupted);
-		sigset_t	saved;
-		jsOptions	jopts;
-		jsStreamInfoList *list = NULL;
-		jsErrCode	jerr = 0;
-
-		if (slice <= 0)
-			break;
-		NATS_BEGIN(saved);
-		jsOptions_Init(&jopts);
-		jopts.Wait = slice;
-		s = js_Streams(&list, conn->js, &jopts, &jerr);
-		if (s == NATS_NOT_FOUND)
-		{
-			/* no stream at all in the account */
-			s = NATS_OK;
-		}
-		else if (s == NATS_OK && list != NULL && list->Count > 0)
-		{
-			AgogStreamState *out = palloc_extended(sizeof(AgogStreamState) * list->Count,
-												   MCXT_ALLOC_NO_OOM | MCXT_ALLOC_ZERO);
-
-			copied = (out != NULL);
-			for (int i = 0; copied && i < list->Count; i++)
-			{
-				jsStreamInfo *si = list->List[i];
-				jsStreamConfig *cfg = si->Config;
-
-				out[i].name = copy_bytes_noerror(cfg->Name, strlen(cfg->Name));
-				copied = (out[i].name != NULL);
-				out[i].msgs = si->State.Msgs;
-				out[i].bytes = si->State.Bytes;
-				out[i].first_seq = si->State.FirstSeq;
-				out[i].last_seq = si->State.LastSeq;
-				out[i].consumers = si->State.Consumers;
-				out[i].first_time = si->State.Msgs > 0 && si->State.FirstTime > 0 ?
-					unix_nanos_to_timestamptz(si->State.FirstTime) : 0;
-				out[i].last_time = si->State.Msgs > 0 && si->State.LastTime > 0 ?
-					unix_nanos_to_timestamptz(si->State.LastTime) : 0;
-				out[i].max_msgs = cfg->MaxMsgs;
-				out[i].max_bytes = cfg->MaxBytes;
-				out[i].max_age_ms = cfg->MaxAge / 1000000;
-				out[i].replicas = (int) cfg->Replicas;
-			}
-			*states = out;
-			*count = list->Count;
-		}
-		else if (s != NATS_OK && s != NATS_TIMEOUT)
-			capture_error(err, s, jerr);
-		jsStreamInfoList_Destroy(list);
-		NATS_END(saved);
-
-		if (s != NATS_TIMEOUT)
-			break;
-	}
-	if (!copied)
+	if (run_sliced(conn, states_attempt, &a, err) != NATS_OK)
+		return false;
+	if (!a.copied)
 		ereport(ERROR,
 				(errcode(ERRCODE_OUT_OF_MEMORY),
 				 errmsg("out of memory"),
 				 errdetail("Failed to copy the stream list read from NATS.")));
-	if (s == NATS_OK)
-		return true;
-	if (s == NATS_TIMEOUT)
-		set_timeout_error(err, interrupted);
-	return false;
+	*states = a.states;
+	*count = a.count;
+	return true;
 }
 
 /*
@@ -1365,6 +1427,64 @@ config_matches(const jsStreamConfig *live, const jsStreamConfig *want)
 			   want->Description ? want->Description : "") == 0;
 }
 
+typedef struct EnsureArgs
+{
+	const AgogStreamSpec *spec;
+	bool		created;
+	bool		updated;
+} EnsureArgs;
+
+static natsStatus
+ensure_attempt(AgogConn *conn, int64 wait_ms, void *arg, AgogError *err)
+{
+	EnsureArgs *a = (EnsureArgs *) arg;
+	const AgogStreamSpec *spec = a->spec;
+	const char *subjects[1] = {spec->subject};
+	sigset_t	saved;
+	jsOptions	jopts;
+	jsStreamConfig cfg;
+	jsStreamInfo *si = NULL;
+	jsErrCode	jerr = 0;
+	natsStatus	s;
+
+	NATS_BEGIN(saved);
+	jsOptions_Init(&jopts);
+	jopts.Wait = wait_ms;
+	jsStreamConfig_Init(&cfg);
+	cfg.Name = spec->name;
+	cfg.Description = spec->description;
+	cfg.Subjects = subjects;
+	cfg.SubjectsLen = 1;
+	cfg.Retention = js_LimitsPolicy;
+	cfg.MaxMsgs = spec->max_msgs;
+	cfg.MaxBytes = spec->max_bytes;
+	cfg.MaxAge = spec->max_age_ms * 1000000;
+	cfg.MaxMsgSize = spec->max_msg_size;
+	cfg.Discard = js_DiscardOld;
+	cfg.Storage = js_FileStorage;
+	cfg.Replicas = spec->replicas;
+	cfg.Duplicates = spec->duplicate_window_ms * 1000000;
+	cfg.AllowDirect = true;
+
+	s = js_GetStreamInfo(&si, conn->js, spec->name, &jopts, &jerr);
+	if (s == NATS_NOT_FOUND || jerr == JSStreamNotFoundErr)
+	{
+		jerr = 0;
+		s = js_AddStream(NULL, conn->js, &cfg, &jopts, &jerr);
+		a->created = (s == NATS_OK);
+	}
+	else if (s == NATS_OK && !config_matches(si->Config, &cfg))
+	{
+		s = js_UpdateStream(NULL, conn->js, &cfg, &jopts, &jerr);
+		a->updated = (s == NATS_OK);
+	}
+	if (s != NATS_OK && s != NATS_TIMEOUT)
+		capture_error(err, s, jerr);
+	jsStreamInfo_Destroy(si);
+	NATS_END(saved);
+	return s;
+}
+
 /*
  * agog_conn_ensure_stream
  *		Create the stream, or update it when its configuration differs from
@@ -1374,73 +1494,15 @@ bool
 agog_conn_ensure_stream(AgogConn *conn, const AgogStreamSpec *spec,
 						bool *created, bool *updated, AgogError *err)
 {
-	WaitBudget	budget;
-	natsStatus	s = NATS_TIMEOUT;
-	bool		interrupted = false;
-	const char *subjects[1];
+	EnsureArgs	a;
+	bool		ok;
 
-	memset(err, 0, sizeof(*err));
-	*created = *updated = false;
-	subjects[0] = spec->subject;
-
-	budget_start(&budget);
-	for (;;)
-	{
-		int64		slice = budget_next_slice(&budget, wait_slices, lengthof(wait_slices), &interrupted);
-		sigset_t	saved;
-		jsOptions	jopts;
-		jsStreamConfig cfg;
-		jsStreamInfo *si = NULL;
-		jsErrCode	jerr = 0;
-
-		if (slice <= 0)
-			break;
-		NATS_BEGIN(saved);
-		jsOptions_Init(&jopts);
-		jopts.Wait = slice;
-		jsStreamConfig_Init(&cfg);
-		cfg.Name = spec->name;
-		cfg.Description = spec->description;
-		cfg.Subjects = subjects;
-		cfg.SubjectsLen = 1;
-		cfg.Retention = js_LimitsPolicy;
-		cfg.MaxMsgs = spec->max_msgs;
-		cfg.MaxBytes = spec->max_bytes;
-		cfg.MaxAge = spec->max_age_ms * 1000000;
-		cfg.MaxMsgSize = spec->max_msg_size;
-		cfg.Discard = js_DiscardOld;
-		cfg.Storage = js_FileStorage;
-		cfg.Replicas = spec->replicas;
-		cfg.Duplicates = spec->duplicate_window_ms * 1000000;
-		cfg.AllowDirect = true;
-
-		s = js_GetStreamInfo(&si, conn->js, spec->name, &jopts, &jerr);
-		if (s == NATS_NOT_FOUND || jerr == JSStreamNotFoundErr)
-		{
-			jerr = 0;
-			s = js_AddStream(NULL, conn->js, &cfg, &jopts, &jerr);
-			if (s == NATS_OK)
-				*created = true;
-		}
-		else if (s == NATS_OK && !config_matches(si->Config, &cfg))
-		{
-			s = js_UpdateStream(NULL, conn->js, &cfg, &jopts, &jerr);
-			if (s == NATS_OK)
-				*updated = true;
-		}
-		if (s != NATS_OK && s != NATS_TIMEOUT)
-			capture_error(err, s, jerr);
-		jsStreamInfo_Destroy(si);
-		NATS_END(saved);
-
-		if (s != NATS_TIMEOUT)
-			break;
-	}
-	if (s == NATS_OK)
-		return true;
-	if (s == NATS_TIMEOUT)
-		set_timeout_error(err, interrupted);
-	return false;
+	memset(&a, 0, sizeof(a));
+	a.spec = spec;
+	ok = run_sliced(conn, ensure_attempt, &a, err) == NATS_OK;
+	*created = a.created;
+	*updated = a.updated;
+	return ok;
 }
 
 /* ----------------------------------------------------------------

@@ -79,7 +79,8 @@ ok(AgogNatsTest::wait_for(sub { @problems = AgogNatsTest::builtin_stream_problem
 my $jsz = $nats1->jsz;
 my @names = sort map { $_->{name} } map { @{ $_->{stream_detail} || [] } }
   @{ $jsz->{account_details} || [] };
-is_deeply(\@names, [ AgogNatsTest::builtin_streams() ], 'exactly the six agent streams exist');
+is_deeply(\@names, [ sort(AgogNatsTest::builtin_streams(), 'agog_notices', 'agog_tasks') ],
+	'exactly the six agent streams and the two workflow streams exist');
 is_deeply($nats1->stream_info('agog_features_research')->{config}{subjects},
 	['agog.deliverables.cynthia.>'], 'research stream captures agog.deliverables.cynthia.>');
 
