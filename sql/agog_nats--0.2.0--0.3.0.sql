@@ -520,23 +520,27 @@ BEGIN
     END LOOP;
 
     -- Reports completed while still in the outbox get their message id once
-    -- the worker has published them, so the notices below can name it.
-    UPDATE agog_nats.tasks tk
-       SET report_message_id = (SELECT o.stream || '.' || o.seq FROM agog_nats.outbox o
-                                 WHERE o.subject = tk.report_subject AND o.kind = 'report'
-                                   AND o.state = 'published'
-                                 ORDER BY o.id DESC LIMIT 1)
-     WHERE tk.state = 'completed' AND tk.report_message_id IS NULL
-       AND EXISTS (SELECT 1 FROM agog_nats.outbox o
-                    WHERE o.subject = tk.report_subject AND o.kind = 'report'
-                      AND o.state = 'published');
+    -- the worker has published them, so the notices below can name it.  One
+    -- index probe on (subject, id) per task, newest tasks first.
+    FOR c IN SELECT tk.id, tk.report_subject FROM agog_nats.tasks tk
+              WHERE tk.state = 'completed' AND tk.report_message_id IS NULL
+                AND tk.report_subject IS NOT NULL
+              ORDER BY tk.id DESC LIMIT batch_size
+    LOOP
+        UPDATE agog_nats.tasks tk
+           SET report_message_id = o.stream || '.' || o.seq
+          FROM (SELECT ob.stream, ob.seq, ob.state FROM agog_nats.outbox ob
+                 WHERE ob.subject = c.report_subject AND ob.kind = 'report'
+                 ORDER BY ob.id DESC LIMIT 1) o
+         WHERE tk.id = c.id AND o.state = 'published';
+    END LOOP;
 
     -- Ready: dispatch a tiny notice naming the reports of every stage
     -- upstream, through the outbox, and NOTIFY the agent's channel.
     FOR c IN SELECT t2.id, t2.workflow_id FROM agog_nats.tasks t2
                JOIN agog_nats.workflows w2 ON w2.id = t2.workflow_id
               WHERE t2.state = 'ready' AND t2.next_attempt_at <= now() AND w2.state = 'running'
-              ORDER BY t2.id LIMIT batch_size
+              ORDER BY t2.next_attempt_at, t2.id LIMIT batch_size
     LOOP
         SELECT * INTO w FROM agog_nats.workflows WHERE id = c.workflow_id FOR UPDATE SKIP LOCKED;
         CONTINUE WHEN NOT FOUND OR w.state <> 'running';
@@ -949,10 +953,19 @@ GRANT EXECUTE ON FUNCTION @extschema@.agog_retry_workflow(bigint) TO agog_nats_a
 
 -- Apply a notice the worker consumed from agog.notices.<agent>.<feature>.
 -- The task is metadata.task_id when given, else the open task of that agent
--- for that feature (the newest running workflow).  A notice that cannot be
--- applied is kept in agog_nats.bad_notices with its error, never retried.
+-- for that feature (the newest running workflow).  A notice already applied
+-- (the same JSON, or metadata.attempt naming an attempt already decided) is
+-- a duplicate.  A notice that cannot be applied because of what it says
+-- (not JSON, a missing or mistyped field, no such task) is kept in
+-- agog_nats.bad_notices with its error and not retried.  Any other failure
+-- (a system fault) is raised, so the notice is not acknowledged and comes
+-- again -- unless it has already been delivered max_deliveries times, when
+-- it is kept as bad too rather than retried forever.
 -- Returns the outcome: advanced, retried, failed, duplicate or bad.
-CREATE FUNCTION agog_nats.apply_nats_notice(subject text, body text) RETURNS text
+CREATE FUNCTION agog_nats.apply_nats_notice(subject text, body text,
+                                            deliveries integer DEFAULT 1,
+                                            max_deliveries integer DEFAULT 5)
+    RETURNS text
     LANGUAGE plpgsql
     SET search_path = pg_catalog, pg_temp
     AS $$
@@ -960,6 +973,7 @@ DECLARE
     parts text[];
     n jsonb;
     task bigint;
+    t agog_nats.tasks;
 BEGIN
     BEGIN
         parts := regexp_match(subject, '^agog\.notices\.([A-Za-z0-9_-]{1,64})\.([A-Za-z0-9_-]{1,64})$');
@@ -968,20 +982,17 @@ BEGIN
                 USING ERRCODE = 'invalid_parameter_value';
         END IF;
         n := body::jsonb;
-        IF jsonb_typeof(n) <> 'object' THEN
-            RAISE EXCEPTION 'completion notice must be a JSON object' USING ERRCODE = 'invalid_parameter_value';
-        END IF;
         PERFORM agog_nats.check_notice(n);
         IF n -> 'metadata' ? 'task_id' THEN
             task := (n -> 'metadata' ->> 'task_id')::bigint;
         ELSE
             -- The open task of that agent for that feature; else its latest
             -- task, for which a notice sent again is a duplicate.
-            SELECT t.id INTO task
-              FROM agog_nats.tasks t JOIN agog_nats.workflows w ON w.id = t.workflow_id
-             WHERE t.agent = parts[1] AND w.feature = parts[2]
-             ORDER BY (w.state = 'running' AND t.state IN ('dispatched', 'running')) DESC,
-                      w.id DESC, t.id DESC
+            SELECT x.id INTO task
+              FROM agog_nats.tasks x JOIN agog_nats.workflows w ON w.id = x.workflow_id
+             WHERE x.agent = parts[1] AND w.feature = parts[2]
+             ORDER BY (w.state = 'running' AND x.state IN ('dispatched', 'running')) DESC,
+                      w.id DESC, x.id DESC
              LIMIT 1;
             IF NOT FOUND THEN
                 RAISE EXCEPTION 'no task of agent "%" for feature "%"', parts[1], parts[2]
@@ -992,16 +1003,29 @@ BEGIN
             RAISE EXCEPTION 'completion notice on % is from agent "%"', subject, n ->> 'agent'
                 USING ERRCODE = 'invalid_parameter_value';
         END IF;
+
+        -- The same notice again (redelivered, or sent twice): applied once.
+        SELECT * INTO t FROM agog_nats.tasks WHERE id = task;
+        IF EXISTS (SELECT 1 FROM agog_nats.notices x WHERE x.task_id = task AND x.notice = n)
+           OR (n -> 'metadata' ? 'attempt'
+               AND (n -> 'metadata' ->> 'attempt')::integer IS DISTINCT FROM t.attempt) THEN
+            RETURN 'duplicate';
+        END IF;
         RETURN agog_nats.apply_notice(task, n, 'nats', false);
     EXCEPTION
-        WHEN serialization_failure OR deadlock_detected OR lock_not_available
-             OR query_canceled OR admin_shutdown THEN
-            RAISE;
-        WHEN OTHERS THEN
+        WHEN data_exception OR undefined_object THEN
             INSERT INTO agog_nats.bad_notices (subject, body, error)
             VALUES (subject, body, SQLSTATE || ': ' || SQLERRM);
+            RETURN 'bad';
+        WHEN OTHERS THEN
+            IF deliveries < max_deliveries THEN
+                RAISE;
+            END IF;
+            INSERT INTO agog_nats.bad_notices (subject, body, error)
+            VALUES (subject, body,
+                    format('%s: %s (after %s deliveries)', SQLSTATE, SQLERRM, deliveries));
             RETURN 'bad';
     END;
 END
 $$;
-REVOKE ALL ON FUNCTION agog_nats.apply_nats_notice(text, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION agog_nats.apply_nats_notice(text, text, integer, integer) FROM PUBLIC;

@@ -93,9 +93,10 @@ static struct
 {
 	uint64		disconnects;
 	uint64		reconnects;
+	uint64		bells;			/* completion notices seen on the doorbell */
 	int			pipe_rd;
 	int			pipe_wr;
-}			conn_events = {0, 0, -1, -1};
+}			conn_events = {0, 0, 0, -1, -1};
 
 /*
  * The asynchronous batch being published by the worker.  The ack handler runs
@@ -375,6 +376,7 @@ static void
 on_bell(natsConnection *nc, natsSubscription *sub, natsMsg *msg, void *closure)
 {
 	natsMsg_Destroy(msg);
+	__atomic_add_fetch(&conn_events.bells, 1, __ATOMIC_SEQ_CST);
 	notify_owner();
 }
 
@@ -737,6 +739,7 @@ agog_conn_take_events(AgogConn *conn, AgogConnEvents *events)
 			;
 	events->disconnects = __atomic_load_n(&conn_events.disconnects, __ATOMIC_SEQ_CST);
 	events->reconnects = __atomic_load_n(&conn_events.reconnects, __ATOMIC_SEQ_CST);
+	events->bells = __atomic_load_n(&conn_events.bells, __ATOMIC_SEQ_CST);
 }
 
 /*
@@ -1544,7 +1547,8 @@ agog_conn_notices_open(AgogConn *conn, AgogError *err)
 		so.ManualAck = true;
 		so.Config.Durable = NOTICE_DURABLE;
 		so.Config.AckPolicy = js_AckExplicit;
-		so.Config.AckWait = (int64) 60 * 1000 * 1000 * 1000;
+		/* a notice whose transaction failed comes again after this */
+		so.Config.AckWait = (int64) 10 * 1000 * 1000 * 1000;
 		so.Config.MaxDeliver = -1;
 		so.Config.DeliverPolicy = js_DeliverAll;
 		so.Config.FilterSubject = NOTICE_SUBJECT;
@@ -1609,7 +1613,8 @@ agog_conn_notices_fetch(AgogConn *conn, AgogNotice *out, int max, AgogError *err
 	jsFetchRequest_Init(&req);
 	req.Batch = max;
 	req.NoWait = true;
-	req.Expires = (int64) Min(agog_timeout_ms, 1000) * 1000 * 1000;
+	/* NoWait: the server answers at once; Expires only bounds a lost answer */
+	req.Expires = (int64) Min(agog_timeout_ms, 250) * 1000 * 1000;
 	s = natsSubscription_FetchRequest(&conn->held, conn->notice_sub, &req);
 	if (s == NATS_OK)
 	{
@@ -1619,10 +1624,15 @@ agog_conn_notices_fetch(AgogConn *conn, AgogNotice *out, int max, AgogError *err
 		{
 			natsMsg    *m = conn->held.Msgs[i];
 			const char *subj = natsMsg_GetSubject(m);
+			jsMsgMetaData *meta = NULL;
 
 			out[i].subject = copy_bytes_noerror(subj, strlen(subj));
 			out[i].len = natsMsg_GetDataLength(m);
 			out[i].body = copy_bytes_noerror(natsMsg_GetData(m), out[i].len);
+			out[i].deliveries = 1;
+			if (natsMsg_GetMetaData(&meta, m) == NATS_OK && meta != NULL)
+				out[i].deliveries = (int) Min(meta->NumDelivered, INT_MAX);
+			jsMsgMetaData_Destroy(meta);
 			copied = out[i].subject != NULL && out[i].body != NULL;
 		}
 	}

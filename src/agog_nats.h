@@ -116,6 +116,7 @@ typedef struct AgogConnEvents
 {
 	uint64		disconnects;
 	uint64		reconnects;
+	uint64		bells;			/* completion notices announced */
 } AgogConnEvents;
 
 /* Interrupt check run between bounded waits; returns true to give up. */
@@ -181,6 +182,7 @@ typedef struct AgogNotice
 	char	   *subject;
 	char	   *body;
 	int			len;
+	int			deliveries;		/* how many times NATS delivered it */
 } AgogNotice;
 
 extern bool agog_conn_notices_open(AgogConn *conn, AgogError *err);
@@ -242,6 +244,13 @@ extern void agog_shmem_startup(void);
 extern void agog_shmem_attach(void);
 extern void agog_wake_worker(void);
 extern void agog_shared_set_error(const char *text);
+
+/* ----------------------------------------------------------------
+ * The worker's transactions (agog_xact.c)
+ * ----------------------------------------------------------------
+ */
+extern void agog_xact_begin(MemoryContext cxt);
+extern void agog_xact_commit(MemoryContext cxt);
 
 /* ----------------------------------------------------------------
  * Outbox (agog_outbox.c)

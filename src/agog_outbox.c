@@ -351,27 +351,6 @@ typedef struct Claimed
 	bool		unresolved;		/* could not check an earlier send */
 } Claimed;
 
-/* Run fn inside a transaction of the worker, with SPI, in the given context. */
-static void
-begin_worker_xact(MemoryContext cxt)
-{
-	SetCurrentStatementStartTimestamp();
-	StartTransactionCommand();
-	PushActiveSnapshot(GetTransactionSnapshot());
-	MemoryContextSwitchTo(cxt);
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "SPI_connect failed");
-}
-
-static void
-end_worker_xact(MemoryContext cxt)
-{
-	SPI_finish();
-	PopActiveSnapshot();
-	CommitTransactionCommand();
-	MemoryContextSwitchTo(cxt);
-}
-
 /*
  * agog_outbox_release_leases
  *		At worker start: rows leased by a worker that died are due again now.
@@ -383,13 +362,13 @@ agog_outbox_release_leases(void)
 	MemoryContext cxt = CurrentMemoryContext;
 	int			ret;
 
-	begin_worker_xact(cxt);
+	agog_xact_begin(cxt);
 	ret = SPI_execute("UPDATE agog_nats.outbox SET next_attempt_at = now() "
 					  " WHERE state = 'pending' AND attempts > 0 AND next_attempt_at > now()",
 					  false, 0);
 	if (ret != SPI_OK_UPDATE)
 		elog(ERROR, "could not release outbox leases: %s", SPI_result_code_string(ret));
-	end_worker_xact(cxt);
+	agog_xact_commit(cxt);
 }
 
 /*
@@ -408,7 +387,7 @@ claim_batch(Claimed *rows, MemoryContext cxt)
 	args[0] = Int32GetDatum(AGOG_DRAIN_BATCH);
 	args[1] = Int32GetDatum(2 * agog_timeout_ms + 1000);
 
-	begin_worker_xact(cxt);
+	agog_xact_begin(cxt);
 	ret = SPI_execute_plan(keep_plan(&claim_plan,
 									 "SELECT * FROM agog_nats.claim_outbox($1, $2)",
 									 2, argtypes),
@@ -433,7 +412,7 @@ claim_batch(Claimed *rows, MemoryContext cxt)
 		rows[i].stream = SPI_getvalue(tup, desc, 7);
 		MemoryContextSwitchTo(spi);
 	}
-	end_worker_xact(cxt);
+	agog_xact_commit(cxt);
 	return n;
 }
 
@@ -614,7 +593,7 @@ agog_outbox_drain(AgogConn *conn)
 		interrupted = true;
 
 	/* Transaction 2: record every outcome (array set-up needs a transaction). */
-	begin_worker_xact(cxt);
+	agog_xact_begin(cxt);
 	outcomes_init(&outcomes);
 	for (int i = 0; i < n; i++)
 	{
@@ -656,7 +635,7 @@ agog_outbox_drain(AgogConn *conn)
 						   backoff_ms(row->attempts));
 	}
 	flush_outcomes(&outcomes);
-	end_worker_xact(cxt);
+	agog_xact_commit(cxt);
 
 	LWLockAcquire(agog_shared->lock, LW_EXCLUSIVE);
 	agog_shared->reports_published += published;
@@ -686,7 +665,7 @@ agog_outbox_maintain(bool purge)
 	int64		due_ms = -1;
 	Datum		d;
 
-	begin_worker_xact(cxt);
+	agog_xact_begin(cxt);
 	ret = SPI_execute("SELECT count(*),"
 					  "       (extract(epoch FROM min(next_attempt_at) - now()) * 1000)::bigint"
 					  "  FROM agog_nats.outbox WHERE state = 'pending'",
@@ -714,7 +693,7 @@ agog_outbox_maintain(bool purge)
 		if (ret != SPI_OK_DELETE)
 			elog(ERROR, "could not purge the outbox: %s", SPI_result_code_string(ret));
 	}
-	end_worker_xact(cxt);
+	agog_xact_commit(cxt);
 
 	pg_atomic_write_u64(&agog_shared->outbox_pending, (uint64) pending);
 	return (long) due_ms;

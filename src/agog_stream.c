@@ -57,17 +57,14 @@ typedef struct AgentRow
 /*
  * read_agents
  *		The rows of agog_nats.agents, copied into the caller's memory context.
- *		Runs inside a transaction; connects to SPI and disconnects.
+ *		Runs inside a transaction, connected to SPI.
  */
 static AgentRow *
-read_agents(int *count)
+read_agents(MemoryContext caller, int *count)
 {
-	MemoryContext caller = CurrentMemoryContext;
 	AgentRow   *rows;
 	int			ret;
 
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "SPI_connect failed");
 	ret = SPI_execute(AGENTS_QUERY, true, 0);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "reading agog_nats.agents failed: %s", SPI_result_code_string(ret));
@@ -91,7 +88,6 @@ read_agents(int *count)
 		MemoryContextSwitchTo(spi);
 	}
 	*count = (int) SPI_processed;
-	SPI_finish();
 	return rows;
 }
 
@@ -110,18 +106,10 @@ agog_reconcile_streams(AgogConn *conn, int *ok, int *failed,
 	AgentRow   *rows;
 	int			count;
 
-	/*
-	 * Starting and committing a transaction switch memory contexts; the rows
-	 * and everything after them belong in the caller's (the loop's) context.
-	 */
-	SetCurrentStatementStartTimestamp();
-	StartTransactionCommand();
-	PushActiveSnapshot(GetTransactionSnapshot());
-	MemoryContextSwitchTo(caller);
-	rows = read_agents(&count);
-	PopActiveSnapshot();
-	CommitTransactionCommand();
-	MemoryContextSwitchTo(caller);
+	/* the rows are copied into the caller's (the loop's) context */
+	agog_xact_begin(caller);
+	rows = read_agents(caller, &count);
+	agog_xact_commit(caller);
 
 	*ok = *failed = 0;
 	memset(first_err, 0, sizeof(*first_err));
@@ -242,9 +230,14 @@ agog_stream_status(PG_FUNCTION_ARGS)
 	int			nstates;
 	AgogError	err;
 	TimestampTz now = GetCurrentTimestamp();
+	MemoryContext caller;
 
 	InitMaterializedSRF(fcinfo, 0);
-	rows = read_agents(&nrows);
+	caller = CurrentMemoryContext;
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	rows = read_agents(caller, &nrows);
+	SPI_finish();
 	if (!agog_conn_stream_states(agog_backend_conn(), &states, &nstates, &err))
 		agog_raise(&err, "read the state of the agent streams");
 

@@ -36,6 +36,7 @@
 #include "tcop/tcopprot.h"
 #include "catalog/namespace.h"
 #include "utils/builtins.h"
+#include "utils/guc.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
@@ -50,6 +51,7 @@ PG_FUNCTION_INFO_V1(agog_worker_status);
 #define BACKOFF_MIN_MS			250
 #define BACKOFF_MAX_MS			5000
 #define OUTBOX_POLL_MS			1000
+#define NOTICE_POLL_MS			5000
 #define DRAIN_SLICE_MS			500
 
 /* What the worker last logged, so it logs once per change of state. */
@@ -182,6 +184,8 @@ agog_worker_main(Datum main_arg)
 	uint64		streams_generation = 0;
 	uint64		seen_reconnects = 0;
 	uint64		seen_disconnects = 0;
+	uint64		seen_bells = 0;
+	TimestampTz notices_checked = 0;
 	int			backoff_ms = BACKOFF_MIN_MS;
 	TimestampTz next_connect = 0;
 	TimestampTz next_streams = 0;
@@ -199,6 +203,14 @@ agog_worker_main(Datum main_arg)
 		elog(ERROR, "agog_nats shared state is not initialized");
 
 	BackgroundWorkerInitializeConnection(agog_database, NULL, 0);
+
+	/*
+	 * The worker's commits are synchronous whatever the configuration says:
+	 * a claim's commit record follows those of the reports it claims, so
+	 * flushing it before publishing makes sure that nothing reaches JetStream
+	 * whose transaction (or outbox id) a crash could still take back.
+	 */
+	SetConfigOption("synchronous_commit", "on", PGC_SUSET, PGC_S_OVERRIDE);
 	pgstat_report_appname("agog_nats worker");
 
 	LWLockAcquire(agog_shared->lock, LW_EXCLUSIVE);
@@ -418,9 +430,23 @@ agog_worker_main(Datum main_arg)
 
 			if (conn != NULL && agog_shared->connected && streams_tried)
 			{
-				/* completion notices from agents that speak only NATS */
-				if (agog_notices_consume(conn) > 0)
-					timeout = 0;	/* there may be more */
+				AgogConnEvents ev;
+
+				/*
+				 * Completion notices from agents that speak only NATS: when
+				 * the doorbell rang, and every few seconds in case a notice
+				 * arrived while the doorbell was not subscribed.
+				 */
+				agog_conn_take_events(conn, &ev);
+				now = GetCurrentTimestamp();
+				if (ev.bells != seen_bells || notices_checked == 0 ||
+					TimestampDifferenceExceeds(notices_checked, now, NOTICE_POLL_MS))
+				{
+					seen_bells = ev.bells;
+					notices_checked = now;
+					if (agog_notices_consume(conn) > 0)
+						timeout = 0;	/* there may be more */
+				}
 				if (has_outbox)
 					(void) agog_outbox_drain(conn);
 			}

@@ -46,22 +46,14 @@ agog_workflow_step(void)
 	long		next_ms = -1;
 	int			ret;
 
-	SetCurrentStatementStartTimestamp();
-	StartTransactionCommand();
-	PushActiveSnapshot(GetTransactionSnapshot());
-	MemoryContextSwitchTo(cxt);
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "SPI_connect failed");
+	agog_xact_begin(cxt);
 	ret = SPI_execute("SELECT agog_nats.orchestrate()", false, 1);
 	if (ret != SPI_OK_SELECT || SPI_processed != 1)
 		elog(ERROR, "agog_nats.orchestrate() failed: %s", SPI_result_code_string(ret));
 	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
 	if (!isnull)
 		next_ms = (long) DatumGetInt64(d);
-	SPI_finish();
-	PopActiveSnapshot();
-	CommitTransactionCommand();
-	MemoryContextSwitchTo(cxt);
+	agog_xact_commit(cxt);
 	return next_ms;
 }
 
@@ -94,8 +86,8 @@ agog_notices_consume(AgogConn *conn)
 
 	for (int i = 0; i < n; i++)
 	{
-		Oid			argtypes[2] = {TEXTOID, TEXTOID};
-		Datum		args[2];
+		Oid			argtypes[3] = {TEXTOID, TEXTOID, INT4OID};
+		Datum		args[3];
 		char	   *body = notices[i].body;
 		int			ret;
 
@@ -113,22 +105,15 @@ agog_notices_consume(AgogConn *conn)
 		}
 		args[0] = CStringGetTextDatum(notices[i].subject);
 		args[1] = CStringGetTextDatum(body);
+		args[2] = Int32GetDatum(notices[i].deliveries);
 
-		SetCurrentStatementStartTimestamp();
-		StartTransactionCommand();
-		PushActiveSnapshot(GetTransactionSnapshot());
-		MemoryContextSwitchTo(cxt);
-		if (SPI_connect() != SPI_OK_CONNECT)
-			elog(ERROR, "SPI_connect failed");
-		ret = SPI_execute_with_args("SELECT agog_nats.apply_nats_notice($1, $2)",
-									2, argtypes, args, NULL, false, 1);
+		agog_xact_begin(cxt);
+		ret = SPI_execute_with_args("SELECT agog_nats.apply_nats_notice($1, $2, $3)",
+									3, argtypes, args, NULL, false, 1);
 		if (ret != SPI_OK_SELECT)
 			elog(ERROR, "agog_nats.apply_nats_notice() failed: %s",
 				 SPI_result_code_string(ret));
-		SPI_finish();
-		PopActiveSnapshot();
-		CommitTransactionCommand();
-		MemoryContextSwitchTo(cxt);
+		agog_xact_commit(cxt);
 
 		agog_conn_notices_ack(conn, i);
 	}

@@ -61,8 +61,8 @@ static const char usage_text[] =
 "\n"
 "COMMAND gets the task notice on stdin and these environment variables:\n"
 "  AGOG_TASK_ID AGOG_WORKFLOW_ID AGOG_AGENT AGOG_TASK_TYPE AGOG_FEATURE AGOG_STAGE\n"
-"  AGOG_ATTEMPT AGOG_DEADLINE AGOG_REPORT_SUBJECT AGOG_WORK_DIR AGOG_INPUT_DIR\n"
-"  AGOG_INPUTS AGOG_NOTICE_FILE AGOG_RESULT_FILE\n"
+"  AGOG_ATTEMPT AGOG_DEADLINE AGOG_SECONDS_LEFT AGOG_REPORT_SUBJECT AGOG_WORK_DIR\n"
+"  AGOG_INPUT_DIR AGOG_INPUTS AGOG_NOTICE_FILE AGOG_RESULT_FILE AGOG_WORKER_ID\n"
 "Input reports are $AGOG_INPUT_DIR/<stage>.md (their metadata in <stage>.json).\n"
 "COMMAND may write a JSON object to $AGOG_RESULT_FILE with the completion notice's\n"
 "summary, complexity, blockers, files_modified, status, metadata, and report_metadata.\n"
@@ -576,8 +576,18 @@ main(int argc, char **argv)
 				{
 					if (fatal)
 					{
+						/* Cannot claim any more: finish what runs, then exit. */
 						exit_code = fatal;
-						goto out;
+						if (jobs_active() == 0)
+							goto out;
+						stopping = true;
+						stop_deadline = now_mono() + opt.grace;
+						log_info("stopping: waiting up to %g s for %d running task%s",
+								 opt.grace, jobs_active(), jobs_active() == 1 ? "" : "s");
+						for (i = 0; i < opt.jobs; i++)
+							if (jobs[i].phase != JOB_FREE && jobs[i].t_term_stop > stop_deadline)
+								jobs[i].t_term_stop = stop_deadline;
+						break;
 					}
 					if (db_connected())
 					{

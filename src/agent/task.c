@@ -170,13 +170,14 @@ claim_one(int *fatal)
 
 	/*
 	 * The command is stopped a little before the task's deadline (10 % of
-	 * the time left, 0.5 to 5 s), so that its failed notice, with its stderr,
-	 * arrives while the task is still ours.
+	 * the time left, 1 to 5 s; SIGKILL half of that after SIGTERM), so that
+	 * its failed notice, with its stderr, arrives while the task is still
+	 * ours.
 	 */
 	now = now_mono();
 	margin = left * 0.1;
-	if (margin < 0.5)
-		margin = 0.5;
+	if (margin < 1.0)
+		margin = 1.0;
 	if (margin > 5.0)
 		margin = 5.0;
 	j->t_claimed = now;

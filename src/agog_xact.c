@@ -1,0 +1,51 @@
+/*-------------------------------------------------------------------------
+ *
+ * agog_xact.c
+ *		The worker's short transactions.
+ *
+ * The worker runs outside any transaction and opens one per step (read the
+ * agents, claim a batch, record outcomes, apply a notice, orchestrate).
+ * StartTransactionCommand and CommitTransactionCommand switch memory
+ * contexts; these helpers bring the caller's context back, so what a step
+ * allocates lives in the worker's loop context and is freed with it.
+ *
+ * Copyright (c) 2026, agog_nats developers
+ *
+ * src/agog_xact.c
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "agog_nats.h"
+
+#include "access/xact.h"
+#include "executor/spi.h"
+#include "utils/snapmgr.h"
+
+/*
+ * agog_xact_begin
+ *		Start a transaction with a snapshot and connect to SPI.  Runs in the
+ *		worker, outside any transaction; cxt is the caller's context.
+ */
+void
+agog_xact_begin(MemoryContext cxt)
+{
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	MemoryContextSwitchTo(cxt);
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+}
+
+/*
+ * agog_xact_commit
+ *		Disconnect from SPI and commit; back in cxt.
+ */
+void
+agog_xact_commit(MemoryContext cxt)
+{
+	SPI_finish();
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	MemoryContextSwitchTo(cxt);
+}

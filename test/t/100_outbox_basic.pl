@@ -1,0 +1,153 @@
+
+# Fault suite (issue 3, point 7): rollback and savepoint rollback leave
+# nothing to publish; 100 reports committed while nats-server is down are all
+# published exactly once when it comes back on the same store.
+
+use strict;
+use warnings;
+
+use Time::HiRes ();
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+use AgogNatsTest;
+use AgogExactlyOnce;
+
+my $t_start = Time::HiRes::time();
+my $nats = AgogNatsTest::NatsServer->new(name => 'nats');
+$nats->start;
+my $node = AgogExactlyOnce::setup_node('basic', $nats->url);
+
+# --- rollback, savepoint rollback, an error, an exception block ---------------------
+my $pub = sub {
+	my ($agent, $task, $feature, $text) = @_;
+	return "SELECT agog_publish_report('$agent', '$task', '$feature', '$text');\n";
+};
+$node->safe_psql('postgres',
+	    "BEGIN;\n"
+	  . $pub->('cynthia', 'research', 'rbx-rollback', 'rolled back')
+	  . $pub->('sylvia', 'critique', 'rbx-rollback-2', 'rolled back too')
+	  . "ROLLBACK;\n"
+	  . "BEGIN;\n"
+	  . $pub->('cynthia', 'research', 'tx-kept-1', 'before the savepoint')
+	  . "SAVEPOINT s1;\n"
+	  . $pub->('cynthia', 'research', 'rbx-savepoint', 'after the savepoint')
+	  . "SAVEPOINT s2;\n"
+	  . $pub->('roy', 'backend', 'rbx-savepoint-nested', 'nested')
+	  . "RELEASE SAVEPOINT s2;\n"
+	  . "ROLLBACK TO SAVEPOINT s1;\n"
+	  . $pub->('roy', 'backend', 'tx-kept-2', 'after the rollback to s1')
+	  . "SAVEPOINT s3;\n"
+	  . $pub->('jen', 'frontend', 'tx-kept-3', 'released savepoint')
+	  . "RELEASE SAVEPOINT s3;\n"
+	  . "COMMIT;\n"
+	  . "DO \$\$ BEGIN\n"
+	  . "  PERFORM agog_publish_report('billy', 'qa', 'tx-kept-4', 'outside the block');\n"
+	  . "  BEGIN\n"
+	  . "    PERFORM agog_publish_report('billy', 'qa', 'rbx-exception', 'in a failed block');\n"
+	  . "    RAISE EXCEPTION 'undo the block';\n"
+	  . "  EXCEPTION WHEN raise_exception THEN NULL;\n"
+	  . "  END;\n"
+	  . "END \$\$;\n");
+
+# A transaction that fails after queueing: aborted, nothing kept.
+my ($rc, $out, $err) = $node->psql('postgres',
+	"BEGIN;\n"
+	  . $pub->('priya', 'statistics', 'rbx-error', 'then an error')
+	  . "SELECT 1/0;\nCOMMIT;\n");
+like($err, qr/division by zero/, 'a transaction that fails after agog_publish_report is rolled back');
+
+# Prepared transactions are off by default here; a two-phase commit would
+# need max_prepared_transactions. A committed transaction after a rolled-back
+# one in the same session:
+$node->safe_psql('postgres',
+	"BEGIN;\n" . $pub->('priya', 'statistics', 'rbx-second', 'x') . "ROLLBACK;\n"
+	  . "BEGIN;\n" . $pub->('priya', 'statistics', 'tx-kept-5', 'y') . "COMMIT;\n");
+
+ok(AgogExactlyOnce::wait_drained($node, 'tx-', 20),
+	'the committed reports are published within 20 s');
+AgogExactlyOnce::check(
+	node   => $node,
+	nats   => $nats,
+	prefix => 'tx-',
+	name   => 'rollback and savepoints',
+	expect => 5,
+	absent => ['rbx-']);
+
+# --- a committed report is in JetStream within a few milliseconds ----------------------
+# (issue 3, point 2). Twenty reports committed one at a time; for each, the
+# time from COMMIT returning to the outbox showing it published (polled every
+# millisecond or two). The bound is generous for a loaded 2-core machine.
+{
+	my $s = AgogExactlyOnce::Session->new($node);
+	my (@lag, @missed);
+	for my $i (1 .. 20)
+	{
+		my $id = $s->query("SELECT agog_publish_report('jen', 'frontend', 'lat-$i', 'latency probe')");
+		my $t0 = Time::HiRes::time();
+		AgogExactlyOnce::wait_until(
+			sub { ($s->query("SELECT state FROM agog_nats.outbox WHERE id = $id") // '') eq 'published' },
+			5, 0.001)
+		  or push @missed, $i;
+		push @lag, (Time::HiRes::time() - $t0) * 1000;
+		Time::HiRes::sleep(0.05);
+	}
+	$s->quit;
+	is("@missed", '', 'each of the 20 latency probes was published within 5 s');
+	my @sorted = sort { $a <=> $b } @lag;
+	my $median = ($sorted[9] + $sorted[10]) / 2;
+	cmp_ok($median, '<', 100,
+		sprintf('a committed report is published within milliseconds: median %.0f ms (all: %s)',
+			$median, join(' ', map { sprintf '%.0f', $_ } @lag)));
+	AgogExactlyOnce::check(node => $node, nats => $nats, prefix => 'lat-', name => 'latency probes', expect => 20);
+}
+
+# --- 100 reports committed while nats-server is down -----------------------------------
+$nats->stop;
+ok(AgogExactlyOnce::wait_until(
+		sub { AgogExactlyOnce::try_query($node, 'SELECT connected FROM agog_worker_status()') eq 'f' }, 15),
+	'nats-server stopped: the worker sees the connection down');
+
+AgogExactlyOnce::commit_reports($node, 'down-', 100, txns => 4, size => 500);
+is($node->safe_psql('postgres', 'SELECT outbox_depth FROM agog_nats.worker_health'),
+	'100', 'server down: the 100 committed reports wait in the outbox (outbox_depth 100)');
+Time::HiRes::sleep(1.5);
+is(AgogExactlyOnce::count_state($node, 'down-', 'pending'), '100',
+	'server down: still all pending 1.5 s later (nothing marked published without an ack)');
+note('server down, outbox rows: ' . $node->safe_psql('postgres',
+		"SELECT 'attempts ' || min(attempts) || '..' || max(attempts) || ', errors: ' "
+		  . "|| coalesce(string_agg(DISTINCT last_error, ' | '), 'none') FROM agog_nats.outbox "
+		  . "WHERE starts_with(feature, 'down-')"));
+
+my $t_up = Time::HiRes::time();
+$nats->start;    # same port, same store
+ok(AgogExactlyOnce::wait_until(
+		sub {
+			AgogExactlyOnce::try_query($node, 'SELECT outbox_depth FROM agog_nats.worker_health') eq '0';
+		},
+		30),
+	'server back: agog_nats.worker_health.outbox_depth returns to 0 within 30 s');
+note(sprintf('outbox drained %.2f s after nats-server started', Time::HiRes::time() - $t_up));
+is($node->safe_psql('postgres',
+		"SELECT pid IS NOT NULL AND connected AND oldest_pending_age IS NULL FROM agog_nats.worker_health"),
+	't', 'server back: the worker is connected and nothing is pending');
+AgogExactlyOnce::check(
+	node   => $node,
+	nats   => $nats,
+	prefix => 'down-',
+	name   => 'committed while the server was down',
+	expect => 100);
+
+# Nothing of the first part was published again.
+AgogExactlyOnce::check(
+	node   => $node,
+	nats   => $nats,
+	prefix => 'tx-',
+	name   => 'rollback and savepoints, after the restart',
+	expect => 5,
+	absent => ['rbx-']);
+
+$node->stop;
+$nats->stop;
+note(sprintf('100_outbox_basic took %.1f s', Time::HiRes::time() - $t_start));
+done_testing();
