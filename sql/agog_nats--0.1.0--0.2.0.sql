@@ -49,14 +49,20 @@ SELECT pg_catalog.pg_extension_config_dump('agog_nats.outbox_id_seq', '');
 -- counting the attempt.  Rows another transaction holds are skipped, and a
 -- leased row is not due again until its lease runs out, so two drainers
 -- never claim one report at once.
-CREATE FUNCTION agog_nats.claim_outbox(batch_size integer, lease_ms integer)
+CREATE FUNCTION agog_nats.claim_outbox(batch_size integer, lease_ms integer,
+                                       after_id bigint DEFAULT 0)
     RETURNS TABLE (id bigint, msg_id text, subject text, body text, attempts integer,
                    first_sent_age_ms bigint, stream text)
-    LANGUAGE sql VOLATILE
+    LANGUAGE plpgsql VOLATILE
     SET search_path = pg_catalog, pg_temp
     AS $$
-    -- = ANY (ARRAY(...)) keeps the update on the primary key whatever the
-    -- queue's size (a join here can turn into a hash join over the table).
+BEGIN
+    -- PL/pgSQL keeps the plan across calls.  = ANY (ARRAY(...)) keeps the
+    -- update on the primary key whatever the queue's size (a join here can
+    -- turn into a hash join over the table); after_id lets a drainer that
+    -- just took a full batch go on from there instead of walking again
+    -- through what it already took.
+    RETURN QUERY
     UPDATE agog_nats.outbox o
        SET attempts = o.attempts + 1,
            first_sent_at = coalesce(o.first_sent_at, now()),
@@ -64,13 +70,15 @@ CREATE FUNCTION agog_nats.claim_outbox(batch_size integer, lease_ms integer)
      WHERE o.id = ANY (ARRAY(
                SELECT c.id FROM agog_nats.outbox c
                 WHERE c.state = 'pending' AND c.next_attempt_at <= now()
+                  AND c.id > after_id
                 ORDER BY c.id LIMIT batch_size
                   FOR UPDATE SKIP LOCKED))
     RETURNING o.id, o.msg_id, o.subject, o.body, o.attempts,
               (extract(epoch FROM now() - coalesce(o.first_sent_at, now())) * 1000)::bigint,
-              o.target_stream
-    $$;
-REVOKE ALL ON FUNCTION agog_nats.claim_outbox(integer, integer) FROM PUBLIC;
+              o.target_stream;
+END
+$$;
+REVOKE ALL ON FUNCTION agog_nats.claim_outbox(integer, integer, bigint) FROM PUBLIC;
 
 -- Wakes the worker at commit.
 CREATE FUNCTION agog_nats.outbox_changed() RETURNS trigger

@@ -54,7 +54,18 @@ struct AgogConn
 };
 
 /* Slices of a bounded wait, in milliseconds; the last one repeats. */
-static const int64 wait_slices[] = {100, 200, 400};
+/*
+ * Slices of a bounded wait, in milliseconds; the last one repeats.  A
+ * backend answers query cancel within its longest slice (400 ms); the
+ * worker, which must stop within a second on SIGTERM, allows 900 ms, so it
+ * also works over a link whose round trip is most of a second.  A request
+ * that gets no answer within a slice is sent again (a publish with the
+ * same message id), so a backend's calls need a round trip under 400 ms.
+ */
+static const int64 backend_wait_slices[] = {100, 200, 400};
+static const int64 worker_wait_slices[] = {250, 500, 900};
+static const int64 *wait_slices = backend_wait_slices;
+static int	nwait_slices = lengthof(backend_wait_slices);
 
 /* Whether nats_Open has run in this process, and the exit hook is set. */
 static bool library_open = false;
@@ -67,8 +78,11 @@ static char *backend_conn_url = NULL;
 #define MAX_OPEN_CONNS 4
 static AgogConn *open_conns[MAX_OPEN_CONNS];
 
-/* Slices of a connect attempt, in milliseconds; the last one repeats. */
-static const int64 connect_slices[] = {100, 200, 400, 500};
+/* Slices of a connect attempt (a TCP, INFO, CONNECT, PING/PONG exchange). */
+static const int64 backend_connect_slices[] = {100, 200, 400, 500};
+static const int64 worker_connect_slices[] = {250, 500, 900};
+static const int64 *connect_slices = backend_connect_slices;
+static int	nconnect_slices = lengthof(backend_connect_slices);
 
 typedef struct WaitBudget
 {
@@ -132,12 +146,20 @@ default_interrupt_check(void)
 
 /*
  * agog_conn_set_interrupt_check
- *		The worker installs its own check (shutdown requested) at start.
+ *		The worker installs its own check (shutdown requested) at start, and
+ *		with it the worker's longer wait slices.
  */
 void
 agog_conn_set_interrupt_check(AgogInterruptCheck check)
 {
 	interrupt_check = check ? check : default_interrupt_check;
+	if (check != NULL)
+	{
+		wait_slices = worker_wait_slices;
+		nwait_slices = lengthof(worker_wait_slices);
+		connect_slices = worker_connect_slices;
+		nconnect_slices = lengthof(worker_connect_slices);
+	}
 }
 
 /*
@@ -531,7 +553,7 @@ agog_conn_open(const char *url, const char *name, bool keep_reconnecting,
 	for (;;)
 	{
 		int64		slice = budget_next_slice(&budget, connect_slices,
-											  lengthof(connect_slices), &interrupted);
+											  nconnect_slices, &interrupted);
 		TimestampTz started = GetCurrentTimestamp();
 
 		if (slice <= 0)
@@ -861,7 +883,7 @@ run_sliced(AgogConn *conn, AttemptFn attempt, void *arg, AgogError *err)
 	for (;;)
 	{
 		int64		slice = budget_next_slice(&budget, wait_slices,
-											  lengthof(wait_slices), &interrupted);
+											  nwait_slices, &interrupted);
 
 		if (slice <= 0)
 			break;
@@ -1019,7 +1041,7 @@ agog_conn_publish_batch(AgogConn *conn, AgogPubItem *items, int n,
 	budget_start(&budget);
 	for (;;)
 	{
-		int64		slice = budget_next_slice(&budget, wait_slices, lengthof(wait_slices), &interrupted);
+		int64		slice = budget_next_slice(&budget, wait_slices, nwait_slices, &interrupted);
 		jsPubOptions popts;
 		natsStatus	s;
 
@@ -1586,6 +1608,38 @@ agog_conn_notices_reset(AgogConn *conn)
 	NATS_END(saved);
 	conn->notice_sub = NULL;
 	conn->bell_sub = NULL;
+}
+
+/*
+ * agog_conn_notices_waiting
+ *		Whether the consumer has notices to fetch: not yet delivered, or
+ *		delivered and not acknowledged (they come again after the ack wait).
+ *		One quick request, where a fetch on an empty consumer would be held
+ *		by the server until it expires.
+ */
+bool
+agog_conn_notices_waiting(AgogConn *conn)
+{
+	sigset_t	saved;
+	natsStatus	s;
+	jsConsumerInfo *ci = NULL;
+	jsOptions	jopts;
+	jsErrCode	jerr = 0;
+	bool		waiting = false;
+
+	if (conn->notice_sub == NULL)
+		return false;
+	NATS_BEGIN(saved);
+	jsOptions_Init(&jopts);
+	jopts.Wait = Min(agog_timeout_ms, 900);
+	s = natsSubscription_GetConsumerInfo(&ci, conn->notice_sub, &jopts, &jerr);
+	if (s == NATS_OK && ci != NULL)
+		waiting = ci->NumPending > 0 || ci->NumAckPending > 0;
+	else
+		waiting = true;			/* cannot tell: let the fetch find out */
+	jsConsumerInfo_Destroy(ci);
+	NATS_END(saved);
+	return waiting;
 }
 
 /*

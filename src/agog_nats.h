@@ -187,6 +187,7 @@ typedef struct AgogNotice
 
 extern bool agog_conn_notices_open(AgogConn *conn, AgogError *err);
 extern void agog_conn_notices_reset(AgogConn *conn);
+extern bool agog_conn_notices_waiting(AgogConn *conn);
 extern int	agog_conn_notices_fetch(AgogConn *conn, AgogNotice *out, int max,
 									AgogError *err);
 extern void agog_conn_notices_ack(AgogConn *conn, int i);
@@ -277,7 +278,7 @@ extern long agog_outbox_maintain(bool purge);
  * ----------------------------------------------------------------
  */
 extern long agog_workflow_step(void);
-extern int	agog_notices_consume(AgogConn *conn);
+extern int	agog_notices_consume(AgogConn *conn, bool rung);
 
 /* ----------------------------------------------------------------
  * Streams (agog_stream.c)

@@ -60,6 +60,9 @@ PG_FUNCTION_INFO_V1(agog_outbox_stats);
 static bool outbox_changed_in_xact = false;
 static uint64 outbox_inserted_in_xact = 0;
 
+/* Where the worker's next claim starts (see agog_nats.claim_outbox). */
+static int64 claim_after_id = 0;
+
 /* Plans kept for the backend's or the worker's life. */
 static SPIPlanPtr next_id_plan = NULL;
 static SPIPlanPtr insert_plan = NULL;
@@ -379,18 +382,19 @@ agog_outbox_release_leases(void)
 static int
 claim_batch(Claimed *rows, MemoryContext cxt)
 {
-	Oid			argtypes[2] = {INT4OID, INT4OID};
-	Datum		args[2];
+	Oid			argtypes[3] = {INT4OID, INT4OID, INT8OID};
+	Datum		args[3];
 	int			ret;
 	int			n;
 
 	args[0] = Int32GetDatum(AGOG_DRAIN_BATCH);
 	args[1] = Int32GetDatum(2 * agog_timeout_ms + 1000);
+	args[2] = Int64GetDatum(claim_after_id);
 
 	agog_xact_begin(cxt);
 	ret = SPI_execute_plan(keep_plan(&claim_plan,
-									 "SELECT * FROM agog_nats.claim_outbox($1, $2)",
-									 2, argtypes),
+									 "SELECT * FROM agog_nats.claim_outbox($1, $2, $3)",
+									 3, argtypes),
 						   args, NULL, false, 0);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "could not claim outbox rows: %s", SPI_result_code_string(ret));
@@ -413,6 +417,9 @@ claim_batch(Claimed *rows, MemoryContext cxt)
 		MemoryContextSwitchTo(spi);
 	}
 	agog_xact_commit(cxt);
+
+	/* after a full batch go on from its last id; after a short one, start over */
+	claim_after_id = (n == AGOG_DRAIN_BATCH) ? rows[n - 1].id : 0;
 	return n;
 }
 
@@ -498,6 +505,15 @@ flush_outcomes(Outcomes *o)
 
 	if (o->n == 0)
 		return;
+
+	/*
+	 * This commit need not wait for its WAL flush: if a crash loses it, the
+	 * rows are still pending and their resend is deduplicated or found by
+	 * its message id.  (The claim's commit, before sending, is synchronous.)
+	 */
+	ret = SPI_execute("SET LOCAL synchronous_commit = off", false, 0);
+	if (ret != SPI_OK_UTILITY)
+		elog(ERROR, "could not set synchronous_commit: %s", SPI_result_code_string(ret));
 	values[0] = makeArrayResult(o->ids, cxt);
 	values[1] = makeArrayResult(o->states, cxt);
 	values[2] = makeArrayResult(o->streams, cxt);

@@ -183,6 +183,114 @@ check_metadata(Jsonb *metadata)
 }
 
 /*
+ * append_json_string
+ *		escape_json's output, copying runs of bytes that need no escape
+ *		with one memcpy each (PostgreSQL 15's escape_json appends one
+ *		character at a time).
+ */
+static void
+append_json_string(StringInfo buf, const char *s)
+{
+	const unsigned char *p = (const unsigned char *) s;
+
+	enlargeStringInfo(buf, strlen(s) + 2);
+	appendStringInfoChar(buf, '"');
+	for (;;)
+	{
+		const unsigned char *q = p;
+
+		while (*q >= 0x20 && *q != '"' && *q != '\\')
+			q++;
+		if (q > p)
+			appendBinaryStringInfo(buf, (const char *) p, q - p);
+		if (*q == '\0')
+			break;
+		switch (*q)
+		{
+			case '\b': appendStringInfoString(buf, "\\b"); break;
+			case '\f': appendStringInfoString(buf, "\\f"); break;
+			case '\n': appendStringInfoString(buf, "\\n"); break;
+			case '\r': appendStringInfoString(buf, "\\r"); break;
+			case '\t': appendStringInfoString(buf, "\\t"); break;
+			case '"': appendStringInfoString(buf, "\\\""); break;
+			case '\\': appendStringInfoString(buf, "\\\\"); break;
+			default: appendStringInfo(buf, "\\u%04x", (int) *q); break;
+		}
+		p = q + 1;
+	}
+	appendStringInfoChar(buf, '"');
+}
+
+/*
+ * parse_seed_fast
+ *		The seed's exact shape, {"content":"...","metadata":{...}}, as both
+ *		agog_nats and the seed's JSON.stringify write it: unescape content in
+ *		runs and parse only the small metadata object.  False (nothing
+ *		thrown) for anything else; the caller then takes the general path.
+ */
+static bool
+parse_seed_fast(const char *data, int len, Datum *content, Datum *metadata)
+{
+	static const char head[] = "{\"content\":\"";
+	static const char mid[] = ",\"metadata\":";
+	const char *p = data + sizeof(head) - 1;
+	const char *end = data + len;
+	StringInfoData out;
+	char	   *meta;
+	Jsonb	   *mj;
+	JsonLexContext *lex;
+
+	if (len < (int) (sizeof(head) + sizeof(mid)) || memcmp(data, head, sizeof(head) - 1) != 0)
+		return false;
+	initStringInfo(&out);
+	enlargeStringInfo(&out, len);
+	for (;;)
+	{
+		const char *q = p;
+
+		while (q < end && *q != '"' && *q != '\\' && (unsigned char) *q >= 0x20)
+			q++;
+		if (q > p)
+			appendBinaryStringInfo(&out, p, q - p);
+		if (q >= end || (unsigned char) *q < 0x20 || (*q == '\\' && q + 1 >= end))
+			return false;
+		if (*q == '"')
+		{
+			p = q + 1;
+			break;
+		}
+		switch (q[1])
+		{
+			case '"': appendStringInfoChar(&out, '"'); break;
+			case '\\': appendStringInfoChar(&out, '\\'); break;
+			case '/': appendStringInfoChar(&out, '/'); break;
+			case 'b': appendStringInfoChar(&out, '\b'); break;
+			case 'f': appendStringInfoChar(&out, '\f'); break;
+			case 'n': appendStringInfoChar(&out, '\n'); break;
+			case 'r': appendStringInfoChar(&out, '\r'); break;
+			case 't': appendStringInfoChar(&out, '\t'); break;
+			default: return false;	/* \u escapes: the general path */
+		}
+		p = q + 2;
+	}
+	if (end - p < (long) sizeof(mid) || memcmp(p, mid, sizeof(mid) - 1) != 0)
+		return false;
+	p += sizeof(mid) - 1;
+	if (p >= end - 1 || *p != '{' || end[-1] != '}')
+		return false;
+	meta = pnstrdup(p, end - 1 - p);
+	lex = makeJsonLexContextCstringLen(meta, strlen(meta), GetDatabaseEncoding(), true);
+	if (pg_parse_json(lex, &nullSemAction) != JSON_SUCCESS)
+		return false;
+	mj = DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum(meta)));
+	if (!JB_ROOT_IS_OBJECT(mj) || JB_ROOT_IS_SCALAR(mj))
+		return false;
+	*content = PointerGetDatum(cstring_to_text_with_len(out.data, out.len));
+	*metadata = JsonbPGetDatum(mj);
+	return true;
+}
+
+/*
  * agog_encode_report
  *		The seed's JSON for a report.  The tokens are already checked.
  */
@@ -195,7 +303,7 @@ agog_encode_report(const char *agent, const char *task_type,
 
 	iso_timestamp(GetCurrentTimestamp(), ts, sizeof(ts));
 	appendStringInfoString(buf, "{\"content\":");
-	escape_json(buf, content);
+	append_json_string(buf, content);
 	appendStringInfo(buf, ",\"metadata\":{\"agent\":\"%s\",\"taskType\":\"%s\",\"feature\":\"%s\",\"timestamp\":\"%s\"",
 					 agent, task_type, feature, ts);
 	if (JB_ROOT_COUNT(metadata) > 0)
@@ -320,6 +428,9 @@ put_report_row(ReturnSetInfo *rsinfo, AgogMsg *msg)
 				 errmsg("report on %s is not valid text in the database encoding",
 						msg->subject)));
 
+	if (parse_seed_fast(msg->data, msg->len, &values[0], &values[1]))
+		seed = true;
+	else
 	{
 		JsonLexContext *lex = makeJsonLexContextCstringLen(msg->data, msg->len,
 														   GetDatabaseEncoding(), true);

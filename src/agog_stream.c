@@ -65,7 +65,21 @@ read_agents(MemoryContext caller, int *count)
 	AgentRow   *rows;
 	int			ret;
 
-	ret = SPI_execute(AGENTS_QUERY, true, 0);
+	{
+		static SPIPlanPtr plan = NULL;
+
+		/* prepared once per process: planning it was a quarter of a call */
+		if (plan == NULL)
+		{
+			SPIPlanPtr	pl = SPI_prepare(AGENTS_QUERY, 0, NULL);
+
+			if (pl == NULL || SPI_keepplan(pl) != 0)
+				elog(ERROR, "could not prepare the agents query: %s",
+					 SPI_result_code_string(SPI_result));
+			plan = pl;
+		}
+		ret = SPI_execute_plan(plan, NULL, NULL, true, 0);
+	}
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "reading agog_nats.agents failed: %s", SPI_result_code_string(ret));
 

@@ -210,7 +210,7 @@ agog_worker_main(Datum main_arg)
 	 * flushing it before publishing makes sure that nothing reaches JetStream
 	 * whose transaction (or outbox id) a crash could still take back.
 	 */
-	SetConfigOption("synchronous_commit", "on", PGC_SUSET, PGC_S_OVERRIDE);
+	SetConfigOption("synchronous_commit", "on", PGC_SUSET, PGC_S_SESSION);
 	pgstat_report_appname("agog_nats worker");
 
 	LWLockAcquire(agog_shared->lock, LW_EXCLUSIVE);
@@ -442,9 +442,11 @@ agog_worker_main(Datum main_arg)
 				if (ev.bells != seen_bells || notices_checked == 0 ||
 					TimestampDifferenceExceeds(notices_checked, now, NOTICE_POLL_MS))
 				{
+					bool		rung = (ev.bells != seen_bells);
+
 					seen_bells = ev.bells;
 					notices_checked = now;
-					if (agog_notices_consume(conn) > 0)
+					if (agog_notices_consume(conn, rung) > 0)
 						timeout = 0;	/* there may be more */
 				}
 				if (has_outbox)

@@ -62,12 +62,13 @@ agog_workflow_step(void)
 /*
  * agog_notices_consume
  *		Apply the completion notices waiting in NATS, each in a transaction
- *		of its own, acknowledged after its commit.  Returns how many were
+ *		of its own, acknowledged after its commit.  rung: the doorbell
+ *		announced a notice; otherwise the consumer is asked first.  Returns how many were
  *		taken (0 when none, or when the consumer cannot be reached now).
  *		Runs in the worker, outside any transaction.
  */
 int
-agog_notices_consume(AgogConn *conn)
+agog_notices_consume(AgogConn *conn, bool rung)
 {
 	MemoryContext cxt = CurrentMemoryContext;
 	AgogNotice	notices[NOTICE_BATCH];
@@ -76,6 +77,9 @@ agog_notices_consume(AgogConn *conn)
 
 	if (!agog_conn_notices_open(conn, &err))
 		return 0;				/* the stream may not exist yet; next time */
+	/* without the doorbell, ask first: an empty fetch is held until it expires */
+	if (!rung && !agog_conn_notices_waiting(conn))
+		return 0;
 	n = agog_conn_notices_fetch(conn, notices, NOTICE_BATCH, &err);
 	if (n < 0)
 	{

@@ -1,0 +1,1674 @@
+/*-------------------------------------------------------------------------
+ *
+ * agog_bench.c
+ *		Benchmarks of agog_nats against raw nats.c and plain PostgreSQL,
+ *		measured in the same run (issue 4).  Run by test/bench.sh:
+ *
+ *	agog_bench NATS_URL CONNINFO
+ *
+ * Environment:
+ *	AGOG_BENCH_ROUNDS	rounds per figure (default 5)
+ *	AGOG_BENCH_QUICK	1: every count divided by 10 (a smoke run, not figures)
+ *	AGOG_BENCH_PGLOG	the server's log file: the worker's memory contexts
+ *						are read from it (pg_log_backend_memory_contexts)
+ *	AGOG_BENCH_NATS_PID	nats-server's pid: its CPU time is shown per phase
+ *	AGOG_BENCH_ONLY		for profiling: run only this phase, in a loop, for
+ *						AGOG_BENCH_SECONDS (default 60), print no table; one
+ *						of select1, publish_now, fetch, status, insert4,
+ *						e2e4, drain, lag.  The pids to attach perf to are
+ *						printed first.
+ *
+ * Every figure is measured for AGOG_BENCH_ROUNDS rounds after one warm-up
+ * round; a figure is the median of the rounds, with their min and max.  Raw
+ * and SQL rounds of a comparison are interleaved (raw, SELECT 1, SQL, raw,
+ * ...), so slow phases of the machine hit both.  Ratios are ratios of
+ * medians.  The SQL figures go through libpq's extended protocol with
+ * prepared statements over the Unix socket, SELECT 1 included.
+ *
+ * Streams (created by the worker): raw and SQL publishes go to
+ * agog_features_backend (agent roy); the fetch figures read
+ * agog_features_research (agent cynthia), filled by this program with
+ * 10,000 reports on 1,000 subjects and not written to afterwards.
+ *
+ * Copyright (c) 2026, agog_nats developers
+ *
+ * test/bench/agog_bench.c
+ *
+ *-------------------------------------------------------------------------
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <inttypes.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <libpq-fe.h>
+#include <nats/nats.h>
+
+#define MAX_ROUNDS		20
+#define REPORT_BYTES	20480	/* size of the encoded seed JSON */
+#define FETCH_SUBJECTS	1000
+#define FETCH_MSGS		10000
+#define MEMORY_OPS		100000
+#define MEMORY_TARGET	(1024.0 * 1024.0)
+
+static int	rounds = 5;
+static int	scale_div = 1;		/* 10 in quick mode */
+static const char *nats_url;
+static const char *conninfo;
+static const char *pglog_path;
+static int	nats_pid;
+
+static char *content;			/* markdown of a report */
+static char *insert_body;		/* its seed JSON, for the plain INSERT */
+static const char *metadata_json = "{\"files_analyzed\": 15}";
+
+/* ----------------------------------------------------------------
+ * Utilities
+ * ----------------------------------------------------------------
+ */
+
+static void
+die(const char *fmt,...)
+{
+	va_list		ap;
+
+	va_start(ap, fmt);
+	fprintf(stderr, "agog_bench: ");
+	vfprintf(stderr, fmt, ap);
+	fprintf(stderr, "\n");
+	va_end(ap);
+	exit(1);
+}
+
+static void
+note(const char *fmt,...)
+{
+	va_list		ap;
+
+	va_start(ap, fmt);
+	fprintf(stderr, "[bench] ");
+	vfprintf(stderr, fmt, ap);
+	fprintf(stderr, "\n");
+	va_end(ap);
+}
+
+/* Monotonic time in microseconds. */
+static double
+now_us(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec * 1e6 + ts.tv_nsec / 1e3;
+}
+
+/* Wall-clock time in microseconds since the Unix epoch. */
+static int64_t
+wall_us(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_REALTIME, &ts);
+	return (int64_t) ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+static void
+sleep_us(double us)
+{
+	struct timespec ts;
+
+	if (us <= 0)
+		return;
+	ts.tv_sec = (time_t) (us / 1e6);
+	ts.tv_nsec = (long) ((us - ts.tv_sec * 1e6) * 1e3);
+	while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
+		;
+}
+
+static void
+sleep_until_us(double t)
+{
+	struct timespec ts;
+
+	ts.tv_sec = (time_t) (t / 1e6);
+	ts.tv_nsec = (long) ((t - ts.tv_sec * 1e6) * 1e3);
+	while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL) == EINTR)
+		;
+}
+
+static int
+cmp_double(const void *a, const void *b)
+{
+	double		x = *(const double *) a;
+	double		y = *(const double *) b;
+
+	return x < y ? -1 : x > y ? 1 : 0;
+}
+
+/* The q-quantile (0..1) of n values; sorts them. */
+static double
+quantile(double *v, int n, double q)
+{
+	int			i;
+
+	if (n <= 0)
+		return NAN;
+	qsort(v, n, sizeof(double), cmp_double);
+	i = (int) ceil(q * n) - 1;
+	if (i < 0)
+		i = 0;
+	if (i >= n)
+		i = n - 1;
+	return v[i];
+}
+
+/* A deterministic pseudo-random sequence (same for raw and SQL rounds). */
+static uint64_t
+lcg_next(uint64_t *state)
+{
+	*state = *state * 6364136223846793005ULL + 1442695040888963407ULL;
+	return *state >> 33;
+}
+
+static int
+scaled(int n)
+{
+	int			m = n / scale_div;
+
+	return m < 1 ? 1 : m;
+}
+
+/* ----------------------------------------------------------------
+ * Figures: one value per round; median, min, max
+ * ----------------------------------------------------------------
+ */
+typedef struct Fig
+{
+	double		v[MAX_ROUNDS * 4];
+	int			n;
+} Fig;
+
+static void
+fig_add(Fig *f, double x)
+{
+	if (f->n < (int) (sizeof(f->v) / sizeof(f->v[0])))
+		f->v[f->n++] = x;
+}
+
+static double
+fig_med(const Fig *f)
+{
+	double		tmp[MAX_ROUNDS * 4];
+
+	memcpy(tmp, f->v, sizeof(double) * f->n);
+	if (f->n == 0)
+		return NAN;
+	qsort(tmp, f->n, sizeof(double), cmp_double);
+	return f->n % 2 ? tmp[f->n / 2] : (tmp[f->n / 2 - 1] + tmp[f->n / 2]) / 2;
+}
+
+static double
+fig_min(const Fig *f)
+{
+	double		m = INFINITY;
+
+	for (int i = 0; i < f->n; i++)
+		m = f->v[i] < m ? f->v[i] : m;
+	return m;
+}
+
+static double
+fig_max(const Fig *f)
+{
+	double		m = -INFINITY;
+
+	for (int i = 0; i < f->n; i++)
+		m = f->v[i] > m ? f->v[i] : m;
+	return m;
+}
+
+/* ----------------------------------------------------------------
+ * The report: seed-format JSON of REPORT_BYTES bytes
+ * ----------------------------------------------------------------
+ */
+
+/* JSON string escape as PostgreSQL's escape_json does it. */
+static void
+json_escape(char **out, size_t *len, size_t *cap, const char *s)
+{
+#define PUT(c) do { if (*len + 8 >= *cap) { *cap *= 2; *out = realloc(*out, *cap); } (*out)[(*len)++] = (c); } while (0)
+	PUT('"');
+	for (; *s; s++)
+	{
+		switch (*s)
+		{
+			case '\n':
+				PUT('\\');
+				PUT('n');
+				break;
+			case '"':
+				PUT('\\');
+				PUT('"');
+				break;
+			case '\\':
+				PUT('\\');
+				PUT('\\');
+				break;
+			case '\t':
+				PUT('\\');
+				PUT('t');
+				break;
+			default:
+				PUT(*s);
+		}
+	}
+	PUT('"');
+	(*out)[*len] = '\0';
+#undef PUT
+}
+
+/*
+ * seed_json
+ *		{"content": ..., "metadata": {"agent", "taskType", "feature",
+ *		"timestamp", "files_analyzed"}}, as agog_nats encodes it.  malloc'd.
+ */
+static char *
+seed_json(const char *agent, const char *task_type, const char *feature,
+		  int *len_out)
+{
+	size_t		cap = strlen(content) * 2 + 512;
+	size_t		len = 0;
+	char	   *out = malloc(cap);
+	char		tail[512];
+	time_t		t = time(NULL);
+	struct tm	tm;
+	int			n;
+
+	memcpy(out, "{\"content\":", 11);
+	len = 11;
+	json_escape(&out, &len, &cap, content);
+	gmtime_r(&t, &tm);
+	n = snprintf(tail, sizeof(tail),
+				 ",\"metadata\":{\"agent\":\"%s\",\"taskType\":\"%s\",\"feature\":\"%s\","
+				 "\"timestamp\":\"%04d-%02d-%02dT%02d:%02d:%02d.000Z\",\"files_analyzed\": 15}}",
+				 agent, task_type, feature, tm.tm_year + 1900, tm.tm_mon + 1,
+				 tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec);
+	if (len + n + 1 > cap)
+		out = realloc(out, len + n + 1);
+	memcpy(out + len, tail, n + 1);
+	*len_out = (int) (len + n);
+	return out;
+}
+
+/*
+ * make_content
+ *		A markdown report of words, numbers and headings, about as
+ *		compressible as prose (pglz takes it to roughly half), sized so that
+ *		the encoded seed JSON is REPORT_BYTES bytes.
+ */
+static void
+make_content(void)
+{
+	static const char *const words[] = {
+		"the", "customer", "search", "index", "query", "latency", "returns", "results",
+		"within", "budget", "because", "cache", "hit", "ratio", "improves", "after",
+		"warmup", "we", "measured", "p99", "across", "regions", "schema", "migration",
+		"adds", "column", "backfill", "runs", "in", "batches", "risk", "low",
+		"rollback", "plan", "tested", "feature", "flag", "gates", "rollout", "agents",
+		"critique", "notes", "missing", "edge", "case", "unicode", "names", "sorting",
+		"collation", "matters", "for", "ranking", "relevance", "score", "boost", "recent",
+		"orders", "weights", "tuned", "offline", "evaluation", "shows", "gain", "of",
+		"percent", "on", "click", "through", "rate", "while", "keeping", "cost", "flat",
+		"frontend", "debounce", "keystrokes", "render", "list", "virtualized", "a11y",
+		"labels", "present", "tests", "cover", "happy", "path", "and", "errors", "retry",
+		"backoff", "timeout", "circuit", "breaker", "metrics", "dashboard", "alerts",
+		"statistics", "confidence", "interval", "sample", "size", "power", "analysis",
+		"variance", "reduction", "stratified", "by", "segment", "device", "country",
+	};
+	int			nwords = (int) (sizeof(words) / sizeof(words[0]));
+	uint64_t	st = 42;
+	size_t		cap = REPORT_BYTES * 2;
+	size_t		len = 0;
+	int			section = 1;
+	int			line = 0;
+	int			target = REPORT_BYTES - 200;	/* room for escapes and metadata */
+
+	content = malloc(cap);
+	len = (size_t) snprintf(content, cap, "# Research report: customer-search\n\n");
+	while ((int) len < target - 120)
+	{
+		int			n;
+
+		if (line % 12 == 0)
+			len += snprintf(content + len, cap - len, "\n## Finding %d\n\n", section++);
+		for (int w = 0; w < 12; w++)
+		{
+			const char *word = words[lcg_next(&st) % nwords];
+
+			if (lcg_next(&st) % 9 == 0)
+				n = snprintf(content + len, cap - len, "%" PRIu64 " ", lcg_next(&st) % 100000);
+			else
+				n = snprintf(content + len, cap - len, "%s ", word);
+			len += n;
+		}
+		content[len - 1] = '\n';
+		line++;
+	}
+	content[len] = '\0';
+
+	/* trim or pad to the exact size of the encoded report */
+	for (;;)
+	{
+		int			jl;
+		char	   *j = seed_json("cynthia", "research", "customer-search", &jl);
+
+		free(j);
+		if (jl == REPORT_BYTES)
+			break;
+		if (jl > REPORT_BYTES)
+			content[--len] = '\0';
+		else
+		{
+			content[len++] = '.';
+			content[len] = '\0';
+		}
+	}
+}
+
+/* ----------------------------------------------------------------
+ * PostgreSQL helpers
+ * ----------------------------------------------------------------
+ */
+static PGconn *
+pg_open(void)
+{
+	PGconn	   *c = PQconnectdb(conninfo);
+
+	if (PQstatus(c) != CONNECTION_OK)
+		die("cannot connect to PostgreSQL: %s", PQerrorMessage(c));
+	return c;
+}
+
+static void
+pg_cmd(PGconn *c, const char *sql)
+{
+	PGresult   *r = PQexec(c, sql);
+
+	if (PQresultStatus(r) != PGRES_COMMAND_OK && PQresultStatus(r) != PGRES_TUPLES_OK)
+		die("%s: %s", sql, PQerrorMessage(c));
+	PQclear(r);
+}
+
+static void
+pg_prepare(PGconn *c, const char *name, const char *sql, int nparams)
+{
+	PGresult   *r = PQprepare(c, name, sql, nparams, NULL);
+
+	if (PQresultStatus(r) != PGRES_COMMAND_OK)
+		die("prepare %s: %s", sql, PQerrorMessage(c));
+	PQclear(r);
+}
+
+static PGresult *
+pg_run(PGconn *c, const char *name, int nparams, const char *const *params)
+{
+	PGresult   *r = PQexecPrepared(c, name, nparams, params, NULL, NULL, 0);
+
+	if (PQresultStatus(r) != PGRES_TUPLES_OK && PQresultStatus(r) != PGRES_COMMAND_OK)
+		die("execute %s: %s", name, PQerrorMessage(c));
+	return r;
+}
+
+/* One bigint of a one-row query with no parameters. */
+static int64_t
+pg_int(PGconn *c, const char *sql)
+{
+	PGresult   *r = PQexec(c, sql);
+	int64_t		v;
+
+	if (PQresultStatus(r) != PGRES_TUPLES_OK || PQntuples(r) != 1)
+		die("%s: %s", sql, PQerrorMessage(c));
+	v = PQgetisnull(r, 0, 0) ? -1 : strtoll(PQgetvalue(r, 0, 0), NULL, 10);
+	PQclear(r);
+	return v;
+}
+
+/* Prepare the statements every benchmark connection uses. */
+static void
+prepare_all(PGconn *c)
+{
+	pg_prepare(c, "select1", "SELECT 1", 0);
+	pg_prepare(c, "insert_plain",
+			   "INSERT INTO bench_plain (subject, body) VALUES ($1, $2)", 2);
+	pg_prepare(c, "publish_now",
+			   "SELECT agog_publish_report_now($1, $2, $3, $4, $5::jsonb)", 5);
+	pg_prepare(c, "publish",
+			   "SELECT agog_publish_report($1, $2, $3, $4, $5::jsonb)", 5);
+	pg_prepare(c, "fetch",
+			   "SELECT * FROM agog_fetch_report($1, $2, $3)", 3);
+	pg_prepare(c, "status", "SELECT * FROM agog_stream_status()", 0);
+	pg_prepare(c, "is_published",
+			   "SELECT state = 'published' FROM agog_nats.outbox WHERE id = $1", 1);
+	pg_prepare(c, "count_published",
+			   "SELECT count(*) FROM agog_nats.outbox "
+			   " WHERE id BETWEEN $1 AND $2 AND state = 'published'", 2);
+}
+
+/* ----------------------------------------------------------------
+ * NATS helpers
+ * ----------------------------------------------------------------
+ */
+static natsConnection *nc;
+static jsCtx *js;
+static volatile int async_errors;
+
+static void
+on_async_err(jsCtx *ctx, jsPubAckErr *pae, void *closure)
+{
+	(void) ctx;
+	(void) closure;
+	__atomic_add_fetch(&async_errors, 1, __ATOMIC_SEQ_CST);
+	if (async_errors < 5)
+		fprintf(stderr, "[bench] async publish error: %s\n",
+				pae->ErrText ? pae->ErrText : natsStatus_GetText(pae->Err));
+}
+
+static void
+nats_check(natsStatus s, const char *what)
+{
+	if (s != NATS_OK)
+		die("%s: %s (%s)", what, natsStatus_GetText(s), nats_GetLastError(NULL));
+}
+
+static void
+nats_setup(void)
+{
+	natsOptions *o = NULL;
+	jsOptions	jo;
+
+	nats_check(natsOptions_Create(&o), "natsOptions_Create");
+	nats_check(natsOptions_SetURL(o, nats_url), "natsOptions_SetURL");
+	nats_check(natsOptions_SetTimeout(o, 5000), "natsOptions_SetTimeout");
+	nats_check(natsConnection_Connect(&nc, o), "connect to NATS");
+	natsOptions_Destroy(o);
+	jsOptions_Init(&jo);
+	jo.Wait = 5000;
+	jo.PublishAsync.MaxPending = 4096;
+	jo.PublishAsync.ErrHandler = on_async_err;
+	nats_check(natsConnection_JetStream(&js, nc, &jo), "JetStream context");
+}
+
+/* ----------------------------------------------------------------
+ * /proc readers
+ * ----------------------------------------------------------------
+ */
+
+/* A "Name:   N kB" field of /proc/PID/status, in bytes; -1 if absent. */
+static double
+proc_status_kb(int pid, const char *field)
+{
+	char		path[64];
+	char		line[256];
+	FILE	   *f;
+	double		v = -1;
+	size_t		flen = strlen(field);
+
+	snprintf(path, sizeof(path), "/proc/%d/status", pid);
+	f = fopen(path, "r");
+	if (f == NULL)
+		return -1;
+	while (fgets(line, sizeof(line), f))
+		if (strncmp(line, field, flen) == 0 && line[flen] == ':')
+		{
+			v = strtod(line + flen + 1, NULL) * 1024.0;
+			break;
+		}
+	fclose(f);
+	return v;
+}
+
+/* utime + stime of a process, in milliseconds (all its threads). */
+static double
+proc_cpu_ms(int pid)
+{
+	char		path[64];
+	char		buf[2048];
+	FILE	   *f;
+	char	   *p;
+	unsigned long ut = 0,
+				st = 0;
+	size_t		n;
+
+	if (pid <= 0)
+		return -1;
+	snprintf(path, sizeof(path), "/proc/%d/stat", pid);
+	f = fopen(path, "r");
+	if (f == NULL)
+		return -1;
+	n = fread(buf, 1, sizeof(buf) - 1, f);
+	fclose(f);
+	buf[n] = '\0';
+	p = strrchr(buf, ')');
+	if (p == NULL)
+		return -1;
+	/* fields after ") ": state(3) ... utime(14) stime(15) */
+	if (sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu", &ut, &st) != 2)
+		return -1;
+	return (ut + st) * 1000.0 / sysconf(_SC_CLK_TCK);
+}
+
+/* ----------------------------------------------------------------
+ * Rounds of the raw baselines
+ * ----------------------------------------------------------------
+ */
+static int	msg_counter;
+
+/* js_Publish, one at a time: rate and per-call p50. */
+static void
+round_raw_sync(int n, const char *body, int len, Fig *rate, Fig *p50)
+{
+	double	   *lat = malloc(sizeof(double) * n);
+	double		t0 = now_us();
+	char		id[64];
+
+	for (int i = 0; i < n; i++)
+	{
+		jsPubOptions po;
+		jsPubAck   *pa = NULL;
+		jsErrCode	jerr = 0;
+		double		a;
+		natsStatus	s;
+
+		jsPubOptions_Init(&po);
+		snprintf(id, sizeof(id), "bench-sync-%d-%d", (int) getpid(), ++msg_counter);
+		po.MsgId = id;
+		a = now_us();
+		s = js_Publish(&pa, js, "agog.deliverables.roy.backend.rawbench", body, len, &po, &jerr);
+		lat[i] = now_us() - a;
+		if (s != NATS_OK)
+			die("js_Publish: %s (jerr %d)", natsStatus_GetText(s), (int) jerr);
+		jsPubAck_Destroy(pa);
+	}
+	if (rate)
+		fig_add(rate, n / ((now_us() - t0) / 1e6));
+	if (p50)
+		fig_add(p50, quantile(lat, n, 0.5) / 1000.0);
+	free(lat);
+}
+
+/* js_PublishAsync of n messages, then wait for every ack: rate. */
+static void
+round_raw_async(int n, const char *body, int len, Fig *rate)
+{
+	double		t0 = now_us();
+	char		id[64];
+	jsPubOptions po;
+	int			errs = async_errors;
+
+	for (int i = 0; i < n; i++)
+	{
+		jsPubOptions_Init(&po);
+		snprintf(id, sizeof(id), "bench-async-%d-%d", (int) getpid(), ++msg_counter);
+		po.MsgId = id;
+		po.MaxWait = 10000;
+		nats_check(js_PublishAsync(js, "agog.deliverables.roy.backend.rawasync", body, len, &po),
+				   "js_PublishAsync");
+	}
+	jsPubOptions_Init(&po);
+	po.MaxWait = 60000;
+	nats_check(js_PublishAsyncComplete(js, &po), "js_PublishAsyncComplete");
+	if (async_errors != errs)
+		die("%d asynchronous publishes failed", async_errors - errs);
+	if (rate)
+		fig_add(rate, n / ((now_us() - t0) / 1e6));
+}
+
+/* js_DirectGetMsg last by subject over the fetch stream's subjects. */
+static void
+round_raw_get(int n, Fig *p50, Fig *p99)
+{
+	double	   *lat = malloc(sizeof(double) * n);
+	uint64_t	st = 7;
+	char		subj[128];
+
+	for (int i = 0; i < n; i++)
+	{
+		jsDirectGetMsgOptions dg;
+		natsMsg    *m = NULL;
+		double		a;
+		natsStatus	s;
+
+		snprintf(subj, sizeof(subj), "agog.deliverables.cynthia.research.f%04d",
+				 (int) (lcg_next(&st) % FETCH_SUBJECTS));
+		jsDirectGetMsgOptions_Init(&dg);
+		dg.LastBySubject = subj;
+		a = now_us();
+		s = js_DirectGetMsg(&m, js, "agog_features_research", NULL, &dg);
+		lat[i] = now_us() - a;
+		if (s != NATS_OK || natsMsg_GetDataLength(m) < REPORT_BYTES - 100)
+			die("js_DirectGetMsg %s: %s", subj, natsStatus_GetText(s));
+		natsMsg_Destroy(m);
+	}
+	if (p99)
+		fig_add(p99, quantile(lat, n, 0.99) / 1000.0);
+	if (p50)
+		fig_add(p50, quantile(lat, n, 0.5) / 1000.0);
+	free(lat);
+}
+
+/* js_GetStreamInfo of one stream. */
+static void
+round_raw_info(int n, Fig *p50)
+{
+	double	   *lat = malloc(sizeof(double) * n);
+
+	for (int i = 0; i < n; i++)
+	{
+		jsStreamInfo *si = NULL;
+		jsErrCode	jerr = 0;
+		double		a = now_us();
+		natsStatus	s = js_GetStreamInfo(&si, js, "agog_features_research", NULL, &jerr);
+
+		lat[i] = now_us() - a;
+		if (s != NATS_OK)
+			die("js_GetStreamInfo: %s", natsStatus_GetText(s));
+		jsStreamInfo_Destroy(si);
+	}
+	if (p50)
+		fig_add(p50, quantile(lat, n, 0.5) / 1000.0);
+	free(lat);
+}
+
+/* ----------------------------------------------------------------
+ * Rounds of single-connection SQL figures
+ * ----------------------------------------------------------------
+ */
+typedef enum SqlKind
+{
+	SQL_SELECT1,
+	SQL_PUBLISH_NOW,
+	SQL_FETCH,
+	SQL_STATUS,
+	SQL_PUBLISH,
+	SQL_INSERT,
+} SqlKind;
+
+/*
+ * sql_call
+ *		One statement of the given kind on c; returns the bigint result of
+ *		agog_publish_report (else 0).  seq picks the subject.
+ */
+static int64_t
+sql_call(PGconn *c, SqlKind kind, int seq, const char *feature)
+{
+	PGresult   *r = NULL;
+	char		feat[80];
+	int64_t		ret = 0;
+
+	switch (kind)
+	{
+		case SQL_SELECT1:
+			r = pg_run(c, "select1", 0, NULL);
+			break;
+		case SQL_PUBLISH_NOW:
+			{
+				const char *p[5] = {"roy", "backend", feature, content, metadata_json};
+
+				r = pg_run(c, "publish_now", 5, p);
+				if (PQntuples(r) != 1 || PQgetisnull(r, 0, 0))
+					die("agog_publish_report_now returned no message id");
+				break;
+			}
+		case SQL_PUBLISH:
+			{
+				const char *p[5] = {"roy", "backend", feature, content, metadata_json};
+
+				r = pg_run(c, "publish", 5, p);
+				ret = strtoll(PQgetvalue(r, 0, 0), NULL, 10);
+				break;
+			}
+		case SQL_FETCH:
+			{
+				const char *p[3] = {"cynthia", "research", feat};
+
+				snprintf(feat, sizeof(feat), "f%04d", seq % FETCH_SUBJECTS);
+				r = pg_run(c, "fetch", 3, p);
+				if (PQntuples(r) != 1)
+					die("agog_fetch_report(%s) returned %d rows", feat, PQntuples(r));
+				break;
+			}
+		case SQL_STATUS:
+			r = pg_run(c, "status", 0, NULL);
+			if (PQntuples(r) != 6)
+				die("agog_stream_status() returned %d rows", PQntuples(r));
+			break;
+		case SQL_INSERT:
+			{
+				const char *p[2] = {"agog.deliverables.roy.backend.plain", insert_body};
+
+				r = pg_run(c, "insert_plain", 2, p);
+				break;
+			}
+	}
+	PQclear(r);
+	return ret;
+}
+
+/* n calls of one kind on one connection: per-call p50 (and p99), rate. */
+static void
+round_sql(PGconn *c, SqlKind kind, int n, Fig *p50, Fig *p99, Fig *rate)
+{
+	double	   *lat = malloc(sizeof(double) * n);
+	uint64_t	st = 7;
+	double		t0 = now_us();
+
+	for (int i = 0; i < n; i++)
+	{
+		int			seq = (int) (lcg_next(&st) % FETCH_SUBJECTS);
+		double		a = now_us();
+
+		sql_call(c, kind, seq, "nowbench");
+		lat[i] = now_us() - a;
+	}
+	if (rate)
+		fig_add(rate, n / ((now_us() - t0) / 1e6));
+	if (p99)
+		fig_add(p99, quantile(lat, n, 0.99) / 1000.0);
+	if (p50)
+		fig_add(p50, quantile(lat, n, 0.5) / 1000.0);
+	free(lat);
+}
+
+/* ----------------------------------------------------------------
+ * Concurrent clients (threads, one connection each)
+ * ----------------------------------------------------------------
+ */
+typedef struct Client
+{
+	PGconn	   *conn;
+	SqlKind		kind;
+	int			n;				/* statements to run */
+	double		interval_us;	/* > 0: paced, one statement per interval */
+	double		start_offset_us;
+	pthread_barrier_t *barrier;
+	double		t_start;		/* shared start, set by main after barrier */
+	char		feature[64];
+	/* results */
+	int64_t    *ids;			/* SQL_PUBLISH: outbox ids */
+	int64_t    *commit_wall;	/* SQL_PUBLISH: wall time after commit, us */
+	double		t_done;
+} Client;
+
+static void *
+client_main(void *arg)
+{
+	Client	   *cl = arg;
+	double		t0;
+
+	pthread_barrier_wait(cl->barrier);
+	t0 = now_us() + cl->start_offset_us;
+	for (int i = 0; i < cl->n; i++)
+	{
+		int64_t		id;
+
+		if (cl->interval_us > 0)
+			sleep_until_us(t0 + i * cl->interval_us);
+		id = sql_call(cl->conn, cl->kind, i, cl->feature);
+		if (cl->ids)
+		{
+			cl->ids[i] = id;
+			cl->commit_wall[i] = wall_us();
+		}
+	}
+	cl->t_done = now_us();
+	return NULL;
+}
+
+/*
+ * run_clients
+ *		nthreads clients of the kind, n statements each, started together.
+ *		Returns the start time (monotonic, us); each client's results stay in
+ *		cls.
+ */
+static double
+run_clients(Client *cls, int nthreads, SqlKind kind, int n, double interval_us,
+			const char *feature, bool keep_ids)
+{
+	pthread_t	th[16];
+	pthread_barrier_t barrier;
+	double		t0;
+
+	pthread_barrier_init(&barrier, NULL, nthreads + 1);
+	for (int i = 0; i < nthreads; i++)
+	{
+		Client	   *cl = &cls[i];
+
+		cl->kind = kind;
+		cl->n = n;
+		cl->interval_us = interval_us;
+		cl->start_offset_us = interval_us > 0 ? interval_us * i / nthreads : 0;
+		cl->barrier = &barrier;
+		snprintf(cl->feature, sizeof(cl->feature), "%s", feature);
+		free(cl->ids);
+		free(cl->commit_wall);
+		cl->ids = keep_ids ? calloc(n, sizeof(int64_t)) : NULL;
+		cl->commit_wall = keep_ids ? calloc(n, sizeof(int64_t)) : NULL;
+		if (pthread_create(&th[i], NULL, client_main, cl) != 0)
+			die("pthread_create failed");
+	}
+	pthread_barrier_wait(&barrier);
+	t0 = now_us();
+	for (int i = 0; i < nthreads; i++)
+		pthread_join(th[i], NULL);
+	pthread_barrier_destroy(&barrier);
+	return t0;
+}
+
+/*
+ * wait_published
+ *		Poll (every 2 ms) until every outbox row with id in [lo, hi] is
+ *		published; the rows are published in id order, so the last id is
+ *		watched first, then the count is checked.  Returns the monotonic
+ *		time at which it was seen.
+ */
+static double
+wait_published(PGconn *mon, int64_t lo, int64_t hi, int64_t expected)
+{
+	char		slo[32],
+				shi[32];
+	const char *p1[1] = {shi};
+	const char *p2[2] = {slo, shi};
+	double		deadline = now_us() + 300e6;
+
+	snprintf(slo, sizeof(slo), "%" PRId64, lo);
+	snprintf(shi, sizeof(shi), "%" PRId64, hi);
+	for (;;)
+	{
+		PGresult   *r = pg_run(mon, "is_published", 1, p1);
+		bool		done = PQntuples(r) == 1 && strcmp(PQgetvalue(r, 0, 0), "t") == 0;
+
+		PQclear(r);
+		if (done)
+			break;
+		if (now_us() > deadline)
+			die("outbox rows %s..%s not published within 300 s", slo, shi);
+		sleep_us(2000);
+	}
+	for (;;)
+	{
+		PGresult   *r = pg_run(mon, "count_published", 2, p2);
+		int64_t		n = strtoll(PQgetvalue(r, 0, 0), NULL, 10);
+
+		PQclear(r);
+		if (n >= expected)
+			return now_us();
+		if (now_us() > deadline)
+			die("only %" PRId64 " of %" PRId64 " outbox rows published within 300 s", n, expected);
+		sleep_us(2000);
+	}
+}
+
+static void
+ids_range(Client *cls, int nthreads, int64_t *lo, int64_t *hi)
+{
+	*lo = INT64_MAX;
+	*hi = 0;
+	for (int t = 0; t < nthreads; t++)
+		for (int i = 0; i < cls[t].n; i++)
+		{
+			*lo = cls[t].ids[i] < *lo ? cls[t].ids[i] : *lo;
+			*hi = cls[t].ids[i] > *hi ? cls[t].ids[i] : *hi;
+		}
+}
+
+/* Wait until nothing is pending in the outbox (between phases). */
+static void
+wait_outbox_idle(PGconn *mon)
+{
+	double		deadline = now_us() + 300e6;
+
+	while (pg_int(mon, "SELECT count(*) FROM agog_nats.outbox WHERE state = 'pending'") > 0)
+	{
+		if (now_us() > deadline)
+			die("the outbox did not drain within 300 s");
+		sleep_us(5000);
+	}
+}
+
+/*
+ * round_e2e
+ *		nthreads clients, n autocommit agog_publish_report calls each; the
+ *		rate is rows / (time until every row of the round is published).
+ *		*client_rate gets the rate at which the clients committed.
+ */
+static void
+round_e2e(PGconn *mon, Client *cls, int nthreads, int n, Fig *rate, Fig *client_rate)
+{
+	double		t0,
+				t1,
+				tc = 0;
+	int64_t		lo,
+				hi;
+
+	wait_outbox_idle(mon);
+	t0 = run_clients(cls, nthreads, SQL_PUBLISH, n, 0, "e2ebench", true);
+	for (int t = 0; t < nthreads; t++)
+		tc = cls[t].t_done > tc ? cls[t].t_done : tc;
+	ids_range(cls, nthreads, &lo, &hi);
+	t1 = wait_published(mon, lo, hi, (int64_t) nthreads * n);
+	if (rate)
+		fig_add(rate, (double) nthreads * n / ((t1 - t0) / 1e6));
+	if (client_rate)
+		fig_add(client_rate, (double) nthreads * n / ((tc - t0) / 1e6));
+}
+
+/* nthreads clients of plain INSERTs: rows/s. */
+static void
+round_insert(Client *cls, int nthreads, int n, Fig *rate)
+{
+	double		t0 = run_clients(cls, nthreads, SQL_INSERT, n, 0, "plain", false);
+	double		t1 = 0;
+
+	for (int t = 0; t < nthreads; t++)
+		t1 = cls[t].t_done > t1 ? cls[t].t_done : t1;
+	if (rate)
+		fig_add(rate, (double) nthreads * n / ((t1 - t0) / 1e6));
+}
+
+/*
+ * round_drain
+ *		Fill the outbox with n reports in one transaction (one statement), so
+ *		the worker sees none of them before the commit; then time from the
+ *		commit until all are published.  Returns the worker's CPU ms.
+ */
+static double
+round_drain(PGconn *mon, int worker_pid, int n, Fig *rate, Fig *worker_cpu_per_k,
+			Fig *nats_cpu_per_k)
+{
+	char		sn[32];
+	const char *p[2] = {content, sn};
+	PGresult   *r;
+	int64_t		lo,
+				hi;
+	double		t0,
+				t1,
+				cpu0,
+				cpu1,
+				ncpu0,
+				ncpu1;
+
+	wait_outbox_idle(mon);
+	snprintf(sn, sizeof(sn), "%d", n);
+	r = pg_run(mon, "fill", 2, p);
+	t0 = now_us();
+	cpu0 = proc_cpu_ms(worker_pid);
+	ncpu0 = proc_cpu_ms(nats_pid);
+	lo = strtoll(PQgetvalue(r, 0, 0), NULL, 10);
+	hi = strtoll(PQgetvalue(r, 0, 1), NULL, 10);
+	PQclear(r);
+	t1 = wait_published(mon, lo, hi, n);
+	cpu1 = proc_cpu_ms(worker_pid);
+	ncpu1 = proc_cpu_ms(nats_pid);
+	if (rate)
+		fig_add(rate, n / ((t1 - t0) / 1e6));
+	if (worker_cpu_per_k && cpu0 >= 0)
+		fig_add(worker_cpu_per_k, (cpu1 - cpu0) * 1000.0 / n);
+	if (nats_cpu_per_k && ncpu0 >= 0)
+		fig_add(nats_cpu_per_k, (ncpu1 - ncpu0) * 1000.0 / n);
+	return cpu1 - cpu0;
+}
+
+/*
+ * round_lag
+ *		4 clients paced at total_rate reports/s for about secs seconds; the
+ *		lag of each report is measured from the client's wall clock after its
+ *		commit returned to (a) the commit timestamp of the worker's
+ *		transaction that recorded it published (track_commit_timestamp), and
+ *		(b) its published_at (now() of that transaction, which starts once
+ *		the PubAcks of the batch are in).
+ */
+static void
+round_lag(PGconn *mon, Client *cls, int nthreads, double total_rate, double secs,
+		  Fig *vis_p50, Fig *vis_p99, Fig *ack_p50, Fig *ack_p99, Fig *achieved)
+{
+	int			per = (int) (total_rate * secs / nthreads);
+	double		interval = 1e6 * nthreads / total_rate;
+	int64_t		lo,
+				hi;
+	double		t0,
+				tc = 0;
+	int			total;
+	double	   *vis,
+			   *ack;
+	char		slo[32],
+				shi[32];
+	const char *p[2] = {slo, shi};
+	PGresult   *r;
+	int			k = 0;
+
+	if (per < 10)
+		per = 10;
+	total = per * nthreads;
+	wait_outbox_idle(mon);
+	t0 = run_clients(cls, nthreads, SQL_PUBLISH, per, interval, "lagbench", true);
+	for (int t = 0; t < nthreads; t++)
+		tc = cls[t].t_done > tc ? cls[t].t_done : tc;
+	ids_range(cls, nthreads, &lo, &hi);
+	wait_published(mon, lo, hi, total);
+	if (achieved)
+		fig_add(achieved, total / ((tc - t0) / 1e6));
+
+	snprintf(slo, sizeof(slo), "%" PRId64, lo);
+	snprintf(shi, sizeof(shi), "%" PRId64, hi);
+	r = pg_run(mon, "lag_times", 2, p);
+	vis = malloc(sizeof(double) * total);
+	ack = malloc(sizeof(double) * total);
+	for (int t = 0; t < nthreads; t++)
+		for (int i = 0; i < cls[t].n; i++)
+		{
+			int64_t		id = cls[t].ids[i];
+			int			row = (int) (id - lo);
+
+			/* rows come back ordered by id, one per id in [lo, hi] */
+			if (row < 0 || row >= PQntuples(r) ||
+				strtoll(PQgetvalue(r, row, 0), NULL, 10) != id)
+			{
+				/* ids of other sessions may sit in the range: search */
+				row = -1;
+				for (int j = 0; j < PQntuples(r); j++)
+					if (strtoll(PQgetvalue(r, j, 0), NULL, 10) == id)
+					{
+						row = j;
+						break;
+					}
+				if (row < 0)
+					die("outbox row %" PRId64 " not found", id);
+			}
+			if (PQgetisnull(r, row, 2))
+				die("no commit timestamp: is track_commit_timestamp on?");
+			ack[k] = (strtoll(PQgetvalue(r, row, 1), NULL, 10) - cls[t].commit_wall[i]) / 1000.0;
+			vis[k] = (strtoll(PQgetvalue(r, row, 2), NULL, 10) - cls[t].commit_wall[i]) / 1000.0;
+			k++;
+		}
+	PQclear(r);
+	fig_add(vis_p99, quantile(vis, k, 0.99));
+	fig_add(vis_p50, quantile(vis, k, 0.5));
+	fig_add(ack_p99, quantile(ack, k, 0.99));
+	fig_add(ack_p50, quantile(ack, k, 0.5));
+	free(vis);
+	free(ack);
+}
+
+/* ----------------------------------------------------------------
+ * Memory
+ * ----------------------------------------------------------------
+ */
+typedef struct MemSample
+{
+	double		contexts;		/* PostgreSQL memory contexts, bytes; -1 unknown */
+	double		rss;			/* VmRSS */
+	double		rss_anon;		/* RssAnon: private memory (malloc, palloc) */
+} MemSample;
+
+static MemSample
+backend_memory(PGconn *c, int pid)
+{
+	MemSample	m;
+
+	m.contexts = (double) pg_int(c, "SELECT sum(total_bytes)::bigint FROM pg_backend_memory_contexts");
+	m.rss = proc_status_kb(pid, "VmRSS");
+	m.rss_anon = proc_status_kb(pid, "RssAnon");
+	return m;
+}
+
+/*
+ * worker_contexts
+ *		The worker's memory contexts' grand total, read from the server log
+ *		after pg_log_backend_memory_contexts(); -1 when it cannot be read.
+ */
+static double
+worker_contexts(PGconn *mon, int pid)
+{
+	FILE	   *f;
+	long		start;
+	char		sql[128];
+	double		deadline;
+
+	if (pglog_path == NULL || (f = fopen(pglog_path, "r")) == NULL)
+		return -1;
+	fseek(f, 0, SEEK_END);
+	start = ftell(f);
+	snprintf(sql, sizeof(sql), "SELECT pg_log_backend_memory_contexts(%d)::int", pid);
+	pg_int(mon, sql);
+	deadline = now_us() + 5e6;
+	while (now_us() < deadline)
+	{
+		char		line[4096];
+		char		tag[64];
+
+		snprintf(tag, sizeof(tag), "[%d]", pid);
+		fseek(f, start, SEEK_SET);
+		while (fgets(line, sizeof(line), f))
+		{
+			char	   *g = strstr(line, "Grand total: ");
+
+			if (g != NULL && strstr(line, tag) != NULL)
+			{
+				fclose(f);
+				return strtod(g + 13, NULL);
+			}
+		}
+		clearerr(f);
+		sleep_us(20000);
+	}
+	fclose(f);
+	return -1;
+}
+
+static MemSample
+worker_memory(PGconn *mon, int pid)
+{
+	MemSample	m;
+
+	m.contexts = worker_contexts(mon, pid);
+	m.rss = proc_status_kb(pid, "VmRSS");
+	m.rss_anon = proc_status_kb(pid, "RssAnon");
+	return m;
+}
+
+/* ----------------------------------------------------------------
+ * The table
+ * ----------------------------------------------------------------
+ */
+static int	met_count,
+			missed_count;
+
+/* The 1-minute load average, as text. */
+static void
+loadavg(char *buf, size_t len)
+{
+	FILE	   *f = fopen("/proc/loadavg", "r");
+
+	buf[0] = '\0';
+	if (f != NULL)
+	{
+		if (fscanf(f, "%31s", buf) != 1)
+			buf[0] = '\0';
+		fclose(f);
+	}
+	if (len > 0 && buf[0] == '\0')
+		strncpy(buf, "?", len);
+}
+
+static void
+fmt_fig(char *buf, size_t len, const Fig *f, const char *unit, int decimals)
+{
+	snprintf(buf, len, "%.*f %s (%.*f..%.*f)", decimals, fig_med(f), unit,
+			 decimals, fig_min(f), decimals, fig_max(f));
+}
+
+static void
+row(const char *path, const char *measured, const char *baseline,
+	const char *ratio, const char *target, const char *verdict)
+{
+	printf("| %s | %s | %s | %s | %s | %s |\n", path, measured, baseline, ratio,
+		   target, verdict);
+}
+
+static const char *
+verdict(bool met)
+{
+	if (met)
+		met_count++;
+	else
+		missed_count++;
+	return met ? "met" : "**missed**";
+}
+
+static void
+print_mem_row(const char *path, MemSample before, MemSample after, double ops,
+			  const char *ops_what)
+{
+	char		m[256],
+				b[256],
+				r[64];
+	double		g_ctx = after.contexts - before.contexts;
+	double		g_anon = after.rss_anon - before.rss_anon;
+	bool		ctx_known = before.contexts >= 0 && after.contexts >= 0;
+	double		worst = ctx_known && g_ctx > g_anon ? g_ctx : g_anon;
+
+	if (ctx_known)
+		snprintf(m, sizeof(m), "contexts %+.0f KB, RssAnon %+.0f KB, VmRSS %+.0f KB after %.0f %s",
+				 g_ctx / 1024, g_anon / 1024, (after.rss - before.rss) / 1024, ops, ops_what);
+	else
+		snprintf(m, sizeof(m), "RssAnon %+.0f KB, VmRSS %+.0f KB after %.0f %s",
+				 g_anon / 1024, (after.rss - before.rss) / 1024, ops, ops_what);
+	if (ctx_known)
+		snprintf(b, sizeof(b), "before: contexts %.0f KB, RssAnon %.0f KB, VmRSS %.0f KB",
+				 before.contexts / 1024, before.rss_anon / 1024, before.rss / 1024);
+	else
+		snprintf(b, sizeof(b), "before: RssAnon %.0f KB, VmRSS %.0f KB",
+				 before.rss_anon / 1024, before.rss / 1024);
+	snprintf(r, sizeof(r), "%+.2f MB", worst / MEMORY_TARGET);
+	row(path, m, b, r, "growth <= 1 MB", verdict(worst <= MEMORY_TARGET));
+}
+
+/* ----------------------------------------------------------------
+ * main
+ * ----------------------------------------------------------------
+ */
+int
+main(int argc, char **argv)
+{
+	PGconn	   *c;				/* the single-client connection */
+	PGconn	   *mon;			/* monitor: polls, fills, samples */
+	PGconn	   *memc;			/* the memory benchmark's backend */
+	Client		cls[4];
+	int			worker_pid;
+	int			mem_pid;
+	int64_t		published_before;
+	int64_t		published_after;
+	char	   *raw_body;
+	int			raw_len;
+	double		t_begin = now_us();
+	const char *e;
+	char		load_begin[32];
+
+	/* figures */
+	Fig			sync_rate = {0}, sync_p50 = {0}, async_rate = {0};
+	Fig			get_p50 = {0}, get_p99 = {0}, info_p50 = {0}, sel_p50 = {0};
+	Fig			ins1 = {0}, ins4 = {0};
+	Fig			now_p50 = {0}, now_rate = {0};
+	Fig			e2e1 = {0}, e2e4 = {0}, e2e1_client = {0}, e2e4_client = {0};
+	Fig			drain_rate = {0}, drain_wcpu = {0}, drain_ncpu = {0};
+	Fig			lag_vis50 = {0}, lag_vis99 = {0}, lag_ack50 = {0}, lag_ack99 = {0}, lag_rate = {0};
+	Fig			fetch_p50 = {0}, fetch_p99 = {0}, status_p50 = {0};
+	MemSample	be_before, be_after, wk_before, wk_after;
+
+	if (argc != 3)
+	{
+		fprintf(stderr, "usage: agog_bench NATS_URL CONNINFO\n");
+		return 2;
+	}
+	nats_url = argv[1];
+	conninfo = argv[2];
+	if ((e = getenv("AGOG_BENCH_ROUNDS")) != NULL && atoi(e) > 0)
+		rounds = atoi(e) > MAX_ROUNDS ? MAX_ROUNDS : atoi(e);
+	if ((e = getenv("AGOG_BENCH_QUICK")) != NULL && strcmp(e, "1") == 0)
+		scale_div = 10;
+	pglog_path = getenv("AGOG_BENCH_PGLOG");
+	if ((e = getenv("AGOG_BENCH_NATS_PID")) != NULL)
+		nats_pid = atoi(e);
+	setvbuf(stdout, NULL, _IOLBF, 0);
+	loadavg(load_begin, sizeof(load_begin));
+
+	make_content();
+	raw_body = seed_json("roy", "backend", "rawbench", &raw_len);
+	{
+		int			ilen;
+
+		insert_body = seed_json("roy", "backend", "plain", &ilen);
+	}
+	note("report: %zu bytes of markdown, %d bytes encoded; %d rounds per figure%s",
+		 strlen(content), raw_len, rounds, scale_div > 1 ? " (QUICK: counts / 10)" : "");
+
+	nats_setup();
+	c = pg_open();
+	mon = pg_open();
+	memc = pg_open();
+	pg_cmd(mon, "SET client_min_messages = warning");
+	pg_cmd(mon, "DROP TABLE IF EXISTS bench_plain");
+	pg_cmd(mon, "CREATE TABLE bench_plain (id bigserial PRIMARY KEY, subject text NOT NULL, "
+		   "body text NOT NULL, created_at timestamptz NOT NULL DEFAULT now())");
+	prepare_all(c);
+	prepare_all(mon);
+	prepare_all(memc);
+	pg_prepare(mon, "fill",
+			   "SELECT min(id), max(id) FROM (SELECT agog_publish_report('roy', 'backend', "
+			   "'drain' || (i % 100), $1, '{\"files_analyzed\": 15}'::jsonb) AS id "
+			   "FROM generate_series(1, $2::int) i) s", 2);
+	pg_prepare(mon, "lag_times",
+			   "SELECT id, (extract(epoch FROM published_at) * 1000000)::bigint, "
+			   "(extract(epoch FROM pg_xact_commit_timestamp(xmin)) * 1000000)::bigint "
+			   "FROM agog_nats.outbox WHERE id BETWEEN $1 AND $2 ORDER BY id", 2);
+	for (int i = 0; i < 4; i++)
+	{
+		memset(&cls[i], 0, sizeof(cls[i]));
+		cls[i].conn = pg_open();
+		prepare_all(cls[i].conn);
+	}
+	worker_pid = (int) pg_int(mon, "SELECT pid FROM agog_worker_status()");
+	mem_pid = (int) pg_int(memc, "SELECT pg_backend_pid()");
+	if (worker_pid <= 0)
+		die("the agog_nats worker is not running");
+	note("worker pid %d, memory backend pid %d", worker_pid, mem_pid);
+
+	/* ---- fill the fetch stream: 10,000 reports on 1,000 subjects ---- */
+	{
+		jsPubOptions po;
+		char		id[64];
+		char		subj[128];
+		char		feat[16];
+		double		t0 = now_us();
+
+		for (int i = 0; i < FETCH_MSGS; i++)
+		{
+			int			blen;
+			char	   *b;
+
+			snprintf(feat, sizeof(feat), "f%04d", i % FETCH_SUBJECTS);
+			snprintf(subj, sizeof(subj), "agog.deliverables.cynthia.research.%s", feat);
+			b = seed_json("cynthia", "research", feat, &blen);
+			jsPubOptions_Init(&po);
+			snprintf(id, sizeof(id), "bench-fill-%d-%d", (int) getpid(), i);
+			po.MsgId = id;
+			po.MaxWait = 10000;
+			nats_check(js_PublishAsync(js, subj, b, blen, &po), "js_PublishAsync (fill)");
+			free(b);
+		}
+		jsPubOptions_Init(&po);
+		po.MaxWait = 60000;
+		nats_check(js_PublishAsyncComplete(js, &po), "js_PublishAsyncComplete (fill)");
+		{
+			jsStreamInfo *si = NULL;
+			jsErrCode	jerr = 0;
+
+			nats_check(js_GetStreamInfo(&si, js, "agog_features_research", NULL, &jerr),
+					   "js_GetStreamInfo");
+			note("fetch stream filled in %.1f s: %" PRIu64 " messages on %d subjects",
+				 (now_us() - t0) / 1e6, si->State.Msgs, FETCH_SUBJECTS);
+			jsStreamInfo_Destroy(si);
+		}
+	}
+
+	/* ---- warm-up of every path (not measured) ---- */
+	note("warm-up");
+	round_raw_sync(scaled(500), raw_body, raw_len, NULL, NULL);
+	round_raw_async(scaled(1000), raw_body, raw_len, NULL);
+	round_raw_get(scaled(500), NULL, NULL);
+	round_raw_info(scaled(200), NULL);
+	round_sql(c, SQL_SELECT1, scaled(500), NULL, NULL, NULL);
+	round_sql(c, SQL_PUBLISH_NOW, scaled(300), NULL, NULL, NULL);
+	round_sql(c, SQL_FETCH, scaled(300), NULL, NULL, NULL);
+	round_sql(c, SQL_STATUS, scaled(100), NULL, NULL, NULL);
+	round_insert(cls, 4, scaled(200), NULL);
+	round_e2e(mon, cls, 4, scaled(200), NULL, NULL);
+	round_drain(mon, worker_pid, scaled(2000), NULL, NULL, NULL);
+
+	if (getenv("AGOG_BENCH_ONLY") != NULL)
+	{
+		const char *only = getenv("AGOG_BENCH_ONLY");
+		double		secs = getenv("AGOG_BENCH_SECONDS") ? atof(getenv("AGOG_BENCH_SECONDS")) : 60;
+		double		end;
+		int			client_pid = (int) pg_int(c, "SELECT pg_backend_pid()");
+		Fig			f1 = {0}, f2 = {0}, f3 = {0}, f4 = {0}, f5 = {0};
+
+		note("profile: phase %s for %.0f s; single-client backend pid %d, worker pid %d, "
+			 "4-client backend pids %d %d %d %d",
+			 only, secs, client_pid, worker_pid,
+			 PQbackendPID(cls[0].conn), PQbackendPID(cls[1].conn),
+			 PQbackendPID(cls[2].conn), PQbackendPID(cls[3].conn));
+		sleep_us(2e6);
+		end = now_us() + secs * 1e6;
+		while (now_us() < end)
+		{
+			if (strcmp(only, "select1") == 0)
+				round_sql(c, SQL_SELECT1, 1000, &f1, NULL, NULL);
+			else if (strcmp(only, "publish_now") == 0)
+				round_sql(c, SQL_PUBLISH_NOW, 500, &f1, NULL, NULL);
+			else if (strcmp(only, "fetch") == 0)
+				round_sql(c, SQL_FETCH, 1000, &f1, NULL, NULL);
+			else if (strcmp(only, "status") == 0)
+				round_sql(c, SQL_STATUS, 300, &f1, NULL, NULL);
+			else if (strcmp(only, "insert4") == 0)
+				round_insert(cls, 4, 500, &f1);
+			else if (strcmp(only, "e2e4") == 0)
+				round_e2e(mon, cls, 4, 500, &f1, NULL);
+			else if (strcmp(only, "drain") == 0)
+				round_drain(mon, worker_pid, 10000, &f1, NULL, NULL);
+			else if (strcmp(only, "lag") == 0)
+				round_lag(mon, cls, 4, atof(getenv("AGOG_BENCH_LAG_RATE") ? getenv("AGOG_BENCH_LAG_RATE") : "400"),
+						  3.0, &f1, &f2, &f3, &f4, &f5);
+			else
+				die("unknown AGOG_BENCH_ONLY phase \"%s\"", only);
+			note("  %s: %.3f (p99 / lag p99: %.3f)", only, f1.v[f1.n - 1],
+				 f2.n ? f2.v[f2.n - 1] : NAN);
+		}
+		return 0;
+	}
+
+	/* ---- memory: the worker's "before", after its warm-up ---- */
+	wait_outbox_idle(mon);
+	wk_before = worker_memory(mon, worker_pid);
+	published_before = pg_int(mon, "SELECT reports_published FROM agog_outbox_stats()");
+
+	/* ---- publish: raw sync, SELECT 1, publish_now, raw async ---- */
+	note("publish: js_Publish, js_PublishAsync, SELECT 1, agog_publish_report_now");
+	for (int r = 0; r < rounds; r++)
+	{
+		round_raw_sync(scaled(1000), raw_body, raw_len, &sync_rate, &sync_p50);
+		round_sql(c, SQL_SELECT1, scaled(1000), &sel_p50, NULL, NULL);
+		round_sql(c, SQL_PUBLISH_NOW, scaled(500), &now_p50, NULL, &now_rate);
+		round_raw_async(scaled(2000), raw_body, raw_len, &async_rate);
+	}
+
+	/* ---- fetch: raw direct get, SELECT 1, agog_fetch_report ---- */
+	note("fetch: js_DirectGetMsg, SELECT 1, agog_fetch_report");
+	for (int r = 0; r < rounds; r++)
+	{
+		round_raw_get(scaled(1000), &get_p50, &get_p99);
+		round_sql(c, SQL_SELECT1, scaled(1000), &sel_p50, NULL, NULL);
+		round_sql(c, SQL_FETCH, scaled(1000), &fetch_p50, &fetch_p99, NULL);
+	}
+
+	/* ---- status: raw stream info, SELECT 1, agog_stream_status ---- */
+	note("status: js_GetStreamInfo, SELECT 1, agog_stream_status");
+	for (int r = 0; r < rounds; r++)
+	{
+		round_raw_info(scaled(300), &info_p50);
+		round_sql(c, SQL_SELECT1, scaled(1000), &sel_p50, NULL, NULL);
+		round_sql(c, SQL_STATUS, scaled(300), &status_p50, NULL, NULL);
+	}
+
+	/* ---- transactional publish against plain INSERT, 1 and 4 clients ---- */
+	note("agog_publish_report end to end and plain INSERT, 1 and 4 clients");
+	for (int r = 0; r < rounds; r++)
+	{
+		round_insert(cls, 1, scaled(1000), &ins1);
+		round_e2e(mon, cls, 1, scaled(1000), &e2e1, &e2e1_client);
+		round_insert(cls, 4, scaled(500), &ins4);
+		round_e2e(mon, cls, 4, scaled(500), &e2e4, &e2e4_client);
+	}
+
+	/* ---- drain of a pre-filled outbox ---- */
+	note("outbox drain of %d reports", scaled(10000));
+	for (int r = 0; r < rounds; r++)
+		round_drain(mon, worker_pid, scaled(10000), &drain_rate, &drain_wcpu, &drain_ncpu);
+
+	/* ---- lag at half the sustainable rate ---- */
+	{
+		double		half = fig_med(&e2e4) / 2;
+
+		note("commit-to-published lag at %.0f reports/s (half of the 4-client end-to-end rate)", half);
+		for (int r = 0; r < rounds; r++)
+			round_lag(mon, cls, 4, half, scale_div > 1 ? 1.0 : 3.0,
+					  &lag_vis50, &lag_vis99, &lag_ack50, &lag_ack99, &lag_rate);
+	}
+
+	/* ---- backend memory over 100,000 operations ---- */
+	{
+		int			ops = scaled(MEMORY_OPS);
+		double		t0;
+
+		note("backend memory: %d operations (publish_now, fetch, publish) on pid %d", ops, mem_pid);
+		for (int i = 0; i < scaled(3000); i++)
+			sql_call(memc, (SqlKind[]) {SQL_PUBLISH_NOW, SQL_FETCH, SQL_PUBLISH}[i % 3], i, "membench");
+		wait_outbox_idle(mon);
+		be_before = backend_memory(memc, mem_pid);
+		t0 = now_us();
+		for (int i = 0; i < ops; i++)
+		{
+			sql_call(memc, (SqlKind[]) {SQL_PUBLISH_NOW, SQL_FETCH, SQL_PUBLISH}[i % 3], i, "membench");
+			if (i > 0 && i % 20000 == 0)
+				note("  %d operations, %.0f s", i, (now_us() - t0) / 1e6);
+		}
+		be_after = backend_memory(memc, mem_pid);
+		wait_outbox_idle(mon);
+	}
+
+	/* ---- worker memory: at least 100,000 reports drained since "before" ---- */
+	for (;;)
+	{
+		int64_t		done = pg_int(mon, "SELECT reports_published FROM agog_outbox_stats()") - published_before;
+
+		if (done >= scaled(MEMORY_OPS))
+			break;
+		note("worker memory: %" PRId64 " reports drained so far; filling %d more",
+			 done, scaled(10000));
+		round_drain(mon, worker_pid, scaled(10000), NULL, NULL, NULL);
+	}
+	wait_outbox_idle(mon);
+	published_after = pg_int(mon, "SELECT reports_published FROM agog_outbox_stats()");
+	wk_after = worker_memory(mon, worker_pid);
+
+	/* ---- the table ---- */
+	{
+		char		m[256],
+					b[256],
+					r[64],
+					t[64];
+		double		sel = fig_med(&sel_p50);
+		double		base;
+		char		load_end[32];
+
+		loadavg(load_end, sizeof(load_end));
+		printf("\nagog_nats benchmarks: %d rounds per figure, median (min..max); "
+			   "%d-byte seed-format reports; %.0f s in all; %ld CPUs, load average %s at the start, %s at the end\n\n",
+			   rounds, raw_len, (now_us() - t_begin) / 1e6, sysconf(_SC_NPROCESSORS_ONLN),
+			   load_begin, load_end);
+		printf("| path | measured (median, min..max) | baseline (same run) | ratio | target | met/missed |\n");
+		printf("|---|---|---|---|---|---|\n");
+
+		fmt_fig(m, sizeof(m), &sync_rate, "msgs/s", 0);
+		row("raw nats.c `js_Publish` (sync), rate", m, "", "", "", "baseline");
+		fmt_fig(m, sizeof(m), &sync_p50, "ms", 3);
+		row("raw nats.c `js_Publish` (sync), p50 per call", m, "", "", "", "baseline");
+		fmt_fig(m, sizeof(m), &async_rate, "msgs/s", 0);
+		snprintf(r, sizeof(r), "%.2fx sync", fig_med(&async_rate) / fig_med(&sync_rate));
+		row("raw nats.c `js_PublishAsync`, rate", m, "", r, "", "baseline");
+		fmt_fig(m, sizeof(m), &get_p50, "ms", 3);
+		row("raw nats.c `js_DirectGetMsg` last by subject, p50", m, "", "", "", "baseline");
+		fmt_fig(m, sizeof(m), &get_p99, "ms", 3);
+		row("raw nats.c `js_DirectGetMsg` last by subject, p99", m, "", "", "", "baseline");
+		fmt_fig(m, sizeof(m), &info_p50, "ms", 3);
+		row("raw nats.c `js_GetStreamInfo`, p50", m, "", "", "", "baseline");
+		fmt_fig(m, sizeof(m), &sel_p50, "ms", 3);
+		row("`SELECT 1` over libpq (prepared), p50", m, "", "", "", "baseline");
+		fmt_fig(m, sizeof(m), &ins1, "rows/s", 0);
+		row("plain INSERT of the report, synchronous commit, 1 client", m, "", "", "", "baseline");
+		fmt_fig(m, sizeof(m), &ins4, "rows/s", 0);
+		row("plain INSERT of the report, synchronous commit, 4 clients", m, "", "", "", "baseline");
+
+		base = fig_med(&sync_p50) + sel;
+		fmt_fig(m, sizeof(m), &now_p50, "ms", 3);
+		snprintf(b, sizeof(b), "sync publish p50 + SELECT 1 p50 = %.3f ms", base);
+		snprintf(r, sizeof(r), "%.2fx", fig_med(&now_p50) / base);
+		row("`agog_publish_report_now`, 1 client, p50 per call", m, b, r, "<= 1.1x",
+			verdict(fig_med(&now_p50) / base <= 1.1));
+
+		fmt_fig(m, sizeof(m), &e2e1, "reports/s", 0);
+		snprintf(b, sizeof(b), "plain INSERT, 1 client: %.0f rows/s", fig_med(&ins1));
+		snprintf(r, sizeof(r), "%.2fx", fig_med(&e2e1) / fig_med(&ins1));
+		row("`agog_publish_report` end to end (commit to PubAck recorded), 1 client", m, b, r, "", "info");
+		fmt_fig(m, sizeof(m), &e2e4, "reports/s", 0);
+		snprintf(b, sizeof(b), "plain INSERT, 4 clients: %.0f rows/s", fig_med(&ins4));
+		snprintf(r, sizeof(r), "%.2fx", fig_med(&e2e4) / fig_med(&ins4));
+		row("`agog_publish_report` end to end (commit to PubAck recorded), 4 clients", m, b, r,
+			">= 0.9x", verdict(fig_med(&e2e4) / fig_med(&ins4) >= 0.9));
+		fmt_fig(m, sizeof(m), &e2e4_client, "reports/s", 0);
+		snprintf(r, sizeof(r), "%.2fx", fig_med(&e2e4_client) / fig_med(&ins4));
+		row("(the same, commits only: rate at which the 4 clients' calls returned)", m, b, r, "", "info");
+
+		fmt_fig(m, sizeof(m), &drain_rate, "reports/s", 0);
+		snprintf(b, sizeof(b), "raw sync publish: %.0f msgs/s", fig_med(&sync_rate));
+		snprintf(r, sizeof(r), "%.2fx", fig_med(&drain_rate) / fig_med(&sync_rate));
+		row("outbox drain of 10,000 pre-filled reports (commit of the fill to all published)",
+			m, b, r, ">= 1.5x", verdict(fig_med(&drain_rate) / fig_med(&sync_rate) >= 1.5));
+		if (drain_wcpu.n > 0)
+		{
+			fmt_fig(m, sizeof(m), &drain_wcpu, "CPU ms", 0);
+			row("(worker CPU per 1,000 reports drained)", m, "", "", "", "info");
+		}
+		if (drain_ncpu.n > 0)
+		{
+			fmt_fig(m, sizeof(m), &drain_ncpu, "CPU ms", 0);
+			row("(nats-server CPU per 1,000 reports drained)", m, "", "", "", "info");
+		}
+
+		fmt_fig(m, sizeof(m), &lag_rate, "reports/s", 0);
+		snprintf(b, sizeof(b), "half of %.0f reports/s", fig_med(&e2e4));
+		row("lag test: offered load, 4 paced clients", m, b, "", "", "info");
+		fmt_fig(m, sizeof(m), &lag_vis50, "ms", 2);
+		row("commit-to-published lag at half load, p50 (client commit -> worker's record commit)",
+			m, "", "", "", "info");
+		fmt_fig(m, sizeof(m), &lag_vis99, "ms", 2);
+		snprintf(t, sizeof(t), "<= 20 ms");
+		row("commit-to-published lag at half load, p99 (client commit -> worker's record commit)",
+			m, "", "", t, verdict(fig_med(&lag_vis99) <= 20.0));
+		fmt_fig(m, sizeof(m), &lag_ack50, "ms", 2);
+		row("(lag to `published_at`, the start of the record transaction after the PubAcks, p50)",
+			m, "", "", "", "info");
+		fmt_fig(m, sizeof(m), &lag_ack99, "ms", 2);
+		row("(lag to `published_at`, p99)", m, "", "", "", "info");
+
+		base = fig_med(&get_p50) + sel;
+		fmt_fig(m, sizeof(m), &fetch_p50, "ms", 3);
+		snprintf(b, sizeof(b), "direct get p50 + SELECT 1 p50 = %.3f ms", base);
+		snprintf(r, sizeof(r), "%.2fx", fig_med(&fetch_p50) / base);
+		row("`agog_fetch_report`, p50 (10,000 msgs on 1,000 subjects)", m, b, r, "<= 1.1x",
+			verdict(fig_med(&fetch_p50) / base <= 1.1));
+		fmt_fig(m, sizeof(m), &fetch_p99, "ms", 3);
+		snprintf(b, sizeof(b), "direct get p99: %.3f ms", fig_med(&get_p99));
+		snprintf(r, sizeof(r), "%.2fx", fig_med(&fetch_p99) / fig_med(&get_p99));
+		row("`agog_fetch_report`, p99", m, b, r, "", "info");
+
+		base = fig_med(&info_p50) + sel;
+		fmt_fig(m, sizeof(m), &status_p50, "ms", 3);
+		snprintf(b, sizeof(b), "stream info p50 + SELECT 1 p50 = %.3f ms", base);
+		snprintf(r, sizeof(r), "%.2fx", fig_med(&status_p50) / base);
+		row("`agog_stream_status()`, six streams, p50", m, b, r, "<= 2x",
+			verdict(fig_med(&status_p50) / base <= 2.0));
+
+		print_mem_row("backend memory (publish_now + fetch + publish)", be_before, be_after,
+					  scaled(MEMORY_OPS), "operations");
+		print_mem_row("worker memory (outbox drain)", wk_before, wk_after,
+					  (double) (published_after - published_before), "reports drained");
+
+		printf("\n%d targets met, %d missed\n", met_count, missed_count);
+	}
+
+	for (int i = 0; i < 4; i++)
+	{
+		free(cls[i].ids);
+		free(cls[i].commit_wall);
+		PQfinish(cls[i].conn);
+	}
+	PQfinish(c);
+	PQfinish(mon);
+	PQfinish(memc);
+	jsCtx_Destroy(js);
+	natsConnection_Destroy(nc);
+	nats_CloseAndWait(1000);
+	free(raw_body);
+	free(content);
+	return 0;
+}
