@@ -575,7 +575,10 @@ BEGIN
          WHERE id = t.id
         RETURNING * INTO t;
         PERFORM agog_nats.enqueue_task_notice(t, w.feature, v_notice);
-        PERFORM pg_notify('agog_task_' || t.agent, t.id::text);
+        -- A channel name holds 63 bytes: agents with longer names are polled.
+        IF octet_length(t.agent) <= 53 THEN
+            PERFORM pg_notify('agog_task_' || t.agent, t.id::text);
+        END IF;
         PERFORM agog_nats.log_event(t.workflow_id, t.id, t.stage, 'task_dispatched',
                                     jsonb_build_object('attempt', t.attempt, 'notice_bytes', t.notice_bytes));
     END LOOP;

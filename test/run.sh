@@ -148,7 +148,7 @@ echo $$ >"$WORK/runner.pid"
 say "work directory $WORK"
 cd "$REPO"
 cp -r Makefile agog_nats.control sql expected test "$WORK/"
-for d in specs data input output; do      # optional test inputs, if the project grows them
+for d in specs examples data input output; do      # optional test inputs, if the project has them
     if [ -d "$d" ]; then cp -r "$d" "$WORK/"; fi
 done
 mkdir -p "$WORK/tmp" "$WORK/tap"

@@ -1,0 +1,162 @@
+
+# agog-agent and SIGTERM: idle, it exits 0 at once; with a task running it
+# stops claiming and lets the command finish within --grace (the task
+# completes); when the grace runs out it stops the command and gives the
+# task back with a failed notice saying it was interrupted (the workflow
+# retries it, another runner completes it); a second SIGTERM does not wait
+# for the grace.
+
+use strict;
+use warnings;
+
+use Time::HiRes qw(usleep);
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+use AgogNatsTest;
+use AgogAgentTest;
+
+my $nats = AgogNatsTest::NatsServer->new;
+$nats->start;
+my $node = AgogNatsTest::new_node('main', $nats);
+$node->start;
+$node->safe_psql('postgres', 'CREATE EXTENSION agog_nats');
+ok(AgogAgentTest::worker_ready($node), 'the worker is connected with its six streams');
+
+my $dsn = $node->connstr('postgres');
+my $dir = PostgreSQL::Test::Utils::tempdir('agents');
+my $cap = "$dir/capture";
+mkdir $cap or die "mkdir $cap: $!";
+
+sub psql { return $node->safe_psql('postgres', @_); }
+
+sub alive
+{
+	my ($pid) = @_;
+	my $stat = AgogAgentTest::slurp("/proc/$pid/stat");
+	return $stat ne '' && $stat !~ /^\d+ \(.*\) Z /;
+}
+
+# A command that says it started (a file), sleeps $AGOG_SLEEP_<attempt>
+# seconds (default 0) and prints a report.
+my $cmd = AgogAgentTest::script($dir, 'sleeper.sh', <<'EOS');
+cat >/dev/null
+echo $$ >"$CAPTURE/$AGOG_FEATURE.$AGOG_ATTEMPT.started"
+var=SLEEP_$AGOG_ATTEMPT
+echo "sleeping ${!var:-0} s" >&2
+sleep "${!var:-0}" &
+echo $! >"$CAPTURE/$AGOG_FEATURE.$AGOG_ATTEMPT.child"
+wait
+echo "# done with $AGOG_FEATURE on attempt $AGOG_ATTEMPT"
+EOS
+$node->safe_psql('postgres', q{SELECT agog_define_pipeline('one', '[{"stage": "work", "agent": "jen",
+	"timeout": "120 seconds", "max_attempts": 3, "retry_backoff": "0 seconds"}]')});
+
+sub runner
+{
+	my (%o) = @_;
+	return AgogAgentTest::Runner->start(
+		agent => 'jen', dsn => $dsn, command => [$cmd],
+		%o, env => { CAPTURE => $cap, %{ $o{env} || {} } });
+}
+
+sub started
+{
+	my ($feature, $attempt, $timeout_s) = @_;
+	return AgogNatsTest::wait_for(sub { -s "$cap/$feature.$attempt.started" }, $timeout_s // 20);
+}
+
+# The notices of workflow $wf: "attempt|status|outcome|summary" per line.
+sub notices
+{
+	my ($wf) = @_;
+	return psql(qq{
+		SELECT n.attempt || '|' || (n.notice->>'status') || '|' || n.outcome || '|' || (n.notice->>'summary')
+		  FROM agog_nats.notices n JOIN agog_nats.tasks t ON t.id = n.task_id
+		 WHERE t.workflow_id = $wf ORDER BY n.attempt});
+}
+
+# --- idle --------------------------------------------------------------------------
+my $r = runner();
+ok($r->wait_log(qr/ready/, 20), 'a runner starts');
+my $t0 = Time::HiRes::time();
+$r->signal('TERM');
+is($r->wait_exit(10), 0, 'idle, it exits 0 on SIGTERM');
+cmp_ok(Time::HiRes::time() - $t0, '<', 1.5, '... within 1.5 s');
+like($r->log_text, qr/stopping\n.*stopped after 0 tasks/s, '... and says so');
+
+# --- SIGTERM, the command finishes within the grace: the task completes ----------
+$r = runner(args => [ '--grace', '20' ], env => { SLEEP_1 => 3 });
+ok($r->wait_log(qr/ready/, 20), 'a runner with --grace 20 starts');
+my $wf = AgogAgentTest::start_workflow($node, 'graceful', 'one');
+ok(started('graceful', 1), 'its command runs');
+$t0 = Time::HiRes::time();
+$r->signal('TERM');
+ok($r->wait_log(qr/stopping: no new tasks; waiting up to 20 s for 1 running task/, 5),
+	'on SIGTERM it stops claiming and waits for the running task');
+# Another task for the same agent meanwhile: it must not be claimed.
+my $wf2 = AgogAgentTest::start_workflow($node, 'not-claimed', 'one');
+is($r->wait_exit(20), 0, 'it exits 0 once the command finished');
+my $took = Time::HiRes::time() - $t0;
+cmp_ok($took, '<', 10, sprintf('... after the command, within the grace (%.1f s)', $took));
+is(AgogAgentTest::wait_workflow($node, $wf, 10), 'completed', 'the running task completed');
+like(notices($wf), qr/^1\|complete\|advanced\|done with graceful on attempt 1$/, '... once, at its first attempt');
+like($r->log_text, qr/graceful attempt 1 \(task \d+\): ok -> advanced/, 'the task line says so');
+is(psql("SELECT state FROM agog_nats.tasks WHERE workflow_id = $wf2"), 'dispatched',
+	'a task dispatched after the SIGTERM was not claimed');
+
+# The next runner takes it; cancel it to keep the agent's queue empty.
+$r = runner();
+is(AgogAgentTest::wait_workflow($node, $wf2, 30), 'completed', 'the next runner takes the waiting task');
+is($r->stop(10), 0, 'and stops');
+
+# --- SIGTERM, the grace runs out: the task is given back and retried ----------------
+$r = runner(args => [ '--grace', '1' ], env => { SLEEP_1 => 60 });
+ok($r->wait_log(qr/ready/, 20), 'a runner with --grace 1 starts');
+$wf = AgogAgentTest::start_workflow($node, 'given-back', 'one');
+ok(started('given-back', 1), 'its command runs (60 s)');
+my $child = AgogAgentTest::slurp("$cap/given-back.1.child");
+chomp $child;
+$t0 = Time::HiRes::time();
+$r->signal('TERM');
+is($r->wait_exit(15), 0, 'SIGTERM: it exits 0');
+$took = Time::HiRes::time() - $t0;
+cmp_ok($took, '>=', 0.9, sprintf('... after the grace (%.1f s)', $took));
+cmp_ok($took, '<', 5, '... and not much later');
+ok(!alive($child), 'the command (and its child) was stopped');
+like(notices($wf),
+	qr/^1\|failed\|retried\|agog-agent was stopped \(SIGTERM\) before the command finished: the task is given back to be retried$/,
+	'the task was given back with a failed notice saying it was interrupted; the workflow retries it');
+like($r->log_text, qr/given-back attempt 1 \(task \d+\): interrupted -> retried/, 'the task line says interrupted');
+ok(AgogNatsTest::wait_for(
+		sub { psql("SELECT state || ':' || attempt FROM agog_nats.tasks WHERE workflow_id = $wf") eq 'dispatched:2' },
+		15),
+	'the task is dispatched again (attempt 2)');
+$r = runner();
+is(AgogAgentTest::wait_workflow($node, $wf, 30), 'completed', 'another runner completes it');
+like(notices($wf), qr/\n2\|complete\|advanced\|done with given-back on attempt 2$/, '... at attempt 2');
+is($r->stop(10), 0, 'that runner stops');
+
+# --- a second SIGTERM does not wait for the grace --------------------------------------
+$r = runner(args => [ '--grace', '60' ], env => { SLEEP_1 => 60 });
+ok($r->wait_log(qr/ready/, 20), 'a runner with --grace 60 starts');
+$wf = AgogAgentTest::start_workflow($node, 'impatient', 'one');
+ok(started('impatient', 1), 'its command runs');
+$t0 = Time::HiRes::time();
+$r->signal('TERM');
+ok($r->wait_log(qr/stopping: no new tasks/, 5), 'first SIGTERM: waiting for the grace');
+usleep(300_000);
+ok($r->is_running, '... still running');
+$r->signal('TERM');
+is($r->wait_exit(10), 0, 'second SIGTERM: it exits 0');
+cmp_ok(Time::HiRes::time() - $t0, '<', 5, '... without waiting for the 60 s grace');
+like($r->log_text, qr/second signal: stopping the running commands now/, '... and says so');
+like(notices($wf), qr/^1\|failed\|retried\|agog-agent was stopped \(SIGTERM\)/, 'the task was given back');
+$node->safe_psql('postgres', "SELECT agog_cancel_workflow($wf)");
+
+my @left = glob("$ENV{TMPDIR}/agog-agent.*");
+is(scalar(@left), 0, 'no task directory is left in TMPDIR') or diag("@left");
+
+$node->stop;
+$nats->stop;
+done_testing();
