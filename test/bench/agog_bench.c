@@ -30,6 +30,9 @@
  * agog_features_research (agent cynthia), filled by this program with
  * 10,000 reports on 1,000 subjects and not written to afterwards.
  *
+ * The workflow hand-off figure runs last: workflows of a two-stage pipeline
+ * (bench_handoff: cynthia, then sylvia), one at a time; see round_handoff.
+ *
  * Copyright (c) 2026, agog_nats developers
  *
  * test/bench/agog_bench.c
@@ -40,6 +43,7 @@
 #include <errno.h>
 #include <inttypes.h>
 #include <math.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdbool.h>
@@ -1109,6 +1113,209 @@ round_lag(PGconn *mon, Client *cls, int nthreads, double total_rate, double secs
 }
 
 /* ----------------------------------------------------------------
+ * Workflow hand-off: completion commit to the next stage's dispatch
+ * ----------------------------------------------------------------
+ */
+#define HANDOFF_PIPELINE	"bench_handoff"
+#define HANDOFF_WAIT_MS		5000	/* per notification */
+#define HANDOFF_BUDGET_S	45		/* no new round after this */
+
+static int	handoff_timeouts;
+
+/*
+ * handoff_setup
+ *		The two-stage pipeline (cynthia, then sylvia; no backoff), the
+ *		statements of the phase on c and mon, and lis listening on both
+ *		agents' channels.
+ */
+static void
+handoff_setup(PGconn *c, PGconn *mon, PGconn *lis)
+{
+	pg_cmd(mon, "SELECT agog_define_pipeline('" HANDOFF_PIPELINE "', '["
+		   "{\"stage\": \"first\", \"agent\": \"cynthia\", \"retry_backoff\": \"0 seconds\"},"
+		   "{\"stage\": \"second\", \"agent\": \"sylvia\", \"depends_on\": [\"first\"],"
+		   " \"retry_backoff\": \"0 seconds\"}]', 'agog_bench: workflow hand-off')");
+	pg_prepare(c, "hf_start",
+			   "SELECT agog_start_workflow($1, '" HANDOFF_PIPELINE "')", 1);
+	pg_prepare(c, "hf_ids",
+			   "SELECT (SELECT id FROM agog_nats.tasks WHERE workflow_id = $1 AND stage = 'first'), "
+			   "(SELECT id FROM agog_nats.tasks WHERE workflow_id = $1 AND stage = 'second')", 1);
+	pg_prepare(c, "hf_claim",
+			   "SELECT task_id, feature, notice ->> 'taskType' FROM agog_claim_task('cynthia', 'agog_bench')", 0);
+	pg_prepare(c, "hf_complete", "SELECT agog_complete_task($1, $2::jsonb)", 2);
+	/* stage 2's dispatched_at and dispatch commit, stage 1's completion commit */
+	pg_prepare(mon, "hf_times",
+			   "SELECT (extract(epoch FROM t.dispatched_at) * 1000000)::bigint, "
+			   "(extract(epoch FROM pg_xact_commit_timestamp(t.xmin)) * 1000000)::bigint, "
+			   "(extract(epoch FROM pg_xact_commit_timestamp(n.xmin)) * 1000000)::bigint "
+			   "FROM agog_nats.tasks t, agog_nats.notices n "
+			   "WHERE t.id = $1 AND t.state = 'dispatched' AND n.task_id = $2", 2);
+	pg_cmd(lis, "LISTEN agog_task_cynthia");
+	pg_cmd(lis, "LISTEN agog_task_sylvia");
+}
+
+/*
+ * wait_notify
+ *		Wait (at most timeout_ms) for the notification channel/payload on lis;
+ *		others are dropped.  Returns the monotonic time (us) at which poll()
+ *		returned for the read that brought it; -1 on timeout.
+ */
+static double
+wait_notify(PGconn *lis, const char *channel, const char *payload, double timeout_ms)
+{
+	double		deadline = now_us() + timeout_ms * 1000;
+	double		t_read = now_us();
+
+	for (;;)
+	{
+		PGnotify   *n;
+		struct pollfd pfd;
+		double		left;
+		int			rc;
+
+		while ((n = PQnotifies(lis)) != NULL)
+		{
+			bool		hit = strcmp(n->relname, channel) == 0 && strcmp(n->extra, payload) == 0;
+
+			PQfreemem(n);
+			if (hit)
+				return t_read;
+		}
+		left = deadline - now_us();
+		if (left <= 0)
+			return -1;
+		pfd.fd = PQsocket(lis);
+		pfd.events = POLLIN;
+		pfd.revents = 0;
+		rc = poll(&pfd, 1, (int) (left / 1000) + 1);
+		if (rc < 0 && errno != EINTR)
+			die("poll on the LISTEN connection: %s", strerror(errno));
+		t_read = now_us();
+		if (rc > 0 && !PQconsumeInput(lis))
+			die("LISTEN connection: %s", PQerrorMessage(lis));
+	}
+}
+
+/*
+ * round_handoff
+ *		n workflows of the two-stage pipeline, one at a time: start one, wait
+ *		for stage 1's NOTIFY, claim it, publish its report and complete it in
+ *		one transaction, and wait on lis for stage 2's NOTIFY.  The hand-off
+ *		is that NOTIFY's arrival minus the client's clock right after COMMIT
+ *		returned; the cross-checks use the server's clocks: stage 2's
+ *		dispatched_at, and the commit timestamps of the dispatching and the
+ *		completing transactions.  Workflows are cancelled at the end.
+ */
+static void
+round_handoff(PGconn *c, PGconn *mon, PGconn *lis, int n, const char *tag,
+			  Fig *p50, Fig *p99, Fig *disp50, Fig *disp99, Fig *dcommit50, Fig *dcommit99)
+{
+	double	   *lat = malloc(sizeof(double) * n);
+	double	   *disp = malloc(sizeof(double) * n);
+	double	   *dcom = malloc(sizeof(double) * n);
+	int			k = 0;
+
+	wait_outbox_idle(mon);
+	for (int i = 0; i < n; i++)
+	{
+		char		feature[64],
+					wf[32],
+					id1[32],
+					id2[32],
+					notice[1024];
+		char	   *tt;
+		const char *p1[1] = {feature};
+		const char *pw[1] = {wf};
+		const char *pt[2] = {id2, id1};
+		const char *pc[2] = {id1, notice};
+		const char *pp[5] = {"cynthia", NULL, feature, content, metadata_json};
+		PGresult   *r;
+		double		t_commit,
+					t_recv;
+
+		snprintf(feature, sizeof(feature), "handoff-%s-%d", tag, i);
+		r = pg_run(c, "hf_start", 1, p1);
+		snprintf(wf, sizeof(wf), "%s", PQgetvalue(r, 0, 0));
+		PQclear(r);
+		r = pg_run(c, "hf_ids", 1, pw);
+		snprintf(id1, sizeof(id1), "%s", PQgetvalue(r, 0, 0));
+		snprintf(id2, sizeof(id2), "%s", PQgetvalue(r, 0, 1));
+		PQclear(r);
+
+		/* stage 1 dispatched: claim it */
+		if (wait_notify(lis, "agog_task_cynthia", id1, HANDOFF_WAIT_MS) < 0)
+		{
+			note("  hand-off: stage 1 of workflow %s not dispatched within %d ms; skipped",
+				 wf, HANDOFF_WAIT_MS);
+			handoff_timeouts++;
+			continue;
+		}
+		r = pg_run(c, "hf_claim", 0, NULL);
+		if (PQntuples(r) != 1 || strcmp(PQgetvalue(r, 0, 0), id1) != 0)
+			die("agog_claim_task('cynthia') did not return task %s of workflow %s", id1, wf);
+		tt = strdup(PQgetvalue(r, 0, 2));
+		PQclear(r);
+
+		/* the report and the completion notice, in one transaction */
+		snprintf(notice, sizeof(notice),
+				 "{\"status\": \"complete\", \"agent\": \"cynthia\", \"task\": \"%s\", "
+				 "\"nats_channel\": \"agog.deliverables.cynthia.%s.%s\", "
+				 "\"summary\": \"research done\", \"complexity\": \"Medium\", "
+				 "\"blockers\": \"None\", \"ready_for_next_stage\": true, "
+				 "\"completion_time\": \"2026-01-01T00:00:00.000Z\", \"files_modified\": 2, "
+				 "\"metadata\": {\"by\": \"agog_bench\"}}", feature, tt, feature);
+		pp[1] = tt;
+		pg_cmd(c, "BEGIN");
+		PQclear(pg_run(c, "publish", 5, pp));
+		r = pg_run(c, "hf_complete", 2, pc);
+		if (strcmp(PQgetvalue(r, 0, 0), "advanced") != 0)
+			die("agog_complete_task(%s) returned %s", id1, PQgetvalue(r, 0, 0));
+		PQclear(r);
+		pg_cmd(c, "COMMIT");
+		t_commit = now_us();
+		free(tt);
+
+		/* stage 2 dispatched: the hand-off */
+		t_recv = wait_notify(lis, "agog_task_sylvia", id2, HANDOFF_WAIT_MS);
+		if (t_recv < 0)
+		{
+			note("  hand-off: stage 2 of workflow %s not dispatched within %d ms of the completion; skipped",
+				 wf, HANDOFF_WAIT_MS);
+			handoff_timeouts++;
+			continue;
+		}
+		r = pg_run(mon, "hf_times", 2, pt);
+		if (PQntuples(r) != 1 || PQgetisnull(r, 0, 1) || PQgetisnull(r, 0, 2))
+			die("no dispatch or commit timestamps for task %s (is track_commit_timestamp on?)", id2);
+		lat[k] = (t_recv - t_commit) / 1000.0;
+		disp[k] = (strtoll(PQgetvalue(r, 0, 0), NULL, 10) - strtoll(PQgetvalue(r, 0, 2), NULL, 10)) / 1000.0;
+		dcom[k] = (strtoll(PQgetvalue(r, 0, 1), NULL, 10) - strtoll(PQgetvalue(r, 0, 2), NULL, 10)) / 1000.0;
+		k++;
+		PQclear(r);
+	}
+	pg_cmd(mon, "SELECT count(agog_cancel_workflow(id, 'agog_bench: hand-off measured')) "
+		   "FROM agog_nats.workflows WHERE pipeline = '" HANDOFF_PIPELINE "' AND state = 'running'");
+	if (k > 0)
+	{
+		if (p99)
+			fig_add(p99, quantile(lat, k, 0.99));
+		if (p50)
+			fig_add(p50, quantile(lat, k, 0.5));
+		if (disp99)
+			fig_add(disp99, quantile(disp, k, 0.99));
+		if (disp50)
+			fig_add(disp50, quantile(disp, k, 0.5));
+		if (dcommit99)
+			fig_add(dcommit99, quantile(dcom, k, 0.99));
+		if (dcommit50)
+			fig_add(dcommit50, quantile(dcom, k, 0.5));
+	}
+	free(lat);
+	free(disp);
+	free(dcom);
+}
+
+/* ----------------------------------------------------------------
  * Memory
  * ----------------------------------------------------------------
  */
@@ -1292,6 +1499,9 @@ main(int argc, char **argv)
 	Fig			drain_rate = {0}, drain_wcpu = {0}, drain_ncpu = {0};
 	Fig			lag_vis50 = {0}, lag_vis99 = {0}, lag_ack50 = {0}, lag_ack99 = {0}, lag_rate = {0};
 	Fig			fetch_p50 = {0}, fetch_p99 = {0}, status_p50 = {0};
+	Fig			ho_p50 = {0}, ho_p99 = {0}, ho_disp50 = {0}, ho_disp99 = {0},
+				ho_dcom50 = {0}, ho_dcom99 = {0};
+	int			ho_rounds = 0;
 	MemSample	be_before, be_after, wk_before, wk_after;
 
 	if (argc != 3)
@@ -1540,6 +1750,38 @@ main(int argc, char **argv)
 	published_after = pg_int(mon, "SELECT reports_published FROM agog_outbox_stats()");
 	wk_after = worker_memory(mon, worker_pid);
 
+	/*
+	 * ---- workflow hand-off: completion commit to the next dispatch ----
+	 * Last, after the memory samples, so its workflows touch no other figure.
+	 */
+	{
+		PGconn	   *lis = pg_open();
+		double		t0 = now_us();
+
+		note("workflow hand-off: %d workflows per round of a 2-stage pipeline, one at a time",
+			 scaled(100));
+		handoff_setup(c, mon, lis);
+		round_handoff(c, mon, lis, scaled(10), "warm", NULL, NULL, NULL, NULL, NULL, NULL);
+		for (int r = 0; r < rounds; r++)
+		{
+			char		tag[16];
+
+			if (now_us() - t0 > HANDOFF_BUDGET_S * 1e6)
+			{
+				note("  hand-off: %d s budget spent; %d of %d rounds measured",
+					 HANDOFF_BUDGET_S, ho_rounds, rounds);
+				break;
+			}
+			snprintf(tag, sizeof(tag), "r%d", r);
+			round_handoff(c, mon, lis, scaled(100), tag, &ho_p50, &ho_p99,
+						  &ho_disp50, &ho_disp99, &ho_dcom50, &ho_dcom99);
+			ho_rounds++;
+		}
+		note("  hand-off: %.1f s, %d notifications timed out", (now_us() - t0) / 1e6,
+			 handoff_timeouts);
+		PQfinish(lis);
+	}
+
 	/* ---- the table ---- */
 	{
 		char		m[256],
@@ -1647,6 +1889,22 @@ main(int argc, char **argv)
 		snprintf(r, sizeof(r), "%.2fx", fig_med(&status_p50) / base);
 		row("`agog_stream_status()`, six streams, p50", m, b, r, "<= 2x",
 			verdict(fig_med(&status_p50) / base <= 2.0));
+
+		if (ho_p50.n > 0)
+		{
+			snprintf(b, sizeof(b), "%d rounds of %d workflows%s", ho_p50.n, scaled(100),
+					 handoff_timeouts ? " (some timed out: see stderr)" : "");
+			fmt_fig(m, sizeof(m), &ho_p50, "ms", 2);
+			row("workflow hand-off, p50 (completion commit returned -> next stage's NOTIFY received)",
+				m, b, "", "", "info");
+			fmt_fig(m, sizeof(m), &ho_p99, "ms", 2);
+			row("workflow hand-off, p99 (completion commit returned -> next stage's NOTIFY received)",
+				m, b, "", "", "info");
+			snprintf(m, sizeof(m), "`dispatched_at`: p50 %.2f ms, p99 %.2f ms; dispatch commit: p50 %.2f ms, p99 %.2f ms",
+					 fig_med(&ho_disp50), fig_med(&ho_disp99), fig_med(&ho_dcom50), fig_med(&ho_dcom99));
+			row("(hand-off on the server's clock, from the completion's commit timestamp)",
+				m, "", "", "", "info");
+		}
 
 		print_mem_row("backend memory (publish_now + fetch + publish)", be_before, be_after,
 					  scaled(MEMORY_OPS), "operations");
