@@ -36,6 +36,7 @@
 #include <nats/nats.h>
 
 #include "miscadmin.h"
+#include "storage/fd.h"
 #include "storage/ipc.h"
 #include "utils/builtins.h"
 #include "utils/memutils.h"
@@ -495,6 +496,52 @@ split_servers(const char *url, int *count)
 }
 
 /*
+ * read_secret
+ *		The first line of a secret file, without its line end, palloc'd; NULL
+ *		when no file is set.  Runs before any signal-blocked section: it
+ *		throws when the file cannot be read or is empty.
+ */
+static char *
+read_secret(const char *setting, const char *path)
+{
+	FILE	   *f;
+	char		buf[4096];
+	size_t		len;
+
+	if (path == NULL || path[0] == '\0')
+		return NULL;
+	f = AllocateFile(path, "r");
+	if (f == NULL)
+		ereport(ERROR,
+				(errcode_for_file_access(),
+				 errmsg("could not open file \"%s\" named by %s: %m", path, setting)));
+	if (fgets(buf, sizeof(buf), f) == NULL)
+		buf[0] = '\0';
+	FreeFile(f);
+	len = strcspn(buf, "\r\n");
+	buf[len] = '\0';
+	if (len == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("file \"%s\" named by %s is empty", path, setting)));
+	return pstrdup(buf);
+}
+
+/*
+ * agog_conn_settings
+ *		What a connection was opened with: url, user and secret files.  A
+ *		connection whose settings differ from the current ones (a SIGHUP
+ *		changed them) is closed and opened again.
+ */
+char *
+agog_conn_settings(void)
+{
+	return psprintf("%s|%s|%s|%s", agog_url, agog_user ? agog_user : "",
+					agog_password_file ? agog_password_file : "",
+					agog_token_file ? agog_token_file : "");
+}
+
+/*
  * agog_conn_open
  *		Connect to the servers in url.  Runs in a backend or the worker.
  *		keep_reconnecting (the worker) retries forever after a disconnect and
@@ -518,8 +565,12 @@ agog_conn_open(const char *url, const char *name, bool keep_reconnecting,
 	sigset_t	saved;
 	WaitBudget	budget;
 	bool		interrupted = false;
+	char	   *password;
+	char	   *token;
 
 	memset(err, 0, sizeof(*err));
+	password = read_secret("agog_nats.password_file", agog_password_file);
+	token = read_secret("agog_nats.token_file", agog_token_file);
 	servers = split_servers(url, &nservers);
 	if (nservers == 0)
 	{
@@ -577,6 +628,10 @@ agog_conn_open(const char *url, const char *name, bool keep_reconnecting,
 			s = natsOptions_SetWriteDeadline(opts, agog_timeout_ms);
 		if (s == NATS_OK)
 			s = natsOptions_SetNoRandomize(opts, true);
+		if (s == NATS_OK && agog_user != NULL && agog_user[0] != '\0')
+			s = natsOptions_SetUserInfo(opts, agog_user, password ? password : "");
+		if (s == NATS_OK && token != NULL)
+			s = natsOptions_SetToken(opts, token);
 		if (s == NATS_OK && keep_reconnecting)
 		{
 			s = natsOptions_SetAllowReconnect(opts, true);
@@ -767,7 +822,7 @@ agog_conn_take_events(AgogConn *conn, AgogConnEvents *events)
 /*
  * agog_backend_conn
  *		The backend's cached connection, opened on first use and opened again
- *		when it was lost or agog_nats.url changed (a SIGHUP).  Throws when the
+ *		when it was lost or its settings changed (a SIGHUP).  Throws when the
  *		server cannot be reached within agog_nats.timeout_ms.
  */
 AgogConn *
@@ -775,11 +830,13 @@ agog_backend_conn(void)
 {
 	AgogError	err;
 	char		name[64];
+	char	   *settings;
 
 	/* the settings exist only when the library was preloaded */
 	agog_shmem_attach();
+	settings = agog_conn_settings();
 	if (backend_conn != NULL &&
-		(strcmp(backend_conn_url, agog_url) != 0 ||
+		(strcmp(backend_conn_url, settings) != 0 ||
 		 !agog_conn_is_usable(backend_conn)))
 	{
 		agog_conn_close(backend_conn);
@@ -790,7 +847,7 @@ agog_backend_conn(void)
 
 	if (backend_conn_url != NULL)
 		pfree(backend_conn_url);
-	backend_conn_url = MemoryContextStrdup(TopMemoryContext, agog_url);
+	backend_conn_url = MemoryContextStrdup(TopMemoryContext, settings);
 
 	snprintf(name, sizeof(name), "agog_nats backend %d", MyProcPid);
 	backend_conn = agog_conn_open(agog_url, name, false, &err);

@@ -27,6 +27,9 @@ PG_MODULE_MAGIC;
 
 /* Settings */
 char	   *agog_url = NULL;
+char	   *agog_user = NULL;
+char	   *agog_password_file = NULL;
+char	   *agog_token_file = NULL;
 char	   *agog_database = NULL;
 int			agog_timeout_ms = 5000;
 int			agog_duplicate_window_ms = 120000;
@@ -65,6 +68,33 @@ define_settings(void)
 							   "It may hold credentials, so only superusers can read it.",
 							   &agog_url,
 							   "nats://127.0.0.1:4222",
+							   PGC_SIGHUP,
+							   GUC_SUPERUSER_ONLY,
+							   NULL, NULL, NULL);
+
+	DefineCustomStringVariable("agog_nats.user",
+							   "User name for NATS user/password authentication.",
+							   "Its password is read from agog_nats.password_file.",
+							   &agog_user,
+							   "",
+							   PGC_SIGHUP,
+							   GUC_SUPERUSER_ONLY,
+							   NULL, NULL, NULL);
+
+	DefineCustomStringVariable("agog_nats.password_file",
+							   "File holding the NATS password of agog_nats.user.",
+							   "Secrets live in files only the server's operating system user can read.",
+							   &agog_password_file,
+							   "",
+							   PGC_SIGHUP,
+							   GUC_SUPERUSER_ONLY,
+							   NULL, NULL, NULL);
+
+	DefineCustomStringVariable("agog_nats.token_file",
+							   "File holding a NATS authentication token.",
+							   NULL,
+							   &agog_token_file,
+							   "",
 							   PGC_SIGHUP,
 							   GUC_SUPERUSER_ONLY,
 							   NULL, NULL, NULL);

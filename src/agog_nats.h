@@ -42,6 +42,9 @@
  * ----------------------------------------------------------------
  */
 extern char *agog_url;
+extern char *agog_user;
+extern char *agog_password_file;
+extern char *agog_token_file;
 extern char *agog_database;
 extern int	agog_timeout_ms;
 extern int	agog_duplicate_window_ms;
@@ -123,6 +126,7 @@ typedef struct AgogConnEvents
 typedef bool (*AgogInterruptCheck) (void);
 
 extern void agog_conn_set_interrupt_check(AgogInterruptCheck check);
+extern char *agog_conn_settings(void);
 extern AgogConn *agog_conn_open(const char *url, const char *name,
 								bool keep_reconnecting, AgogError *err);
 extern void agog_conn_close(AgogConn *conn);

@@ -243,10 +243,18 @@ agog_worker_main(Datum main_arg)
 		{
 			ConfigReloadPending = false;
 			ProcessConfigFile(PGC_SIGHUP);
-			if (conn != NULL && strcmp(conn_url, agog_url) != 0)
+			if (conn != NULL && strcmp(conn_url, agog_conn_settings()) != 0)
 			{
-				ereport(LOG,
-						(errmsg("agog_nats.url changed, reconnecting to NATS")));
+				size_t		urllen = strlen(agog_url);
+				bool		url_changed = strncmp(conn_url, agog_url, urllen) != 0 ||
+					conn_url[urllen] != '|';
+
+				if (url_changed)
+					ereport(LOG,
+							(errmsg("agog_nats.url changed, reconnecting to NATS")));
+				else
+					ereport(LOG,
+							(errmsg("agog_nats authentication settings changed, reconnecting to NATS")));
 				agog_conn_close(conn);
 				conn = NULL;
 				set_connected(NULL, false);
@@ -295,7 +303,7 @@ agog_worker_main(Datum main_arg)
 
 				if (conn_url != NULL)
 					pfree(conn_url);
-				conn_url = MemoryContextStrdup(TopMemoryContext, agog_url);
+				conn_url = MemoryContextStrdup(TopMemoryContext, agog_conn_settings());
 				agog_conn_take_events(conn, &ev);
 				seen_reconnects = ev.reconnects;
 				seen_disconnects = ev.disconnects;

@@ -1,0 +1,126 @@
+
+# NATS authentication: user/password and token, with the secrets in files
+# that only superusers can name (agog_nats.password_file, .token_file).
+# The worker and backends connect with them; a wrong password is refused
+# with SQLSTATE 28000; a file that cannot be read is a clear error; a
+# changed secret file (SIGHUP) makes the worker reconnect.
+
+use strict;
+use warnings;
+
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+use AgogNatsTest;
+
+my $dir = PostgreSQL::Test::Utils::tempdir();
+sub secret_file
+{
+	my ($name, $text) = @_;
+	my $path = "$dir/$name";
+	open(my $fh, '>', $path) or die "cannot write $path: $!";
+	print $fh "$text\n";
+	close $fh;
+	chmod 0600, $path;
+	return $path;
+}
+
+# --- user and password ---------------------------------------------------
+my $nats = AgogNatsTest::NatsServer->new(
+	name => 'natsuser',
+	extra_conf => "authorization {\n  user: agog\n  password: \"s3cret-pw\"\n}\n");
+$nats->start;
+my $good = secret_file('password', 's3cret-pw');
+my $bad = secret_file('wrong', 'not-the-password');
+
+my $node = AgogNatsTest::new_node('auth', $nats,
+	'agog_nats.user' => 'agog',
+	'agog_nats.password_file' => $good);
+$node->start;
+$node->safe_psql('postgres', 'CREATE EXTENSION agog_nats');
+ok(AgogNatsTest::wait_for(
+		sub { $node->safe_psql('postgres', 'SELECT connected AND streams_ok = 6 FROM agog_worker_status()') eq 't' },
+		20),
+	'the worker connects with user and password and puts the six streams in place');
+like($node->safe_psql('postgres',
+		q{SELECT agog_publish_report_now('cynthia', 'research', 'auth', 'secured')}),
+	qr/^agog_features_research\.\d+$/, 'a backend publishes with user and password');
+is($node->safe_psql('postgres', q{SELECT content FROM agog_fetch_report('cynthia', 'research', 'auth')}),
+	'secured', 'and fetches');
+
+# Only superusers see where the secrets are.
+$node->safe_psql('postgres', 'CREATE ROLE peeker LOGIN IN ROLE agog_nats_reader');
+my ($ret, $out, $err) = $node->psql('postgres', 'SHOW agog_nats.password_file',
+	extra_params => [ '-U', 'peeker' ]);
+like($err, qr/must be superuser or have privileges of pg_read_all_settings/,
+	'a non-superuser cannot read agog_nats.password_file');
+
+# A wrong password (after a reload: connections are opened again when their
+# settings change): refused with 28000, nothing crashes.
+$node->append_conf('postgresql.conf', "agog_nats.password_file = '$bad'\n");
+my $off = AgogNatsTest::log_offset($node);
+$node->reload;
+ok(AgogNatsTest::wait_for(
+		sub { AgogNatsTest::log_since($node, $off) =~ /agog_nats authentication settings changed, reconnecting to NATS/ },
+		20),
+	'a changed password file makes the worker reconnect');
+($ret, $out, $err) = $node->psql('postgres',
+	q{SELECT agog_publish_report_now('cynthia', 'research', 'auth2', 'x')},
+	extra_params => [ '-v', 'VERBOSITY=verbose' ]);
+isnt($ret, 0, 'with the wrong password the call fails');
+like($err, qr/ERROR:\s+28000: could not connect to NATS/, 'with SQLSTATE 28000 (invalid authorization)');
+ok(AgogNatsTest::wait_for(
+		sub { $node->safe_psql('postgres', 'SELECT NOT connected FROM agog_worker_status()') eq 't' },
+		20),
+	'the worker is not connected with the wrong password');
+like(AgogNatsTest::log_since($node, $off), qr/agog_nats worker could not connect to NATS, retrying/,
+	'and says so in the log');
+
+# Back to the right password: the worker connects again.
+$node->append_conf('postgresql.conf', "agog_nats.password_file = '$good'\n");
+$node->reload;
+ok(AgogNatsTest::wait_for(
+		sub { $node->safe_psql('postgres', 'SELECT connected FROM agog_worker_status()') eq 't' },
+		20),
+	'with the right password again the worker reconnects');
+
+# A file that cannot be read is a clear error, not a crash.
+$node->append_conf('postgresql.conf', "agog_nats.password_file = '$dir/missing'\n");
+$node->reload;
+ok(AgogNatsTest::wait_for(
+		sub { $node->safe_psql('postgres', 'SHOW agog_nats.password_file') =~ /missing/ }, 10),
+	'the reload names a missing file');
+($ret, $out, $err) = $node->psql('postgres',
+	q{SELECT agog_publish_report_now('cynthia', 'research', 'auth3', 'x')},
+	extra_params => [ '-v', 'VERBOSITY=verbose' ]);
+like($err, qr/ERROR:\s+58P01: could not open file ".*missing" named by agog_nats\.password_file/,
+	'a missing password file: 58P01 naming the setting');
+$node->append_conf('postgresql.conf', "agog_nats.password_file = '$good'\n");
+$node->reload;
+
+# --- token ---------------------------------------------------------------
+my $nats2 = AgogNatsTest::NatsServer->new(
+	name => 'natstoken',
+	extra_conf => "authorization {\n  token: \"t0ken-abc\"\n}\n");
+$nats2->start;
+my $token = secret_file('token', 't0ken-abc');
+my $node2 = AgogNatsTest::new_node('token', $nats2, 'agog_nats.token_file' => $token);
+$node2->start;
+$node2->safe_psql('postgres', 'CREATE EXTENSION agog_nats');
+ok(AgogNatsTest::wait_for(
+		sub { $node2->safe_psql('postgres', 'SELECT connected AND streams_ok = 6 FROM agog_worker_status()') eq 't' },
+		20),
+	'the worker connects with a token');
+like($node2->safe_psql('postgres',
+		q{SELECT agog_publish_report_now('roy', 'backend', 'auth', 'with a token')}),
+	qr/^agog_features_backend\.\d+$/, 'a backend publishes with a token');
+
+for my $n ($node, $node2)
+{
+	unlike(AgogNatsTest::log_since($n), qr/terminated by signal|server process .* was terminated/,
+		'no crash on ' . $n->name);
+	$n->stop;
+}
+$nats->stop;
+$nats2->stop;
+done_testing();
