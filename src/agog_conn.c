@@ -71,6 +71,9 @@ static int	nwait_slices = lengthof(backend_wait_slices);
 /* Whether nats_Open has run in this process, and the exit hook is set. */
 static bool library_open = false;
 
+/* Whether this process has opened a TLS connection (see conn_at_exit). */
+static bool tls_used = false;
+
 /* The backend's cached connection and the url it was opened with. */
 static AgogConn *backend_conn = NULL;
 static char *backend_conn_url = NULL;
@@ -301,7 +304,14 @@ conn_at_exit(int code, Datum arg)
 	for (int i = 0; i < MAX_OPEN_CONNS; i++)
 		if (open_conns[i] != NULL)
 			agog_conn_close(open_conns[i]);
-	agog_conn_shutdown_library();
+
+	/*
+	 * Closing nats.c also cleans up OpenSSL's global state, which
+	 * PostgreSQL's own OpenSSL use still relies on at exit (a process that
+	 * used TLS crashed there).  Its threads end with the process anyway.
+	 */
+	if (!tls_used)
+		agog_conn_shutdown_library();
 }
 
 static void
@@ -527,18 +537,26 @@ read_secret(const char *setting, const char *path)
 	return pstrdup(buf);
 }
 
+static bool
+has_setting(const char *v)
+{
+	return v != NULL && v[0] != '\0';
+}
+
 /*
  * agog_conn_settings
- *		What a connection was opened with: url, user and secret files.  A
+ *		What a connection was opened with: url, user, secret and TLS files.  A
  *		connection whose settings differ from the current ones (a SIGHUP
  *		changed them) is closed and opened again.
  */
 char *
 agog_conn_settings(void)
 {
-	return psprintf("%s|%s|%s|%s", agog_url, agog_user ? agog_user : "",
-					agog_password_file ? agog_password_file : "",
-					agog_token_file ? agog_token_file : "");
+#define S(x) ((x) ? (x) : "")
+	return psprintf("%s|%s|%s|%s|%s|%s|%s", agog_url, S(agog_user),
+					S(agog_password_file), S(agog_token_file), S(agog_tls_ca_file),
+					S(agog_tls_cert_file), S(agog_tls_key_file));
+#undef S
 }
 
 /*
@@ -632,6 +650,17 @@ agog_conn_open(const char *url, const char *name, bool keep_reconnecting,
 			s = natsOptions_SetUserInfo(opts, agog_user, password ? password : "");
 		if (s == NATS_OK && token != NULL)
 			s = natsOptions_SetToken(opts, token);
+		if (s == NATS_OK && (has_setting(agog_tls_ca_file) || has_setting(agog_tls_cert_file)))
+		{
+			tls_used = true;
+			s = natsOptions_SetSecure(opts, true);
+		}
+		if (s == NATS_OK && has_setting(agog_tls_ca_file))
+			s = natsOptions_LoadCATrustedCertificates(opts, agog_tls_ca_file);
+		if (s == NATS_OK && has_setting(agog_tls_cert_file))
+			s = natsOptions_LoadCertificatesChain(opts, agog_tls_cert_file,
+												  has_setting(agog_tls_key_file) ?
+												  agog_tls_key_file : agog_tls_cert_file);
 		if (s == NATS_OK && keep_reconnecting)
 		{
 			s = natsOptions_SetAllowReconnect(opts, true);

@@ -30,6 +30,9 @@ char	   *agog_url = NULL;
 char	   *agog_user = NULL;
 char	   *agog_password_file = NULL;
 char	   *agog_token_file = NULL;
+char	   *agog_tls_ca_file = NULL;
+char	   *agog_tls_cert_file = NULL;
+char	   *agog_tls_key_file = NULL;
 char	   *agog_database = NULL;
 int			agog_timeout_ms = 5000;
 int			agog_duplicate_window_ms = 120000;
@@ -94,6 +97,33 @@ define_settings(void)
 							   "File holding a NATS authentication token.",
 							   NULL,
 							   &agog_token_file,
+							   "",
+							   PGC_SIGHUP,
+							   GUC_SUPERUSER_ONLY,
+							   NULL, NULL, NULL);
+
+	DefineCustomStringVariable("agog_nats.tls_ca_file",
+							   "File of CA certificates that sign the NATS server's certificate.",
+							   "Setting it (or a client certificate) makes the connection use TLS.",
+							   &agog_tls_ca_file,
+							   "",
+							   PGC_SIGHUP,
+							   GUC_SUPERUSER_ONLY,
+							   NULL, NULL, NULL);
+
+	DefineCustomStringVariable("agog_nats.tls_cert_file",
+							   "File of the client certificate (chain) for TLS to NATS.",
+							   NULL,
+							   &agog_tls_cert_file,
+							   "",
+							   PGC_SIGHUP,
+							   GUC_SUPERUSER_ONLY,
+							   NULL, NULL, NULL);
+
+	DefineCustomStringVariable("agog_nats.tls_key_file",
+							   "File of the client certificate's private key.",
+							   NULL,
+							   &agog_tls_key_file,
 							   "",
 							   PGC_SIGHUP,
 							   GUC_SUPERUSER_ONLY,

@@ -1,0 +1,96 @@
+
+# TLS to NATS with a client certificate: agog_nats.tls_ca_file,
+# .tls_cert_file and .tls_key_file.  A server that requires client
+# certificates (verify: true) accepts the worker and backends with them,
+# and refuses a connection without one.  Certificates are made here with
+# openssl for this test only.
+
+use strict;
+use warnings;
+
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+use AgogNatsTest;
+
+my $dir = PostgreSQL::Test::Utils::tempdir();
+sub openssl
+{
+	my @args = @_;
+	my ($out, $err) = ('', '');
+	my $ok = IPC::Run::run([ 'openssl', @args ], '>', \$out, '2>', \$err);
+	die "openssl @args failed: $err" unless $ok;
+}
+open(my $ext, '>', "$dir/ext.cnf") or die;
+print $ext "subjectAltName=IP:127.0.0.1,DNS:localhost\n";
+close $ext;
+openssl('req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', "$dir/ca-key.pem",
+	'-out', "$dir/ca.pem", '-days', '2', '-subj', '/CN=agog_nats test CA');
+for my $who ('server', 'client')
+{
+	openssl('req', '-newkey', 'rsa:2048', '-nodes', '-keyout', "$dir/$who-key.pem",
+		'-out', "$dir/$who.csr", '-subj', $who eq 'server' ? '/CN=127.0.0.1' : '/CN=agog_nats worker');
+	openssl('x509', '-req', '-in', "$dir/$who.csr", '-CA', "$dir/ca.pem", '-CAkey', "$dir/ca-key.pem",
+		'-CAcreateserial', '-out', "$dir/$who.pem", '-days', '2',
+		($who eq 'server' ? ('-extfile', "$dir/ext.cnf") : ()));
+	chmod 0600, "$dir/$who-key.pem";
+}
+
+my $nats = AgogNatsTest::NatsServer->new(
+	name => 'natstls',
+	extra_conf => "tls {\n  cert_file: \"$dir/server.pem\"\n  key_file: \"$dir/server-key.pem\"\n"
+	  . "  ca_file: \"$dir/ca.pem\"\n  verify: true\n  timeout: 2\n}\n");
+$nats->start;
+
+my $node = AgogNatsTest::new_node('tls', $nats,
+	'agog_nats.tls_ca_file' => "$dir/ca.pem",
+	'agog_nats.tls_cert_file' => "$dir/client.pem",
+	'agog_nats.tls_key_file' => "$dir/client-key.pem");
+$node->start;
+$node->safe_psql('postgres', 'CREATE EXTENSION agog_nats');
+ok(AgogNatsTest::wait_for(
+		sub { $node->safe_psql('postgres', 'SELECT connected AND streams_ok = 6 FROM agog_worker_status()') eq 't' },
+		20),
+	'the worker connects over TLS with a client certificate and puts the six streams in place');
+like($node->safe_psql('postgres',
+		q{SELECT agog_publish_report_now('cynthia', 'research', 'tls', 'over TLS')}),
+	qr/^agog_features_research\.\d+$/, 'a backend publishes over TLS');
+is($node->safe_psql('postgres', q{SELECT content FROM agog_fetch_report('cynthia', 'research', 'tls')}),
+	'over TLS', 'and fetches');
+my $id = $node->safe_psql('postgres', q{SELECT agog_publish_report('roy', 'backend', 'tls', 'queued')});
+ok(AgogNatsTest::wait_for(
+		sub { $node->safe_psql('postgres', "SELECT state FROM agog_nats.outbox WHERE id = $id") eq 'published' },
+		20),
+	'the worker publishes the outbox over TLS');
+
+# Without a client certificate the server refuses the connection.
+$node->append_conf('postgresql.conf', "agog_nats.tls_cert_file = ''\nagog_nats.tls_key_file = ''\n");
+$node->reload;
+ok(AgogNatsTest::wait_for(
+		sub { $node->safe_psql('postgres', q{SELECT current_setting('agog_nats.tls_cert_file') = ''}) eq 't' },
+		10),
+	'the reload drops the client certificate');
+my ($ret, $out, $err) = $node->psql('postgres',
+	q{SELECT agog_publish_report_now('cynthia', 'research', 'tls2', 'x')},
+	extra_params => [ '-v', 'VERBOSITY=verbose' ]);
+isnt($ret, 0, 'without a client certificate the call fails');
+like($err, qr/ERROR:\s+08006: could not connect to NATS/, 'with SQLSTATE 08006');
+ok(AgogNatsTest::wait_for(
+		sub { $node->safe_psql('postgres', 'SELECT NOT connected FROM agog_worker_status()') eq 't' },
+		20),
+	'the worker is refused too');
+
+# With it again, the worker is back.
+$node->append_conf('postgresql.conf',
+	"agog_nats.tls_cert_file = '$dir/client.pem'\nagog_nats.tls_key_file = '$dir/client-key.pem'\n");
+$node->reload;
+ok(AgogNatsTest::wait_for(
+		sub { $node->safe_psql('postgres', 'SELECT connected FROM agog_worker_status()') eq 't' },
+		20),
+	'with the client certificate again the worker reconnects');
+
+unlike(AgogNatsTest::log_since($node), qr/terminated by signal|server process .* was terminated/,
+	'no crash');
+$node->stop;
+$nats->stop;
+done_testing();
