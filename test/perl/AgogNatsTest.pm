@@ -318,7 +318,25 @@ sub freeze
 	croak "nats-server $self->{name} not running" unless $self->is_running;
 	kill 'STOP', $self->{pid};
 	$self->{frozen} = 1;
-	return 1;
+
+	# SIGSTOP takes effect asynchronously: wait (bounded) until every
+	# thread of the server shows as stopped, so a test that connects right
+	# after freezing cannot be answered by a thread still running.
+	my $deadline = Time::HiRes::time() + 5;
+	while (Time::HiRes::time() < $deadline)
+	{
+		my $running = 0;
+		for my $stat (glob("/proc/$self->{pid}/task/*/stat"))
+		{
+			open(my $fh, '<', $stat) or next;
+			my $line = <$fh> // '';
+			close $fh;
+			$running++ if $line =~ /\)\s+([A-Za-z])\s/ && $1 ne 'T' && $1 ne 't';
+		}
+		return 1 if $running == 0;
+		Time::HiRes::sleep(0.01);
+	}
+	croak "nats-server $self->{name} did not stop within 5 s of SIGSTOP";
 }
 
 # Resume a frozen server (SIGCONT).
