@@ -19,6 +19,7 @@ PACKAGES=(
     iproute2                  # ss, used to find free ports
     util-linux                # runuser
     findutils coreutils
+    openssl                   # certificates for the TLS test (050_tls)
 )
 # shellcheck disable=SC2206
 PACKAGES+=(${AGOG_EXTRA_PACKAGES:-})
