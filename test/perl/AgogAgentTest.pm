@@ -73,6 +73,14 @@ sub slurp
 	return PostgreSQL::Test::Utils::slurp_file($path);
 }
 
+# True while $pid exists and is not a zombie.
+sub pid_alive
+{
+	my ($pid) = @_;
+	my $stat = slurp("/proc/$pid/stat");
+	return $stat ne '' && $stat !~ /^\d+ \(.*\) Z /;
+}
+
 # Wait until the worker of $node is connected with its six streams.
 sub worker_ready
 {

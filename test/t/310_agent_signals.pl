@@ -30,13 +30,6 @@ mkdir $cap or die "mkdir $cap: $!";
 
 sub psql { return $node->safe_psql('postgres', @_); }
 
-sub alive
-{
-	my ($pid) = @_;
-	my $stat = AgogAgentTest::slurp("/proc/$pid/stat");
-	return $stat ne '' && $stat !~ /^\d+ \(.*\) Z /;
-}
-
 # A command that says it started (a file), sleeps $AGOG_SLEEP_<attempt>
 # seconds (default 0) and prints a report.
 my $cmd = AgogAgentTest::script($dir, 'sleeper.sh', <<'EOS');
@@ -123,7 +116,7 @@ is($r->wait_exit(15), 0, 'SIGTERM: it exits 0');
 $took = Time::HiRes::time() - $t0;
 cmp_ok($took, '>=', 0.9, sprintf('... after the grace (%.1f s)', $took));
 cmp_ok($took, '<', 5, '... and not much later');
-ok(!alive($child), 'the command (and its child) was stopped');
+ok(!AgogAgentTest::pid_alive($child), 'the command (and its child) was stopped');
 like(notices($wf),
 	qr/^1\|failed\|retried\|agog-agent was stopped \(SIGTERM\) before the command finished: the task is given back to be retried$/,
 	'the task was given back with a failed notice saying it was interrupted; the workflow retries it');

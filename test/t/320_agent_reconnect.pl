@@ -31,13 +31,6 @@ mkdir $cap or die "mkdir $cap: $!";
 
 sub psql { return $node->safe_psql('postgres', @_); }
 
-sub alive
-{
-	my ($pid) = @_;
-	my $stat = AgogAgentTest::slurp("/proc/$pid/stat");
-	return $stat ne '' && $stat !~ /^\d+ \(.*\) Z /;
-}
-
 # Sleeps $SLEEP_<attempt> seconds; with KILL_SESSION=1 it terminates the
 # runner's database session just before it exits.
 my $cmd = AgogAgentTest::script($dir, 'worker.sh', <<'EOS');
@@ -151,7 +144,7 @@ ok($r->wait_log(qr/outage attempt 1 \(task \d+\): lease lost -> lost/, 20), 'the
 is(AgogAgentTest::wait_workflow($node, $wf, 40), 'completed', 'the retried task completes');
 is(notices($wf), '2|complete|advanced', 'completed once, by attempt 2; attempt 1 sent no notice');
 ok(!-e "$cap/outage.1.finished", 'the command of attempt 1 never finished');
-ok(!alive($child), '... it was stopped');
+ok(!AgogAgentTest::pid_alive($child), '... it was stopped');
 is(reports('outage'), '1', 'one report');
 like(psql("SELECT detail->>'reason' FROM agog_nats.events WHERE workflow_id = $wf AND kind = 'task_retry'"),
 	qr/lease lost/, 'the worker retried attempt 1 because its lease was lost');
