@@ -4,6 +4,7 @@ EXTENSION = agog_nats
 MODULE_big = agog_nats
 OBJS = \
 	src/agog_nats.o \
+	src/agog_agents.o \
 	src/agog_shmem.o \
 	src/agog_conn.o \
 	src/agog_subject.o \
@@ -27,7 +28,7 @@ REGRESS_OPTS = --inputdir=. --outputdir=$(REGRESS_OUTPUTDIR)
 REGRESS_OUTPUTDIR ?= .
 
 # Isolation specs: specs/<name>.spec against expected/<name>.out.
-ISOLATION = outbox_claim task_claim
+ISOLATION = outbox_claim task_claim agents_cache
 
 PG_CONFIG ?= $(shell command -v pg_config15 2>/dev/null || echo /usr/lib/postgresql/15/bin/pg_config)
 PGXS := $(shell $(PG_CONFIG) --pgxs)

@@ -1427,91 +1427,66 @@ agog_conn_find_msg_id(AgogConn *conn, const char *stream, const char *subject,
  * ----------------------------------------------------------------
  */
 
-typedef struct StatesArgs
+typedef struct ApiArgs
 {
-	AgogStreamState *states;
-	int			count;
+	const char *subject;
+	const char *payload;
+	char	   *reply;
+	int			len;
 	bool		copied;
-} StatesArgs;
+} ApiArgs;
 
 static natsStatus
-states_attempt(AgogConn *conn, int64 wait_ms, void *arg, AgogError *err)
+api_attempt(AgogConn *conn, int64 wait_ms, void *arg, AgogError *err)
 {
-	StatesArgs *a = (StatesArgs *) arg;
+	ApiArgs    *a = (ApiArgs *) arg;
 	sigset_t	saved;
-	jsOptions	jopts;
-	jsStreamInfoList *list = NULL;
-	jsErrCode	jerr = 0;
+	natsMsg    *reply = NULL;
 	natsStatus	s;
 
 	a->copied = true;
 	NATS_BEGIN(saved);
-	jsOptions_Init(&jopts);
-	jopts.Wait = wait_ms;
-	s = js_Streams(&list, conn->js, &jopts, &jerr);
-	if (s == NATS_NOT_FOUND)
-		s = NATS_OK;			/* no stream at all in the account */
-	else if (s == NATS_OK && list != NULL && list->Count > 0)
+	s = natsConnection_RequestString(&reply, conn->nc, a->subject, a->payload, wait_ms);
+	if (s == NATS_OK)
 	{
-		AgogStreamState *out = palloc_extended(sizeof(AgogStreamState) * list->Count,
-											   MCXT_ALLOC_NO_OOM | MCXT_ALLOC_ZERO);
-
-		a->copied = (out != NULL);
-		for (int i = 0; a->copied && i < list->Count; i++)
-		{
-			jsStreamInfo *si = list->List[i];
-			jsStreamConfig *cfg = si->Config;
-
-			out[i].name = copy_bytes_noerror(cfg->Name, strlen(cfg->Name));
-			a->copied = (out[i].name != NULL);
-			out[i].msgs = si->State.Msgs;
-			out[i].bytes = si->State.Bytes;
-			out[i].first_seq = si->State.FirstSeq;
-			out[i].last_seq = si->State.LastSeq;
-			out[i].consumers = si->State.Consumers;
-			out[i].first_time = si->State.Msgs > 0 && si->State.FirstTime > 0 ?
-				unix_nanos_to_timestamptz(si->State.FirstTime) : 0;
-			out[i].last_time = si->State.Msgs > 0 && si->State.LastTime > 0 ?
-				unix_nanos_to_timestamptz(si->State.LastTime) : 0;
-			out[i].max_msgs = cfg->MaxMsgs;
-			out[i].max_bytes = cfg->MaxBytes;
-			out[i].max_age_ms = cfg->MaxAge / 1000000;
-			out[i].replicas = (int) cfg->Replicas;
-		}
-		a->states = out;
-		a->count = list->Count;
+		a->len = natsMsg_GetDataLength(reply);
+		a->reply = copy_bytes_noerror(natsMsg_GetData(reply), a->len);
+		a->copied = (a->reply != NULL);
 	}
-	else if (s != NATS_OK && s != NATS_TIMEOUT)
-		capture_error(err, s, jerr);
-	jsStreamInfoList_Destroy(list);
+	else if (s != NATS_TIMEOUT)
+		capture_error(err, s, 0);
+	natsMsg_Destroy(reply);
 	NATS_END(saved);
 	return s;
 }
 
 /*
- * agog_conn_stream_states
- *		The live state of every stream of the account, in one listing request
- *		(paged by nats.c past 256 streams), within agog_nats.timeout_ms.
+ * agog_conn_api_request
+ *		One request to the JetStream API (subject $JS.API.<api>), within
+ *		agog_nats.timeout_ms; the reply's body, NUL-terminated, in the current
+ *		memory context.  For the API calls whose nats.c wrapper parses more
+ *		than the caller needs: the caller parses the JSON after this returns,
+ *		and checks it for an "error" object.
  */
-bool
-agog_conn_stream_states(AgogConn *conn, AgogStreamState **states, int *count,
-						AgogError *err)
+char *
+agog_conn_api_request(AgogConn *conn, const char *api, const char *payload,
+					  AgogError *err)
 {
-	StatesArgs	a;
+	ApiArgs		a;
+	char		subject[256];
 
 	memset(&a, 0, sizeof(a));
-	*states = NULL;
-	*count = 0;
-	if (run_sliced(conn, states_attempt, &a, err) != NATS_OK)
-		return false;
+	snprintf(subject, sizeof(subject), "$JS.API.%s", api);
+	a.subject = subject;
+	a.payload = payload;
+	if (run_sliced(conn, api_attempt, &a, err) != NATS_OK)
+		return NULL;
 	if (!a.copied)
 		ereport(ERROR,
 				(errcode(ERRCODE_OUT_OF_MEMORY),
 				 errmsg("out of memory"),
-				 errdetail("Failed to copy the stream list read from NATS.")));
-	*states = a.states;
-	*count = a.count;
-	return true;
+				 errdetail("Failed to copy a JetStream API reply of %d bytes.", a.len)));
+	return a.reply;
 }
 
 /*

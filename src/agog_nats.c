@@ -295,6 +295,16 @@ agog_note_agents_changed(void)
 }
 
 /*
+ * agog_agents_changed_in_xact
+ *		Whether this transaction changed agog_nats.agents.
+ */
+bool
+agog_agents_changed_in_xact(void)
+{
+	return agents_changed_in_xact;
+}
+
+/*
  * agog_agents_changed
  *		Statement trigger on agog_nats.agents.  Only notes the change; the
  *		worker is woken at commit, so it never reads uncommitted rows.

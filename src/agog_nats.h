@@ -176,8 +176,8 @@ extern bool agog_conn_get_last(AgogConn *conn, const char *stream,
 							   AgogMsg *msg, AgogError *err);
 extern bool agog_conn_get_seq(AgogConn *conn, const char *stream, uint64 seq,
 							  bool from_leader, AgogMsg *msg, AgogError *err);
-extern bool agog_conn_stream_states(AgogConn *conn, AgogStreamState **states,
-									int *count, AgogError *err);
+extern char *agog_conn_api_request(AgogConn *conn, const char *api,
+								   const char *payload, AgogError *err);
 extern bool agog_conn_ensure_stream(AgogConn *conn, const AgogStreamSpec *spec,
 									bool *created, bool *updated,
 									AgogError *err);
@@ -215,6 +215,25 @@ extern char *agog_report_subject(const char *agent, const char *task_type,
 extern char *agog_stream_subjects(const char *agent);
 extern char *agog_stream_name(const char *task_type);
 extern char *agog_unique_msg_id(const char *kind);
+
+/* ----------------------------------------------------------------
+ * The agents (agog_agents.c)
+ * ----------------------------------------------------------------
+ */
+typedef struct AgogAgent
+{
+	char	   *agent;
+	char	   *task_type;
+	char	   *stream;
+	char	   *description;
+	int64		max_msgs;
+	int64		max_bytes;
+	int64		max_age_ms;
+	int32		max_msg_size;
+} AgogAgent;
+
+extern const AgogAgent *agog_agents(int *count);
+extern const AgogAgent *agog_agent(const char *agent);
 
 /* ----------------------------------------------------------------
  * Shared state (agog_shmem.c)
@@ -300,6 +319,7 @@ extern bool agog_reconcile_streams(AgogConn *conn, int *ok, int *failed,
  */
 extern void agog_register_worker(void);
 extern void agog_note_agents_changed(void);
+extern bool agog_agents_changed_in_xact(void);
 extern void agog_require_preload(void);
 
 #endif							/* AGOG_NATS_H */

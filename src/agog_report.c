@@ -63,51 +63,23 @@ typedef struct AgentInfo
 
 /*
  * agent_info
- *		The stream and message size limit of a known agent, from
- *		agog_nats.agents.  An unknown agent is refused with a hint.  Runs in a
- *		backend, in the caller's transaction; the plan is prepared once.
+ *		The stream and message size limit of a known agent, from the agents
+ *		cache (agog_agents.c).  An unknown agent is refused with a hint.  Runs
+ *		in a backend, in the caller's transaction.
  */
 static AgentInfo
 agent_info(const char *agent)
 {
-	static SPIPlanPtr plan = NULL;
-	MemoryContext caller = CurrentMemoryContext;
-	Datum		arg = CStringGetTextDatum(agent);
-	AgentInfo	info = {NULL, -1};
-	int			ret;
+	const AgogAgent *a = agog_agent(agent);
+	AgentInfo	info;
 
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "SPI_connect failed");
-	if (plan == NULL)
-	{
-		Oid			argtypes[1] = {TEXTOID};
-		SPIPlanPtr	p = SPI_prepare("SELECT stream_name, max_msg_size FROM agog_nats.agents WHERE agent = $1",
-									1, argtypes);
-
-		if (p == NULL || SPI_keepplan(p) != 0)
-			elog(ERROR, "could not prepare the agent lookup: %s",
-				 SPI_result_code_string(SPI_result));
-		plan = p;
-	}
-	ret = SPI_execute_plan(plan, &arg, NULL, true, 1);
-	if (ret != SPI_OK_SELECT)
-		elog(ERROR, "agent lookup failed: %s", SPI_result_code_string(ret));
-	if (SPI_processed == 1)
-	{
-		char	   *v = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
-		bool		isnull;
-
-		info.stream = MemoryContextStrdup(caller, v);
-		info.max_msg_size = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0],
-														SPI_tuptable->tupdesc, 2, &isnull));
-	}
-	SPI_finish();
-
-	if (info.stream == NULL)
+	if (a == NULL)
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_OBJECT),
 				 errmsg("unknown agent \"%s\"", agent),
 				 errhint("The agents are the rows of agog_nats.agents; an administrator adds one with INSERT INTO agog_nats.agents (agent, task_type) VALUES (...).")));
+	info.stream = pstrdup(a->stream);
+	info.max_msg_size = a->max_msg_size;
 	return info;
 }
 

@@ -25,11 +25,6 @@
 
 PG_FUNCTION_INFO_V1(agog_stream_status);
 
-#define AGENTS_QUERY \
-	"SELECT agent, task_type, stream_name, description, max_msgs, max_bytes, " \
-	"       (extract(epoch FROM max_age) * 1000)::bigint, max_msg_size " \
-	"  FROM agog_nats.agents ORDER BY agent"
-
 /* Streams of the workflow engine, kept like the agent streams. */
 static const struct
 {
@@ -41,69 +36,6 @@ static const struct
 	{"agog_tasks", "agog.tasks.>", "agog_nats: tiny task notices to agents"},
 	{"agog_notices", "agog.notices.>", "agog_nats: completion notices from agents"},
 };
-
-typedef struct AgentRow
-{
-	char	   *agent;
-	char	   *task_type;
-	char	   *stream;
-	char	   *description;
-	int64		max_msgs;
-	int64		max_bytes;
-	int64		max_age_ms;
-	int32		max_msg_size;
-} AgentRow;
-
-/*
- * read_agents
- *		The rows of agog_nats.agents, copied into the caller's memory context.
- *		Runs inside a transaction, connected to SPI.
- */
-static AgentRow *
-read_agents(MemoryContext caller, int *count)
-{
-	AgentRow   *rows;
-	int			ret;
-
-	{
-		static SPIPlanPtr plan = NULL;
-
-		/* prepared once per process: planning it was a quarter of a call */
-		if (plan == NULL)
-		{
-			SPIPlanPtr	pl = SPI_prepare(AGENTS_QUERY, 0, NULL);
-
-			if (pl == NULL || SPI_keepplan(pl) != 0)
-				elog(ERROR, "could not prepare the agents query: %s",
-					 SPI_result_code_string(SPI_result));
-			plan = pl;
-		}
-		ret = SPI_execute_plan(plan, NULL, NULL, true, 0);
-	}
-	if (ret != SPI_OK_SELECT)
-		elog(ERROR, "reading agog_nats.agents failed: %s", SPI_result_code_string(ret));
-
-	rows = MemoryContextAllocZero(caller, sizeof(AgentRow) * Max(SPI_processed, 1));
-	for (uint64 i = 0; i < SPI_processed; i++)
-	{
-		HeapTuple	tup = SPI_tuptable->vals[i];
-		TupleDesc	desc = SPI_tuptable->tupdesc;
-		bool		isnull;
-		MemoryContext spi = MemoryContextSwitchTo(caller);
-
-		rows[i].agent = SPI_getvalue(tup, desc, 1);
-		rows[i].task_type = SPI_getvalue(tup, desc, 2);
-		rows[i].stream = SPI_getvalue(tup, desc, 3);
-		rows[i].description = SPI_getvalue(tup, desc, 4);
-		rows[i].max_msgs = DatumGetInt64(SPI_getbinval(tup, desc, 5, &isnull));
-		rows[i].max_bytes = DatumGetInt64(SPI_getbinval(tup, desc, 6, &isnull));
-		rows[i].max_age_ms = DatumGetInt64(SPI_getbinval(tup, desc, 7, &isnull));
-		rows[i].max_msg_size = DatumGetInt32(SPI_getbinval(tup, desc, 8, &isnull));
-		MemoryContextSwitchTo(spi);
-	}
-	*count = (int) SPI_processed;
-	return rows;
-}
 
 /*
  * agog_reconcile_streams
@@ -117,12 +49,12 @@ agog_reconcile_streams(AgogConn *conn, int *ok, int *failed,
 					   AgogError *first_err)
 {
 	MemoryContext caller = CurrentMemoryContext;
-	AgentRow   *rows;
+	const AgogAgent *rows;
 	int			count;
 
-	/* the rows are copied into the caller's (the loop's) context */
+	/* the rows stay in the agents cache after the transaction */
 	agog_xact_begin(caller);
-	rows = read_agents(caller, &count);
+	rows = agog_agents(&count);
 	agog_xact_commit(caller);
 
 	*ok = *failed = 0;
@@ -229,31 +161,374 @@ ms_interval(int64 ms)
 }
 
 /*
+ * Reading a $JS.API.STREAM.LIST reply.
+ *
+ * The reply is a few KB of JSON of which a dozen scalars per stream are
+ * shown.  jsonb_in (which de-escapes and sorts every key of every object)
+ * took a third of agog_stream_status(), nats.c's js_Streams more than the
+ * request itself; this scanner checks the JSON syntax and keeps only the
+ * scalars at the paths below.  It runs in a backend, after the reply was
+ * copied out of nats.c; a malformed reply makes it return false.
+ */
+#define LIST_MAX_DEPTH	32
+#define LIST_TEXT_LEN	256
+
+/* Where in the reply a value sits: only these sections hold kept scalars. */
+typedef enum ListSection
+{
+	SEC_NONE,					/* anything not shown */
+	SEC_TOP,					/* the reply object */
+	SEC_ERROR,					/* .error */
+	SEC_STREAMS,				/* .streams (the array) */
+	SEC_STREAM,					/* .streams[] */
+	SEC_CONFIG,					/* .streams[].config */
+	SEC_STATE					/* .streams[].state */
+} ListSection;
+
+typedef struct ListScan
+{
+	const char *p;
+	const char *end;
+	AgogStreamState *states;
+	int			n;
+	int			allocated;
+	int64		total;
+	bool		has_error;
+	int64		error_code;
+	char		error_text[LIST_TEXT_LEN];
+	/* RFC 3339 times of each stream, converted after the scan */
+	char		(*times)[2][48];
+} ListScan;
+
+static void
+list_skip_ws(ListScan *s)
+{
+	while (s->p < s->end && (*s->p == ' ' || *s->p == '\t' || *s->p == '\n' || *s->p == '\r'))
+		s->p++;
+}
+
+/* A JSON string at s->p: its raw bytes between the quotes, escapes kept. */
+static bool
+list_string(ListScan *s, const char **start, int *len)
+{
+	if (s->p >= s->end || *s->p != '"')
+		return false;
+	*start = ++s->p;
+	for (;;)
+	{
+		const char *q = memchr(s->p, '"', s->end - s->p);
+		const char *b;
+
+		if (q == NULL)
+			return false;
+		/* escaped when an odd number of backslashes precede it */
+		for (b = q; b > *start && b[-1] == '\\'; b--)
+			;
+		s->p = q + 1;
+		if (((q - b) & 1) == 0)
+		{
+			*len = (int) (q - *start);
+			return true;
+		}
+	}
+}
+
+/* Copy len bytes that are not NUL-terminated, cut to fit. */
+static void
+copy_text(char *dst, int size, const char *v, int len)
+{
+	len = Min(len, size - 1);
+	memcpy(dst, v, len);
+	dst[len] = '\0';
+}
+
+#define KEY_IS(k, klen, lit) ((klen) == sizeof(lit) - 1 && memcmp((k), (lit), (klen)) == 0)
+
+/* The section of the value of member key in an object of section sec. */
+static ListSection
+list_child(ListSection sec, const char *key, int klen)
+{
+	if (sec == SEC_TOP && KEY_IS(key, klen, "streams"))
+		return SEC_STREAMS;
+	if (sec == SEC_TOP && KEY_IS(key, klen, "error"))
+		return SEC_ERROR;
+	if (sec == SEC_STREAM && KEY_IS(key, klen, "config"))
+		return SEC_CONFIG;
+	if (sec == SEC_STREAM && KEY_IS(key, klen, "state"))
+		return SEC_STATE;
+	return SEC_NONE;
+}
+
+/* Keep a scalar, member key of an object of section sec, if it is shown. */
+static void
+list_keep(ListScan *s, ListSection sec, const char *key, int klen,
+		  const char *v, int len, bool is_string)
+{
+	AgogStreamState *st = s->n > 0 ? &s->states[s->n - 1] : NULL;
+	char		num[32];
+	int64		x = 0;
+
+	if (sec != SEC_TOP && sec != SEC_ERROR && sec != SEC_CONFIG && sec != SEC_STATE)
+		return;
+	if (!is_string)
+	{
+		if (len <= 0 || len >= (int) sizeof(num))
+			return;
+		memcpy(num, v, len);
+		num[len] = '\0';
+		x = strtoll(num, NULL, 10);
+	}
+	switch (sec)
+	{
+		case SEC_TOP:
+			if (KEY_IS(key, klen, "total"))
+				s->total = x;
+			break;
+		case SEC_ERROR:
+			if (KEY_IS(key, klen, "err_code"))
+				s->error_code = x;
+			else if (KEY_IS(key, klen, "description") && is_string)
+				copy_text(s->error_text, LIST_TEXT_LEN, v, len);
+			break;
+		case SEC_CONFIG:
+			if (KEY_IS(key, klen, "name") && is_string)
+				st->name = pnstrdup(v, len);
+			else if (KEY_IS(key, klen, "max_msgs"))
+				st->max_msgs = x;
+			else if (KEY_IS(key, klen, "max_bytes"))
+				st->max_bytes = x;
+			else if (KEY_IS(key, klen, "max_age"))
+				st->max_age_ms = x / 1000000;
+			else if (KEY_IS(key, klen, "num_replicas"))
+				st->replicas = (int) x;
+			break;
+		case SEC_STATE:
+			if (KEY_IS(key, klen, "messages"))
+				st->msgs = (uint64) x;
+			else if (KEY_IS(key, klen, "bytes"))
+				st->bytes = (uint64) x;
+			else if (KEY_IS(key, klen, "first_seq"))
+				st->first_seq = (uint64) x;
+			else if (KEY_IS(key, klen, "last_seq"))
+				st->last_seq = (uint64) x;
+			else if (KEY_IS(key, klen, "consumer_count"))
+				st->consumers = x;
+			else if (KEY_IS(key, klen, "first_ts") && is_string)
+				copy_text(s->times[s->n - 1][0], 48, v, len);
+			else if (KEY_IS(key, klen, "last_ts") && is_string)
+				copy_text(s->times[s->n - 1][1], 48, v, len);
+			break;
+		default:
+			break;
+	}
+}
+
+/*
+ * list_value
+ *		Scan one JSON value of section sec; key/klen name it when it is an
+ *		object's member (NULL otherwise).
+ */
+static bool
+list_value(ListScan *s, int depth, ListSection sec, ListSection parent,
+		   const char *key, int klen)
+{
+	if (depth > LIST_MAX_DEPTH)
+		return false;
+	list_skip_ws(s);
+	if (s->p >= s->end)
+		return false;
+	if (*s->p == '{')
+	{
+		s->p++;
+		list_skip_ws(s);
+		if (s->p < s->end && *s->p == '}')
+		{
+			s->p++;
+			return true;
+		}
+		if (sec == SEC_ERROR)
+			s->has_error = true;
+		for (;;)
+		{
+			const char *k;
+			int			kl;
+
+			list_skip_ws(s);
+			if (!list_string(s, &k, &kl))
+				return false;
+			list_skip_ws(s);
+			if (s->p >= s->end || *s->p++ != ':')
+				return false;
+			if (!list_value(s, depth + 1, list_child(sec, k, kl), sec, k, kl))
+				return false;
+			list_skip_ws(s);
+			if (s->p < s->end && *s->p == ',')
+			{
+				s->p++;
+				continue;
+			}
+			if (s->p < s->end && *s->p == '}')
+			{
+				s->p++;
+				return true;
+			}
+			return false;
+		}
+	}
+	if (*s->p == '[')
+	{
+		s->p++;
+		list_skip_ws(s);
+		if (s->p < s->end && *s->p == ']')
+		{
+			s->p++;
+			return true;
+		}
+		for (;;)
+		{
+			if (sec == SEC_STREAMS)
+			{
+				if (s->n == s->allocated)
+				{
+					s->allocated = Max(8, s->allocated * 2);
+					s->states = repalloc(s->states, sizeof(AgogStreamState) * s->allocated);
+					s->times = repalloc(s->times, sizeof(*s->times) * s->allocated);
+				}
+				memset(&s->states[s->n], 0, sizeof(AgogStreamState));
+				memset(&s->times[s->n], 0, sizeof(*s->times));
+				s->states[s->n].name = "";
+				s->n++;
+			}
+			if (!list_value(s, depth + 1, sec == SEC_STREAMS ? SEC_STREAM : SEC_NONE,
+							sec, NULL, 0))
+				return false;
+			list_skip_ws(s);
+			if (s->p < s->end && *s->p == ',')
+			{
+				s->p++;
+				continue;
+			}
+			if (s->p < s->end && *s->p == ']')
+			{
+				s->p++;
+				return true;
+			}
+			return false;
+		}
+	}
+	if (*s->p == '"')
+	{
+		const char *v;
+		int			len;
+
+		if (!list_string(s, &v, &len))
+			return false;
+		if (key != NULL)
+			list_keep(s, parent, key, klen, v, len, true);
+		return true;
+	}
+	/* number, true, false or null */
+	{
+		const char *v = s->p;
+
+		while (s->p < s->end && (isalnum((unsigned char) *s->p) || *s->p == '-' ||
+								 *s->p == '+' || *s->p == '.'))
+			s->p++;
+		if (s->p == v)
+			return false;
+		if (key != NULL)
+			list_keep(s, parent, key, klen, v, (int) (s->p - v), false);
+		return true;
+	}
+}
+
+/* An RFC 3339 time of JetStream (nanosecond digits allowed). */
+static TimestampTz
+list_time(const char *text)
+{
+	return DatumGetTimestampTz(DirectFunctionCall3(timestamptz_in, CStringGetDatum(text),
+												   ObjectIdGetDatum(InvalidOid),
+												   Int32GetDatum(-1)));
+}
+
+/*
+ * stream_states
+ *		The live state of the streams that capture agent reports (their
+ *		subjects lie under agog.deliverables.>), in one $JS.API.STREAM.LIST
+ *		request per page of 256 streams.  Runs in a backend.
+ */
+static AgogStreamState *
+stream_states(int *count)
+{
+	ListScan	s;
+
+	memset(&s, 0, sizeof(s));
+	s.allocated = 8;
+	s.states = palloc(sizeof(AgogStreamState) * s.allocated);
+	s.times = palloc(sizeof(*s.times) * s.allocated);
+	for (;;)
+	{
+		char		payload[96];
+		char	   *reply;
+		AgogError	err;
+		int			before = s.n;
+
+		snprintf(payload, sizeof(payload),
+				 "{\"offset\":%d,\"subject\":\"" AGOG_SUBJECT_PREFIX ".>\"}", s.n);
+		reply = agog_conn_api_request(agog_backend_conn(), "STREAM.LIST", payload, &err);
+		if (reply == NULL)
+			agog_raise(&err, "read the state of the agent streams");
+		s.p = reply;
+		s.end = reply + strlen(reply);
+		s.has_error = false;
+		if (!list_value(&s, 0, SEC_TOP, SEC_NONE, NULL, 0) || (list_skip_ws(&s), s.p != s.end))
+			ereport(ERROR,
+					(errcode(ERRCODE_PROTOCOL_VIOLATION),
+					 errmsg("could not read the state of the agent streams"),
+					 errdetail("The reply of the JetStream API to a stream list request was not valid JSON.")));
+		if (s.has_error)
+			ereport(ERROR,
+					(errcode(ERRCODE_EXTERNAL_ROUTINE_EXCEPTION),
+					 errmsg("could not read the state of the agent streams"),
+					 errdetail_internal("JetStream refused the request with error code %d: %s.",
+										(int) s.error_code,
+										s.error_text[0] ? s.error_text : "no description")));
+		pfree(reply);
+		if (s.n == before || s.n >= s.total)
+			break;
+	}
+	for (int i = 0; i < s.n; i++)
+	{
+		/* an empty stream has no times (JetStream says year 1) */
+		if (s.states[i].msgs > 0 && s.times[i][0][0] != '\0')
+			s.states[i].first_time = list_time(s.times[i][0]);
+		if (s.states[i].msgs > 0 && s.times[i][1][0] != '\0')
+			s.states[i].last_time = list_time(s.times[i][1]);
+	}
+	*count = s.n;
+	return s.states;
+}
+
+/*
  * agog_stream_status
  *		One row per agent stream: the seed's fields, times, limits, the share
  *		of each limit used and a health word.  A stream missing in JetStream
  *		shows as 'missing'.  One listing request to NATS for all streams.
+ *		Runs in a backend, in the caller's transaction.
  */
 Datum
 agog_stream_status(PG_FUNCTION_ARGS)
 {
 	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
-	AgentRow   *rows;
+	const AgogAgent *rows;
 	int			nrows;
 	AgogStreamState *states;
 	int			nstates;
-	AgogError	err;
 	TimestampTz now = GetCurrentTimestamp();
-	MemoryContext caller;
 
 	InitMaterializedSRF(fcinfo, 0);
-	caller = CurrentMemoryContext;
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "SPI_connect failed");
-	rows = read_agents(caller, &nrows);
-	SPI_finish();
-	if (!agog_conn_stream_states(agog_backend_conn(), &states, &nstates, &err))
-		agog_raise(&err, "read the state of the agent streams");
+	rows = agog_agents(&nrows);
+	states = stream_states(&nstates);
 
 	for (int i = 0; i < nrows; i++)
 	{

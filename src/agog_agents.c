@@ -1,0 +1,144 @@
+/*-------------------------------------------------------------------------
+ *
+ * agog_agents.c
+ *		A per-process cache of agog_nats.agents.
+ *
+ * Every report call needs its agent's stream and size limit, and
+ * agog_stream_status() and the worker need every agent.  Reading the table
+ * through SPI was a tenth of a fetch and of a status call, so each process
+ * keeps the rows and reads them again only when they may have changed:
+ *
+ *	- another transaction committed a change: the agents generation in
+ *	  shared memory moved (bumped at commit by agog_xact_callback);
+ *	- this transaction changed the table: its own, uncommitted rows are read
+ *	  on every call until it ends;
+ *	- the current user is another one: the rows are read with the caller's
+ *	  privileges, as the table's grants say.
+ *
+ * The generation is read before the rows, so a change committed while they
+ * are read is seen on the next call.  The rows are those of the latest
+ * committed state, also for a REPEATABLE READ transaction that began
+ * before it.
+ *
+ * Copyright (c) 2026, agog_nats developers
+ *
+ * src/agog_agents.c
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "agog_nats.h"
+
+#include "executor/spi.h"
+#include "miscadmin.h"
+#include "utils/memutils.h"
+
+#define AGENTS_QUERY \
+	"SELECT agent, task_type, stream_name, description, max_msgs, max_bytes, " \
+	"       (extract(epoch FROM max_age) * 1000)::bigint, max_msg_size " \
+	"  FROM agog_nats.agents ORDER BY agent"
+
+static MemoryContext agents_cxt = NULL;
+static AgogAgent *agents = NULL;
+static int	nagents = 0;
+static bool agents_valid = false;
+static uint64 agents_generation = 0;
+static Oid	agents_user = InvalidOid;
+
+/*
+ * load_agents
+ *		Read every row into agents_cxt.  Runs in a transaction; opens and
+ *		closes its own SPI connection.  On error the cache stays invalid.
+ */
+static void
+load_agents(void)
+{
+	static SPIPlanPtr plan = NULL;
+	MemoryContext old;
+	int			ret;
+
+	agents_valid = false;
+	if (agents_cxt == NULL)
+		agents_cxt = AllocSetContextCreate(TopMemoryContext, "agog_nats agents",
+										   ALLOCSET_SMALL_SIZES);
+	MemoryContextReset(agents_cxt);
+	agents = NULL;
+	nagents = 0;
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	if (plan == NULL)
+	{
+		SPIPlanPtr	pl = SPI_prepare(AGENTS_QUERY, 0, NULL);
+
+		if (pl == NULL || SPI_keepplan(pl) != 0)
+			elog(ERROR, "could not prepare the agents query: %s",
+				 SPI_result_code_string(SPI_result));
+		plan = pl;
+	}
+	ret = SPI_execute_plan(plan, NULL, NULL, true, 0);
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "reading agog_nats.agents failed: %s", SPI_result_code_string(ret));
+
+	old = MemoryContextSwitchTo(agents_cxt);
+	agents = palloc0(sizeof(AgogAgent) * Max(SPI_processed, 1));
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[i];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		bool		isnull;
+
+		agents[i].agent = SPI_getvalue(tup, desc, 1);
+		agents[i].task_type = SPI_getvalue(tup, desc, 2);
+		agents[i].stream = SPI_getvalue(tup, desc, 3);
+		agents[i].description = SPI_getvalue(tup, desc, 4);
+		agents[i].max_msgs = DatumGetInt64(SPI_getbinval(tup, desc, 5, &isnull));
+		agents[i].max_bytes = DatumGetInt64(SPI_getbinval(tup, desc, 6, &isnull));
+		agents[i].max_age_ms = DatumGetInt64(SPI_getbinval(tup, desc, 7, &isnull));
+		agents[i].max_msg_size = DatumGetInt32(SPI_getbinval(tup, desc, 8, &isnull));
+	}
+	nagents = (int) SPI_processed;
+	MemoryContextSwitchTo(old);
+	SPI_finish();
+}
+
+/*
+ * agog_agents
+ *		Every agent, ordered by name.  Runs in a transaction (a backend's, or
+ *		one of the worker's own).  The rows stay valid until the next call of
+ *		agog_agents or agog_agent in this process.
+ */
+const AgogAgent *
+agog_agents(int *count)
+{
+	uint64		generation = pg_atomic_read_u64(&agog_shared->agents_generation);
+	Oid			user = GetUserId();
+
+	if (!agents_valid || generation != agents_generation || user != agents_user ||
+		agog_agents_changed_in_xact())
+	{
+		load_agents();
+		agents_generation = generation;
+		agents_user = user;
+		/* this transaction's own changes are read again on every call */
+		agents_valid = !agog_agents_changed_in_xact();
+	}
+	*count = nagents;
+	return agents;
+}
+
+/*
+ * agog_agent
+ *		One agent by name, or NULL when there is no such agent.  Runs in a
+ *		transaction; same lifetime as agog_agents.
+ */
+const AgogAgent *
+agog_agent(const char *agent)
+{
+	int			count;
+	const AgogAgent *all = agog_agents(&count);
+
+	for (int i = 0; i < count; i++)
+		if (strcmp(all[i].agent, agent) == 0)
+			return &all[i];
+	return NULL;
+}
