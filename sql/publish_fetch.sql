@@ -46,3 +46,20 @@ BEGIN;
 SELECT agog_publish_report_now('jen', 'frontend', 'rolled-back', 'still there') IS NOT NULL AS published;
 ROLLBACK;
 SELECT content FROM agog_fetch_report('jen', 'frontend', 'rolled-back');
+
+-- Every ASCII character but NUL, at every offset of an eight-byte word, and
+-- multibyte characters round-trip exactly (reading unescapes the content in
+-- runs, eight bytes at a time).
+CREATE TEMP VIEW all_bytes AS
+SELECT string_agg(repeat('x', o) || chr(c) || 'é😀', '' ORDER BY o, c) AS content
+  FROM generate_series(1, 127) c, generate_series(0, 8) o;
+SELECT agog_publish_report_now('roy', 'backend', 'all-bytes', content) IS NOT NULL AS published FROM all_bytes;
+SELECT r.content = b.content AS same_content, length(r.content)
+  FROM agog_fetch_report('roy', 'backend', 'all-bytes') r, all_bytes b;
+-- The same read from the outbox (this transaction's own report, not yet in
+-- JetStream).
+BEGIN;
+SELECT agog_publish_report('roy', 'backend', 'all-bytes', 'v2 ' || content) > 0 AS queued FROM all_bytes;
+SELECT r.content = 'v2 ' || b.content AS same_content, r.message_id IS NULL AS pending
+  FROM agog_fetch_report('roy', 'backend', 'all-bytes') r, all_bytes b;
+ROLLBACK;

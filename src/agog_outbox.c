@@ -188,6 +188,11 @@ agog_outbox_insert(int64 id, const char *msg_id, const char *agent,
  * agog_outbox_latest_pending
  *		The body of the newest report on the subject that is not yet in
  *		JetStream (this transaction's own, or committed and waiting), or NULL.
+ *		"NOT IN ('published', 'dead')" is "= 'pending'" (the state CHECK)
+ *		written so that the planner cannot pick the partial index
+ *		outbox_pending, whose statistics say it is empty whenever autovacuum
+ *		saw it so, and walk every pending row: outbox_subject finds the
+ *		subject's newest rows directly.  Runs in a backend.
  */
 char *
 agog_outbox_latest_pending(const char *subject)
@@ -202,7 +207,7 @@ agog_outbox_latest_pending(const char *subject)
 		elog(ERROR, "SPI_connect failed");
 	ret = SPI_execute_plan(keep_plan(&pending_plan,
 									 "SELECT body FROM agog_nats.outbox "
-									 " WHERE subject = $1 AND state = 'pending' "
+									 " WHERE subject = $1 AND state NOT IN ('published', 'dead') "
 									 " ORDER BY id DESC LIMIT 1",
 									 1, argtypes),
 						   &arg, NULL, true, 1);

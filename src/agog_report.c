@@ -205,26 +205,56 @@ parse_seed_fast(const char *data, int len, Datum *content, Datum *metadata)
 {
 	static const char head[] = "{\"content\":\"";
 	static const char mid[] = ",\"metadata\":";
-	const char *p = data + sizeof(head) - 1;
-	const char *end = data + len;
-	StringInfoData out;
+	static bool plain[256];
+	static bool plain_ready = false;
+	const unsigned char *p = (const unsigned char *) data + sizeof(head) - 1;
+	const unsigned char *end = (const unsigned char *) data + len;
+	text	   *out;
+	char	   *o;
 	char	   *meta;
 	Jsonb	   *mj;
 	JsonLexContext *lex;
 
 	if (len < (int) (sizeof(head) + sizeof(mid)) || memcmp(data, head, sizeof(head) - 1) != 0)
 		return false;
-	initStringInfo(&out);
-	enlargeStringInfo(&out, len);
+	if (!plain_ready)
+	{
+		for (int c = 0; c < 256; c++)
+			plain[c] = c >= 0x20 && c != '"' && c != '\\';
+		plain_ready = true;
+	}
+	/* the unescaped content is never longer than the message */
+	out = (text *) palloc(VARHDRSZ + len);
+	o = VARDATA(out);
 	for (;;)
 	{
-		const char *q = p;
+		const unsigned char *q = p;
 
-		while (q < end && *q != '"' && *q != '\\' && (unsigned char) *q >= 0x20)
+		/* eight bytes at a time while none is a quote, a backslash or < 0x20 */
+		while (end - q >= 8)
+		{
+			uint64		w;
+			uint64		quote;
+			uint64		bslash;
+
+			memcpy(&w, q, 8);
+			quote = w ^ UINT64CONST(0x2222222222222222);
+			bslash = w ^ UINT64CONST(0x5c5c5c5c5c5c5c5c);
+			if (((w - UINT64CONST(0x2020202020202020)) |
+				 (quote - UINT64CONST(0x0101010101010101)) |
+				 (bslash - UINT64CONST(0x0101010101010101))) &
+				~w & UINT64CONST(0x8080808080808080))
+				break;
+			q += 8;
+		}
+		while (q < end && plain[*q])
 			q++;
 		if (q > p)
-			appendBinaryStringInfo(&out, p, q - p);
-		if (q >= end || (unsigned char) *q < 0x20 || (*q == '\\' && q + 1 >= end))
+		{
+			memcpy(o, p, q - p);
+			o += q - p;
+		}
+		if (q >= end || *q < 0x20 || (*q == '\\' && q + 1 >= end))
 			return false;
 		if (*q == '"')
 		{
@@ -233,14 +263,14 @@ parse_seed_fast(const char *data, int len, Datum *content, Datum *metadata)
 		}
 		switch (q[1])
 		{
-			case '"': appendStringInfoChar(&out, '"'); break;
-			case '\\': appendStringInfoChar(&out, '\\'); break;
-			case '/': appendStringInfoChar(&out, '/'); break;
-			case 'b': appendStringInfoChar(&out, '\b'); break;
-			case 'f': appendStringInfoChar(&out, '\f'); break;
-			case 'n': appendStringInfoChar(&out, '\n'); break;
-			case 'r': appendStringInfoChar(&out, '\r'); break;
-			case 't': appendStringInfoChar(&out, '\t'); break;
+			case '"': *o++ = '"'; break;
+			case '\\': *o++ = '\\'; break;
+			case '/': *o++ = '/'; break;
+			case 'b': *o++ = '\b'; break;
+			case 'f': *o++ = '\f'; break;
+			case 'n': *o++ = '\n'; break;
+			case 'r': *o++ = '\r'; break;
+			case 't': *o++ = '\t'; break;
 			default: return false;	/* \u escapes: the general path */
 		}
 		p = q + 2;
@@ -250,14 +280,15 @@ parse_seed_fast(const char *data, int len, Datum *content, Datum *metadata)
 	p += sizeof(mid) - 1;
 	if (p >= end - 1 || *p != '{' || end[-1] != '}')
 		return false;
-	meta = pnstrdup(p, end - 1 - p);
+	meta = pnstrdup((const char *) p, end - 1 - p);
 	lex = makeJsonLexContextCstringLen(meta, strlen(meta), GetDatabaseEncoding(), true);
 	if (pg_parse_json(lex, &nullSemAction) != JSON_SUCCESS)
 		return false;
 	mj = DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum(meta)));
 	if (!JB_ROOT_IS_OBJECT(mj) || JB_ROOT_IS_SCALAR(mj))
 		return false;
-	*content = PointerGetDatum(cstring_to_text_with_len(out.data, out.len));
+	SET_VARSIZE(out, VARHDRSZ + (o - VARDATA(out)));
+	*content = PointerGetDatum(out);
 	*metadata = JsonbPGetDatum(mj);
 	return true;
 }
