@@ -155,6 +155,37 @@ check_metadata(Jsonb *metadata)
 }
 
 /*
+ * json_plain_run
+ *		The first byte at or after p that a JSON string must escape (a quote,
+ *		a backslash or a byte below 0x20), or end.  Eight bytes at a time: a
+ *		word has such a byte when one of the three zero-byte tests fires.
+ */
+static inline const unsigned char *
+json_plain_run(const unsigned char *p, const unsigned char *end)
+{
+	while (end - p >= 8)
+	{
+		uint64		w;
+		uint64		quote;
+		uint64		bslash;
+
+		memcpy(&w, p, 8);
+		quote = w ^ UINT64CONST(0x2222222222222222);
+		bslash = w ^ UINT64CONST(0x5c5c5c5c5c5c5c5c);
+		/* "& ~w" stands for "& ~quote" and "& ~bslash": same high bits */
+		if (((w - UINT64CONST(0x2020202020202020)) |
+			 (quote - UINT64CONST(0x0101010101010101)) |
+			 (bslash - UINT64CONST(0x0101010101010101))) &
+			~w & UINT64CONST(0x8080808080808080))
+			break;
+		p += 8;
+	}
+	while (p < end && *p >= 0x20 && *p != '"' && *p != '\\')
+		p++;
+	return p;
+}
+
+/*
  * append_json_string
  *		escape_json's output, copying runs of bytes that need no escape
  *		with one memcpy each (PostgreSQL 15's escape_json appends one
@@ -163,19 +194,19 @@ check_metadata(Jsonb *metadata)
 static void
 append_json_string(StringInfo buf, const char *s)
 {
+	size_t		len = strlen(s);
 	const unsigned char *p = (const unsigned char *) s;
+	const unsigned char *end = p + len;
 
-	enlargeStringInfo(buf, strlen(s) + 2);
+	enlargeStringInfo(buf, len + 2);
 	appendStringInfoChar(buf, '"');
 	for (;;)
 	{
-		const unsigned char *q = p;
+		const unsigned char *q = json_plain_run(p, end);
 
-		while (*q >= 0x20 && *q != '"' && *q != '\\')
-			q++;
 		if (q > p)
 			appendBinaryStringInfo(buf, (const char *) p, q - p);
-		if (*q == '\0')
+		if (q >= end)
 			break;
 		switch (*q)
 		{
@@ -205,8 +236,6 @@ parse_seed_fast(const char *data, int len, Datum *content, Datum *metadata)
 {
 	static const char head[] = "{\"content\":\"";
 	static const char mid[] = ",\"metadata\":";
-	static bool plain[256];
-	static bool plain_ready = false;
 	const unsigned char *p = (const unsigned char *) data + sizeof(head) - 1;
 	const unsigned char *end = (const unsigned char *) data + len;
 	text	   *out;
@@ -217,38 +246,13 @@ parse_seed_fast(const char *data, int len, Datum *content, Datum *metadata)
 
 	if (len < (int) (sizeof(head) + sizeof(mid)) || memcmp(data, head, sizeof(head) - 1) != 0)
 		return false;
-	if (!plain_ready)
-	{
-		for (int c = 0; c < 256; c++)
-			plain[c] = c >= 0x20 && c != '"' && c != '\\';
-		plain_ready = true;
-	}
 	/* the unescaped content is never longer than the message */
 	out = (text *) palloc(VARHDRSZ + len);
 	o = VARDATA(out);
 	for (;;)
 	{
-		const unsigned char *q = p;
+		const unsigned char *q = json_plain_run(p, end);
 
-		/* eight bytes at a time while none is a quote, a backslash or < 0x20 */
-		while (end - q >= 8)
-		{
-			uint64		w;
-			uint64		quote;
-			uint64		bslash;
-
-			memcpy(&w, q, 8);
-			quote = w ^ UINT64CONST(0x2222222222222222);
-			bslash = w ^ UINT64CONST(0x5c5c5c5c5c5c5c5c);
-			if (((w - UINT64CONST(0x2020202020202020)) |
-				 (quote - UINT64CONST(0x0101010101010101)) |
-				 (bslash - UINT64CONST(0x0101010101010101))) &
-				~w & UINT64CONST(0x8080808080808080))
-				break;
-			q += 8;
-		}
-		while (q < end && plain[*q])
-			q++;
 		if (q > p)
 		{
 			memcpy(o, p, q - p);
