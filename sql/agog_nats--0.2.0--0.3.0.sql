@@ -1032,3 +1032,30 @@ BEGIN
 END
 $$;
 REVOKE ALL ON FUNCTION agog_nats.apply_nats_notice(text, text, integer, integer) FROM PUBLIC;
+
+-- ---------------------------------------------------------------------------
+-- Outbox tuning (measured in docs/benchmarks.md).
+-- ---------------------------------------------------------------------------
+
+-- The worker's session lasts for days: a generic plan of the claim made
+-- while the outbox was small (a sequential scan of it) would be kept while
+-- the table grows, and each claim would read all of it.  And a bitmap scan
+-- of outbox_pending, which the planner picks from its estimate of a few
+-- pending rows, reads every pending row past after_id to sort them for the
+-- LIMIT: quadratic in a backlog.  An index scan in id order stops after
+-- batch_size rows.
+ALTER FUNCTION agog_nats.claim_outbox(integer, integer, bigint)
+    SET plan_cache_mode = force_custom_plan
+    SET enable_bitmapscan = off;
+
+-- Report bodies are compressed with lz4 where the server has it: several
+-- times cheaper than pglz to compress (in the writer's transaction) and to
+-- read back (in the worker's claim).
+DO $$
+BEGIN
+    ALTER TABLE agog_nats.outbox ALTER COLUMN body SET COMPRESSION lz4;
+EXCEPTION
+    WHEN feature_not_supported THEN
+        RAISE NOTICE 'this server has no lz4: the outbox keeps pglz';
+END
+$$;

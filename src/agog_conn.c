@@ -117,14 +117,26 @@ static struct
 }			conn_events = {0, 0, 0, -1, -1};
 
 /*
- * The asynchronous batch being published by the worker.  The ack handler runs
- * on a nats.c thread and records outcomes here under batch_mutex (a plain
- * pthread mutex: no PostgreSQL call on that thread).  batch_items is NULL
- * between batches, so a late ack finds nothing to write into.
+ * The asynchronous batches being published by the worker: up to two in
+ * flight, so that the next batch is claimed and sent while the acks of the
+ * previous one arrive.  The ack handler runs on a nats.c thread and records
+ * outcomes here under batch_mutex (a plain pthread mutex and condition
+ * variable: no PostgreSQL call on that thread).  A free slot has items
+ * NULL, so a late ack finds nothing to write into.
  */
+#define AGOG_MAX_BATCHES 2
+
+typedef struct PubBatch
+{
+	AgogPubItem *items;
+	int			n;
+	int			unanswered;		/* items without an answer yet */
+	int			next;			/* where the next ack is looked for first */
+} PubBatch;
+
 static pthread_mutex_t batch_mutex = PTHREAD_MUTEX_INITIALIZER;
-static AgogPubItem *batch_items = NULL;
-static int	batch_n = 0;
+static pthread_cond_t batch_cond = PTHREAD_COND_INITIALIZER;
+static PubBatch batches[AGOG_MAX_BATCHES];
 
 #define NATS_BEGIN(saved) \
 	do { \
@@ -431,16 +443,30 @@ on_pub_ack(jsCtx *js, natsMsg *msg, jsPubAck *pa, jsPubAckErr *pae,
 		   void *closure)
 {
 	const char *id = NULL;
+	AgogPubItem *it = NULL;
+	PubBatch   *b = NULL;
 
 	if (natsMsgHeader_Get(msg, "Nats-Msg-Id", &id) != NATS_OK)
 		id = NULL;
 	pthread_mutex_lock(&batch_mutex);
-	for (int i = 0; id != NULL && batch_items != NULL && i < batch_n; i++)
+	/* acks mostly come in the order sent: look at the expected item first */
+	for (int k = 0; id != NULL && it == NULL && k < AGOG_MAX_BATCHES; k++)
 	{
-		AgogPubItem *it = &batch_items[i];
+		b = &batches[k];
+		for (int j = 0; b->items != NULL && j < b->n; j++)
+		{
+			AgogPubItem *cand = &b->items[(b->next + j) % b->n];
 
-		if (it->outcome != AGOG_PUB_UNKNOWN || strcmp(it->msg_id, id) != 0)
-			continue;
+			if (!cand->answered && strcmp(cand->msg_id, id) == 0)
+			{
+				it = cand;
+				b->next = (int) (cand - b->items) + 1;
+				break;
+			}
+		}
+	}
+	if (it != NULL)
+	{
 		if (pa != NULL)
 		{
 			it->outcome = AGOG_PUB_STORED;
@@ -464,7 +490,9 @@ on_pub_ack(jsCtx *js, natsMsg *msg, jsPubAck *pa, jsPubAckErr *pae,
 			if (pae->Err != NATS_TIMEOUT)
 				it->outcome = AGOG_PUB_REFUSED;
 		}
-		break;
+		it->answered = true;
+		if (--b->unanswered == 0)
+			pthread_cond_broadcast(&batch_cond);
 	}
 	pthread_mutex_unlock(&batch_mutex);
 	natsMsg_Destroy(msg);
@@ -1069,28 +1097,23 @@ agog_conn_publish(AgogConn *conn, const char *subject, const char *msg_id,
 }
 
 /*
- * agog_conn_publish_batch
- *		Publish n messages asynchronously, many acks in flight, each with its
- *		Nats-Msg-Id, and wait (bounded by agog_nats.timeout_ms, in slices) for
- *		their acks.  Each item's outcome says what is known of it: stored
- *		(with stream, sequence, duplicate), refused by the server (with the
- *		error), or unknown (no answer: it may have been stored).  Returns
- *		false with *err set only when the wait was interrupted.  Runs in the
+ * agog_conn_publish_send
+ *		Send a batch asynchronously, each message with its Nats-Msg-Id, and
+ *		return without waiting: the ack handler records each outcome in
+ *		items as it arrives.  At most AGOG_MAX_BATCHES batches are in flight;
+ *		each must be finished with agog_conn_publish_wait.  Runs in the
  *		worker, whose connection has the ack handler.
  */
-bool
-agog_conn_publish_batch(AgogConn *conn, AgogPubItem *items, int n,
-						AgogError *err)
+void
+agog_conn_publish_send(AgogConn *conn, AgogPubItem *items, int n)
 {
-	WaitBudget	budget;
-	bool		interrupted = false;
-	bool		complete = false;
+	PubBatch   *b = NULL;
 	sigset_t	saved;
 
-	memset(err, 0, sizeof(*err));
 	for (int i = 0; i < n; i++)
 	{
 		items[i].outcome = AGOG_PUB_UNKNOWN;
+		items[i].answered = false;
 		items[i].stream[0] = '\0';
 		items[i].seq = 0;
 		items[i].duplicate = false;
@@ -1098,9 +1121,19 @@ agog_conn_publish_batch(AgogConn *conn, AgogPubItem *items, int n,
 	}
 
 	pthread_mutex_lock(&batch_mutex);
-	batch_items = items;
-	batch_n = n;
+	for (int k = 0; k < AGOG_MAX_BATCHES && b == NULL; k++)
+		if (batches[k].items == NULL)
+			b = &batches[k];
+	if (b != NULL)
+	{
+		b->items = items;
+		b->n = n;
+		b->unanswered = n;
+		b->next = 0;
+	}
 	pthread_mutex_unlock(&batch_mutex);
+	if (b == NULL)
+		elog(ERROR, "more than %d asynchronous publish batches in flight", AGOG_MAX_BATCHES);
 
 	NATS_BEGIN(saved);
 	for (int i = 0; i < n; i++)
@@ -1119,33 +1152,68 @@ agog_conn_publish_batch(AgogConn *conn, AgogPubItem *items, int n,
 			pthread_mutex_lock(&batch_mutex);
 			capture_error(&items[i].err, s, 0);
 			items[i].outcome = (s == NATS_MAX_PAYLOAD) ? AGOG_PUB_REFUSED : AGOG_PUB_UNKNOWN;
+			items[i].answered = true;
+			b->unanswered--;
 			pthread_mutex_unlock(&batch_mutex);
 		}
 	}
 	NATS_END(saved);
+}
+
+/*
+ * agog_conn_publish_wait
+ *		Wait until every message of a batch sent with agog_conn_publish_send
+ *		has an answer: stored, refused, or unknown (no answer within
+ *		agog_nats.timeout_ms: it may have been stored).  Returns false with
+ *		*err set only when the wait was interrupted.  When the time is up,
+ *		every message still unanswered, of any batch, is taken back from
+ *		nats.c and stays unknown.  Runs in the worker.
+ */
+bool
+agog_conn_publish_wait(AgogConn *conn, AgogPubItem *items, AgogError *err)
+{
+	WaitBudget	budget;
+	bool		interrupted = false;
+	bool		complete = false;
+	PubBatch   *b = NULL;
+
+	memset(err, 0, sizeof(*err));
+	for (int k = 0; k < AGOG_MAX_BATCHES && b == NULL; k++)
+		if (batches[k].items == items)
+			b = &batches[k];
+	if (b == NULL)
+		elog(ERROR, "asynchronous publish batch not in flight");
 
 	budget_start(&budget);
 	for (;;)
 	{
 		int64		slice = budget_next_slice(&budget, wait_slices, nwait_slices, &interrupted);
-		jsPubOptions popts;
-		natsStatus	s;
+		struct timespec until;
 
-		if (slice <= 0)
-			break;
-		NATS_BEGIN(saved);
-		jsPubOptions_Init(&popts);
-		popts.MaxWait = slice;
-		s = js_PublishAsyncComplete(conn->js, &popts);
-		NATS_END(saved);
-		if (s != NATS_TIMEOUT)
+		pthread_mutex_lock(&batch_mutex);
+		complete = (b->unanswered == 0);
+		if (!complete && slice > 0)
 		{
-			complete = true;
-			break;
+			clock_gettime(CLOCK_REALTIME, &until);
+			until.tv_sec += slice / 1000;
+			until.tv_nsec += (slice % 1000) * 1000000;
+			if (until.tv_nsec >= 1000000000)
+			{
+				until.tv_sec++;
+				until.tv_nsec -= 1000000000;
+			}
+			while (b->unanswered > 0 &&
+				   pthread_cond_timedwait(&batch_cond, &batch_mutex, &until) == 0)
+				;
+			complete = (b->unanswered == 0);
 		}
+		pthread_mutex_unlock(&batch_mutex);
+		if (complete || slice <= 0)
+			break;
 	}
 	if (!complete)
 	{
+		sigset_t	saved;
 		natsMsgList pending;
 
 		/* take back what is still unanswered; it stays unknown */
@@ -1153,11 +1221,15 @@ agog_conn_publish_batch(AgogConn *conn, AgogPubItem *items, int n,
 		if (js_PublishAsyncGetPendingList(&pending, conn->js) == NATS_OK)
 			natsMsgList_Destroy(&pending);
 		NATS_END(saved);
+		pthread_mutex_lock(&batch_mutex);
+		for (int k = 0; k < AGOG_MAX_BATCHES; k++)
+			batches[k].unanswered = 0;
+		pthread_mutex_unlock(&batch_mutex);
 	}
 
 	pthread_mutex_lock(&batch_mutex);
-	batch_items = NULL;
-	batch_n = 0;
+	b->items = NULL;
+	b->n = 0;
 	pthread_mutex_unlock(&batch_mutex);
 
 	if (interrupted)

@@ -160,14 +160,16 @@ typedef struct AgogPubItem
 	int			len;
 	/* out */
 	AgogPubOutcome outcome;
+	bool		answered;		/* an ack, an error or a timeout came */
 	char		stream[AGOG_SERVER_LEN];
 	uint64		seq;
 	bool		duplicate;
 	AgogError	err;
 } AgogPubItem;
 
-extern bool agog_conn_publish_batch(AgogConn *conn, AgogPubItem *items, int n,
-									AgogError *err);
+extern void agog_conn_publish_send(AgogConn *conn, AgogPubItem *items, int n);
+extern bool agog_conn_publish_wait(AgogConn *conn, AgogPubItem *items,
+								   AgogError *err);
 extern bool agog_conn_find_msg_id(AgogConn *conn, const char *stream,
 								  const char *subject, const char *msg_id,
 								  uint64 *seq, AgogError *err);
@@ -296,7 +298,7 @@ extern void agog_outbox_note_changed(void);
 extern void agog_outbox_at_commit(void);
 extern void agog_outbox_at_abort(void);
 extern void agog_outbox_release_leases(void);
-extern int	agog_outbox_drain(AgogConn *conn);
+extern int	agog_outbox_drain(AgogConn *conn, int max_batches, bool *more);
 extern long agog_outbox_maintain(bool purge);
 
 /* ----------------------------------------------------------------

@@ -545,97 +545,128 @@ flush_outcomes(Outcomes *o)
 		elog(ERROR, "could not record outbox outcomes: %s", SPI_result_code_string(ret));
 }
 
-/*
- * agog_outbox_drain
- *		Claim, publish and record one batch.  Returns the number of rows
- *		claimed (0 when nothing is due).  Runs in the worker, outside any
- *		transaction; all memory of the batch is freed before it returns.
- */
-int
-agog_outbox_drain(AgogConn *conn)
+/* One claimed batch on its way: claimed, sent, then waited for and recorded. */
+typedef struct DrainBatch
 {
-	MemoryContext caller = CurrentMemoryContext;
-	MemoryContext cxt = AllocSetContextCreate(caller, "agog_nats drain batch",
-											  ALLOCSET_DEFAULT_SIZES);
+	MemoryContext cxt;
 	Claimed    *rows;
 	AgogPubItem *items;
 	int		   *item_row;
 	int			n;
-	int			nitems = 0;
-	uint64		published = 0;
-	uint64		dead = 0;
-	AgogError	err;
-	bool		interrupted = false;
-	Outcomes	outcomes;
+	int			nitems;
+	bool		interrupted;
+} DrainBatch;
 
-	MemoryContextSwitchTo(cxt);
-	rows = palloc0(sizeof(Claimed) * AGOG_DRAIN_BATCH);
-	n = claim_batch(rows, cxt);
-	if (n == 0)
+/*
+ * batch_claim_send
+ *		Claim a batch (transaction 1, committed before anything is sent),
+ *		look up earlier sends whose ack may have been lost, and send the rest
+ *		asynchronously without waiting.  Returns the number of rows claimed;
+ *		with 0 nothing is left to finish.  Runs in the worker, outside any
+ *		transaction.
+ */
+static int
+batch_claim_send(AgogConn *conn, DrainBatch *b, MemoryContext parent)
+{
+	MemoryContext old;
+	AgogError	err;
+
+	memset(b, 0, sizeof(*b));
+	b->cxt = AllocSetContextCreate(parent, "agog_nats drain batch", ALLOCSET_DEFAULT_SIZES);
+	old = MemoryContextSwitchTo(b->cxt);
+	b->rows = palloc0(sizeof(Claimed) * AGOG_DRAIN_BATCH);
+	b->n = claim_batch(b->rows, b->cxt);
+	if (b->n == 0)
 	{
-		MemoryContextSwitchTo(caller);
-		MemoryContextDelete(cxt);
+		MemoryContextSwitchTo(old);
+		MemoryContextDelete(b->cxt);
+		b->cxt = NULL;
 		return 0;
 	}
-
-	items = palloc0(sizeof(AgogPubItem) * n);
-	item_row = palloc0(sizeof(int) * n);
+	b->items = palloc0(sizeof(AgogPubItem) * b->n);
+	b->item_row = palloc0(sizeof(int) * b->n);
 
 	/*
 	 * A row claimed before may have been stored by an earlier send whose ack
 	 * was lost.  Within the duplicate window JetStream drops a resend; past
 	 * half of it, look for the message id on the subject instead.
 	 */
-	for (int i = 0; i < n; i++)
+	for (int i = 0; i < b->n; i++)
 	{
-		if (rows[i].attempts > 1 && rows[i].stream != NULL &&
-			rows[i].first_sent_age_ms >= agog_duplicate_window_ms / 2)
+		Claimed    *row = &b->rows[i];
+
+		if (row->attempts > 1 && row->stream != NULL &&
+			row->first_sent_age_ms >= agog_duplicate_window_ms / 2)
 		{
-			if (!agog_conn_find_msg_id(conn, rows[i].stream, rows[i].subject,
-									   rows[i].msg_id, &rows[i].found_seq, &err))
+			if (!agog_conn_find_msg_id(conn, row->stream, row->subject,
+									   row->msg_id, &row->found_seq, &err))
 			{
-				rows[i].unresolved = true;
-				interrupted |= (err.sqlstate == ERRCODE_ADMIN_SHUTDOWN);
+				row->unresolved = true;
+				b->interrupted |= (err.sqlstate == ERRCODE_ADMIN_SHUTDOWN);
 				continue;
 			}
-			if (rows[i].found_seq != 0)
+			if (row->found_seq != 0)
 				continue;
 		}
-		items[nitems].subject = rows[i].subject;
-		items[nitems].msg_id = rows[i].msg_id;
-		items[nitems].data = rows[i].body;
-		items[nitems].len = (int) strlen(rows[i].body);
-		item_row[nitems] = i;
-		nitems++;
+		b->items[b->nitems].subject = row->subject;
+		b->items[b->nitems].msg_id = row->msg_id;
+		b->items[b->nitems].data = row->body;
+		b->items[b->nitems].len = (int) strlen(row->body);
+		b->item_row[b->nitems] = i;
+		b->nitems++;
 	}
+	if (b->interrupted)
+		b->nitems = 0;			/* send nothing; the leases run out */
+	if (b->nitems > 0)
+		agog_conn_publish_send(conn, b->items, b->nitems);
+	MemoryContextSwitchTo(old);
+	return b->n;
+}
 
-	if (nitems > 0 && !interrupted &&
-		!agog_conn_publish_batch(conn, items, nitems, &err))
-		interrupted = true;
+/*
+ * batch_finish
+ *		Wait for the answers of a sent batch and record every outcome
+ *		(transaction 2), then free the batch.  Returns false when the wait
+ *		was interrupted by a shutdown request.  Runs in the worker, outside
+ *		any transaction.
+ */
+static bool
+batch_finish(AgogConn *conn, DrainBatch *b)
+{
+	MemoryContext old = MemoryContextSwitchTo(b->cxt);
+	uint64		published = 0;
+	uint64		dead = 0;
+	AgogError	err;
+	Outcomes	outcomes;
+
+	if (b->nitems > 0 && !agog_conn_publish_wait(conn, b->items, &err))
+		b->interrupted = true;
 
 	/* Transaction 2: record every outcome (array set-up needs a transaction). */
-	agog_xact_begin(cxt);
+	agog_xact_begin(b->cxt);
 	outcomes_init(&outcomes);
-	for (int i = 0; i < n; i++)
+	for (int i = 0; i < b->n; i++)
 	{
-		if (rows[i].found_seq != 0)
+		Claimed    *row = &b->rows[i];
+
+		if (row->found_seq != 0)
 		{
 			/* an earlier send was stored: found by its message id */
-			record_outcome(&outcomes, rows[i].id, "published", rows[i].stream,
-						   rows[i].found_seq, true, NULL, 0);
+			record_outcome(&outcomes, row->id, "published", row->stream,
+						   row->found_seq, true, NULL, 0);
 			published++;
 		}
-		else if (rows[i].unresolved && !interrupted)
-			record_outcome(&outcomes, rows[i].id, "pending", NULL, 0, false,
+		else if (row->unresolved && !b->interrupted)
+			record_outcome(&outcomes, row->id, "pending", NULL, 0, false,
 						   "could not check whether an earlier send was stored",
-						   backoff_ms(rows[i].attempts));
+						   backoff_ms(row->attempts));
 	}
-	for (int k = 0; k < nitems; k++)
+	for (int k = 0; k < b->nitems; k++)
 	{
-		Claimed    *row = &rows[item_row[k]];
-		AgogPubItem *it = &items[k];
+		Claimed    *row = &b->rows[b->item_row[k]];
+		AgogPubItem *it = &b->items[k];
 
-		if (interrupted && it->outcome == AGOG_PUB_UNKNOWN)
+		if (b->interrupted && it->outcome == AGOG_PUB_UNKNOWN)
 			continue;			/* the lease runs out; it is retried */
 		if (it->outcome == AGOG_PUB_STORED)
 		{
@@ -656,7 +687,7 @@ agog_outbox_drain(AgogConn *conn)
 						   backoff_ms(row->attempts));
 	}
 	flush_outcomes(&outcomes);
-	agog_xact_commit(cxt);
+	agog_xact_commit(b->cxt);
 
 	LWLockAcquire(agog_shared->lock, LW_EXCLUSIVE);
 	agog_shared->reports_published += published;
@@ -664,9 +695,66 @@ agog_outbox_drain(AgogConn *conn)
 	agog_shared->last_drain_at = GetCurrentTimestamp();
 	LWLockRelease(agog_shared->lock);
 
+	MemoryContextSwitchTo(old);
+	MemoryContextDelete(b->cxt);
+	b->cxt = NULL;
+	return !b->interrupted;
+}
+
+/*
+ * agog_outbox_drain
+ *		Claim, publish and record up to max_batches batches, two in flight:
+ *		while the acks of one arrive, the next is claimed and sent, then the
+ *		first is recorded.  *more is set when the last batch was full.
+ *		Returns the number of rows claimed (0 when nothing was due or the
+ *		drain was interrupted).  Runs in the worker, outside any
+ *		transaction; all memory of the batches is freed before it returns.
+ *		If it throws, the worker exits: the rows' leases run out and they are
+ *		retried.
+ */
+int
+agog_outbox_drain(AgogConn *conn, int max_batches, bool *more)
+{
+	MemoryContext caller = CurrentMemoryContext;
+	DrainBatch	pair[2];
+	DrainBatch *cur = &pair[0];
+	DrainBatch *next = &pair[1];
+	int			total;
+	int			batches = 1;
+	bool		ok = true;
+
+	*more = false;
+	total = batch_claim_send(conn, cur, caller);
+	if (total == 0)
+		return 0;
+	for (;;)
+	{
+		bool		go_on = cur->n == AGOG_DRAIN_BATCH && !cur->interrupted &&
+			batches < max_batches;
+		int			n = 0;
+
+		if (go_on)
+		{
+			n = batch_claim_send(conn, next, caller);
+			total += n;
+			batches++;
+		}
+		*more = (n == 0) ? (cur->n == AGOG_DRAIN_BATCH) : (n == AGOG_DRAIN_BATCH);
+		ok &= batch_finish(conn, cur);
+		if (n == 0)
+			break;
+		if (!ok)
+		{
+			(void) batch_finish(conn, next);
+			break;
+		}
+		cur = next;
+		next = (cur == &pair[0]) ? &pair[1] : &pair[0];
+	}
 	MemoryContextSwitchTo(caller);
-	MemoryContextDelete(cxt);
-	return interrupted ? 0 : n;
+	if (!ok)
+		*more = false;
+	return ok ? total : 0;
 }
 
 /*

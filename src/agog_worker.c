@@ -53,6 +53,7 @@ PG_FUNCTION_INFO_V1(agog_worker_status);
 #define OUTBOX_POLL_MS			1000
 #define NOTICE_POLL_MS			5000
 #define DRAIN_SLICE_MS			500
+#define DRAIN_BATCHES			8	/* per call, two in flight */
 
 /* What the worker last logged, so it logs once per change of state. */
 typedef enum LoggedState
@@ -458,7 +459,11 @@ agog_worker_main(Datum main_arg)
 						timeout = 0;	/* there may be more */
 				}
 				if (has_outbox)
-					(void) agog_outbox_drain(conn);
+				{
+					bool		more;
+
+					(void) agog_outbox_drain(conn, 1, &more);
+				}
 			}
 			due = agog_workflow_step();
 
@@ -483,13 +488,11 @@ agog_worker_main(Datum main_arg)
 			if (conn != NULL && agog_shared->connected && streams_tried)
 			{
 				TimestampTz start = GetCurrentTimestamp();
-				int			n;
 
 				do
 				{
 					MemoryContextReset(loop_cxt);
-					n = agog_outbox_drain(conn);
-					more = (n == AGOG_DRAIN_BATCH);
+					(void) agog_outbox_drain(conn, DRAIN_BATCHES, &more);
 				} while (more && !ShutdownRequestPending && !ConfigReloadPending &&
 						 !TimestampDifferenceExceeds(start, GetCurrentTimestamp(), DRAIN_SLICE_MS));
 			}
