@@ -1059,3 +1059,19 @@ EXCEPTION
         RAISE NOTICE 'this server has no lz4: the outbox keeps pglz';
 END
 $$;
+
+-- Every report leaves two dead row versions (claim and record) with entries
+-- in the outbox's indexes, and published rows are kept for a week: at the
+-- default 20 % of the table, autovacuum would wait for a large share of a
+-- big table to be dead while every claim walks the dead entries of
+-- outbox_pending.  Vacuum after a thousand dead rows and 1 %.
+ALTER TABLE agog_nats.outbox SET (autovacuum_vacuum_threshold = 1000,
+                                  autovacuum_vacuum_scale_factor = 0.01);
+
+-- The claim changes attempts, first_sent_at and next_attempt_at.  With no
+-- index on next_attempt_at (the pending rows are few: outbox_pending finds
+-- them, and the filter on next_attempt_at is cheap) and room on the page,
+-- that update is HOT: no new entry in any of the outbox's indexes, and no
+-- dead one for the claim to walk over later.
+DROP INDEX agog_nats.outbox_pending_due;
+ALTER TABLE agog_nats.outbox SET (fillfactor = 80);
