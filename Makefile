@@ -34,6 +34,9 @@ PG_CONFIG ?= $(shell command -v pg_config15 2>/dev/null || echo /usr/lib/postgre
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
 
+# Every file includes the shared header: PGXS tracks no header dependencies.
+$(OBJS): src/agog_nats.h
+
 # ---------------------------------------------------------------------------
 # agog-agent, the agent runner (src/agent/*.c): a libpq program, built and
 # installed with the extension.  PGXS cannot build a PROGRAM next to

@@ -247,6 +247,7 @@ typedef struct AgogSharedState
 	pid_t		worker_pid;
 	Latch	   *worker_latch;
 	pg_atomic_uint64 agents_generation;
+	pg_atomic_uint64 workflow_generation;	/* commits that changed tasks or workflows */
 	/* the rest is written by the worker under lock */
 	bool		connected;
 	char		server[AGOG_SERVER_LEN];

@@ -58,6 +58,7 @@ PG_FUNCTION_INFO_V1(agog_outbox_stats);
 
 /* Set when this transaction wrote the outbox; read at commit. */
 static bool outbox_changed_in_xact = false;
+static bool workflow_changed_in_xact = false;
 static uint64 outbox_inserted_in_xact = 0;
 
 /* Where the worker's next claim starts (see agog_nats.claim_outbox). */
@@ -236,18 +237,27 @@ agog_outbox_note_changed(void)
 
 /*
  * agog_outbox_changed
- *		Statement trigger on agog_nats.outbox: note the change; the worker is
- *		woken at commit.  The worker's own updates do not wake it.
+ *		Statement trigger on agog_nats.outbox, and (as
+ *		agog_nats.workflow_changed) on tasks and workflows: note the change;
+ *		the worker is woken at commit, and a change of tasks or workflows
+ *		also moves the workflow generation, which tells the worker to run an
+ *		orchestration step.  The worker's own changes do not wake it.
  */
 Datum
 agog_outbox_changed(PG_FUNCTION_ARGS)
 {
+	TriggerData *td = (TriggerData *) fcinfo->context;
+
 	if (!CALLED_AS_TRIGGER(fcinfo))
 		ereport(ERROR,
 				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
 				 errmsg("agog_outbox_changed must be called as a trigger")));
 	if (agog_shared == NULL || agog_shared->worker_pid != MyProcPid)
+	{
 		agog_outbox_note_changed();
+		if (strcmp(RelationGetRelationName(td->tg_relation), "outbox") != 0)
+			workflow_changed_in_xact = true;
+	}
 	return PointerGetDatum(NULL);
 }
 
@@ -261,9 +271,12 @@ agog_outbox_at_commit(void)
 {
 	if (outbox_inserted_in_xact > 0 && agog_shared != NULL)
 		pg_atomic_fetch_add_u64(&agog_shared->outbox_pending, outbox_inserted_in_xact);
+	if (workflow_changed_in_xact && agog_shared != NULL)
+		pg_atomic_fetch_add_u64(&agog_shared->workflow_generation, 1);
 	if (outbox_changed_in_xact)
 		agog_wake_worker();
 	outbox_changed_in_xact = false;
+	workflow_changed_in_xact = false;
 	outbox_inserted_in_xact = 0;
 }
 
@@ -271,6 +284,7 @@ void
 agog_outbox_at_abort(void)
 {
 	outbox_changed_in_xact = false;
+	workflow_changed_in_xact = false;
 	outbox_inserted_in_xact = 0;
 }
 

@@ -58,6 +58,7 @@ PG_FUNCTION_INFO_V1(agog_worker_status);
 #define NOTICE_POLL_MS			5000
 #define DRAIN_SLICE_MS			500
 #define DRAIN_BATCHES			8	/* per call, two in flight */
+#define WORKFLOW_POLL_MS		1000
 
 /* What the worker last logged, so it logs once per change of state. */
 typedef enum LoggedState
@@ -205,6 +206,9 @@ agog_worker_main(Datum main_arg)
 	bool		streams_tried = false;	/* since the last (re)connect */
 	uint64		streams_generation = 0;
 	uint64		drained_since_trim = 0;
+	uint64		seen_wgen = 0;
+	TimestampTz stepped_at = 0;
+	TimestampTz step_due = 0;
 	uint64		seen_reconnects = 0;
 	uint64		seen_disconnects = 0;
 	uint64		seen_bells = 0;
@@ -457,7 +461,8 @@ agog_worker_main(Datum main_arg)
 		 */
 		if (has_workflows)
 		{
-			long		due;
+			bool		notices_applied = false;
+			uint64		wgen;
 
 			if (conn != NULL && agog_shared->connected && streams_tried)
 			{
@@ -478,7 +483,10 @@ agog_worker_main(Datum main_arg)
 					seen_bells = ev.bells;
 					notices_checked = now;
 					if (agog_notices_consume(conn, rung) > 0)
+					{
 						timeout = 0;	/* there may be more */
+						notices_applied = true;
+					}
 				}
 				if (has_outbox)
 				{
@@ -487,10 +495,34 @@ agog_worker_main(Datum main_arg)
 					(void) agog_outbox_drain(conn, 1, &more);
 				}
 			}
-			due = agog_workflow_step();
 
-			if (due >= 0)
-				timeout = Min(timeout, Max(due, 10));
+			/*
+			 * One orchestration step when something may have changed: a
+			 * commit of tasks or workflows by another session (the workflow
+			 * generation moved; read before the step, so a commit during it
+			 * brings another), a notice applied here, the step's own next
+			 * deadline or retry, and at least once a second (retention,
+			 * message ids of reports published since).  Not on every
+			 * wake-up: each report committed wakes the worker, and a step is
+			 * a few milliseconds of PL/pgSQL that its publication would wait
+			 * for.
+			 */
+			wgen = pg_atomic_read_u64(&agog_shared->workflow_generation);
+			now = GetCurrentTimestamp();
+			if (stepped_at == 0 || wgen != seen_wgen || notices_applied ||
+				(step_due != 0 && now >= step_due) ||
+				TimestampDifferenceExceeds(stepped_at, now, WORKFLOW_POLL_MS))
+			{
+				long		due;
+
+				seen_wgen = wgen;
+				stepped_at = now;
+				due = agog_workflow_step();
+				step_due = due >= 0 ? TimestampTzPlusMilliseconds(now, due) : 0;
+			}
+			if (step_due != 0)
+				timeout = Min(timeout, Max(ms_until(step_due), 10));
+			timeout = Min(timeout, WORKFLOW_POLL_MS);
 		}
 
 		if (has_outbox)
