@@ -324,6 +324,32 @@ list_keep(ListScan *s, ListSection sec, const char *key, int klen,
 }
 
 /*
+ * list_punct
+ *		Take the character that follows the opening of an object or array,
+ *		or one of its members or elements: 0 at the closing character, 1 at
+ *		a comma (another follows), -1 on anything else.  With first, a comma
+ *		is not expected yet: 1 means a member or element begins.
+ */
+static int
+list_punct(ListScan *s, char close, bool first)
+{
+	list_skip_ws(s);
+	if (s->p < s->end && *s->p == close)
+	{
+		s->p++;
+		return 0;
+	}
+	if (first)
+		return s->p < s->end ? 1 : -1;
+	if (s->p < s->end && *s->p == ',')
+	{
+		s->p++;
+		return 1;
+	}
+	return -1;
+}
+
+/*
  * list_value
  *		Scan one JSON value of section sec; key/klen name it when it is an
  *		object's member (NULL otherwise).
@@ -332,6 +358,8 @@ static bool
 list_value(ListScan *s, int depth, ListSection sec, ListSection parent,
 		   const char *key, int klen)
 {
+	int			more;
+
 	if (depth > LIST_MAX_DEPTH)
 		return false;
 	list_skip_ws(s);
@@ -340,15 +368,9 @@ list_value(ListScan *s, int depth, ListSection sec, ListSection parent,
 	if (*s->p == '{')
 	{
 		s->p++;
-		list_skip_ws(s);
-		if (s->p < s->end && *s->p == '}')
-		{
-			s->p++;
-			return true;
-		}
 		if (sec == SEC_ERROR)
 			s->has_error = true;
-		for (;;)
+		for (more = list_punct(s, '}', true); more == 1; more = list_punct(s, '}', false))
 		{
 			const char *k;
 			int			kl;
@@ -361,30 +383,13 @@ list_value(ListScan *s, int depth, ListSection sec, ListSection parent,
 				return false;
 			if (!list_value(s, depth + 1, list_child(sec, k, kl), sec, k, kl))
 				return false;
-			list_skip_ws(s);
-			if (s->p < s->end && *s->p == ',')
-			{
-				s->p++;
-				continue;
-			}
-			if (s->p < s->end && *s->p == '}')
-			{
-				s->p++;
-				return true;
-			}
-			return false;
 		}
+		return more == 0;
 	}
 	if (*s->p == '[')
 	{
 		s->p++;
-		list_skip_ws(s);
-		if (s->p < s->end && *s->p == ']')
-		{
-			s->p++;
-			return true;
-		}
-		for (;;)
+		for (more = list_punct(s, ']', true); more == 1; more = list_punct(s, ']', false))
 		{
 			if (sec == SEC_STREAMS)
 			{
@@ -402,19 +407,8 @@ list_value(ListScan *s, int depth, ListSection sec, ListSection parent,
 			if (!list_value(s, depth + 1, sec == SEC_STREAMS ? SEC_STREAM : SEC_NONE,
 							sec, NULL, 0))
 				return false;
-			list_skip_ws(s);
-			if (s->p < s->end && *s->p == ',')
-			{
-				s->p++;
-				continue;
-			}
-			if (s->p < s->end && *s->p == ']')
-			{
-				s->p++;
-				return true;
-			}
-			return false;
 		}
+		return more == 0;
 	}
 	if (*s->p == '"')
 	{
