@@ -759,6 +759,15 @@ agog_conn_close(AgogConn *conn)
 		return;
 	unregister_conn(conn);
 	agog_conn_notices_reset(conn);
+	/* batches still in flight (an error between send and wait): forget them */
+	pthread_mutex_lock(&batch_mutex);
+	for (int k = 0; k < AGOG_MAX_BATCHES; k++)
+	{
+		batches[k].items = NULL;
+		batches[k].n = 0;
+		batches[k].unanswered = 0;
+	}
+	pthread_mutex_unlock(&batch_mutex);
 	NATS_BEGIN(saved);
 	jsCtx_Destroy(conn->js);
 	natsConnection_Destroy(conn->nc);
