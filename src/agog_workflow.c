@@ -6,9 +6,10 @@
  * The engine's state and transitions are SQL (agog_nats.orchestrate and
  * agog_nats.apply_notice, in the extension script): every state change is a
  * row change in one transaction, so a crash loses or repeats none.  The
- * worker runs one orchestration step per wake-up, in a transaction of its
- * own: time out overdue tasks, dispatch ready ones (their tiny notices go
- * through the outbox, which the worker drains right after).
+ * worker runs an orchestration step, in a transaction of its own, when
+ * tasks or workflows may have changed (see the worker's loop): time out
+ * overdue tasks, dispatch ready ones (their tiny notices go through the
+ * outbox, which the worker drains right after).
  *
  * Agents that speak only NATS send their completion notices to
  * agog.notices.<agent>.<feature>; the worker consumes them through a durable
