@@ -18,19 +18,33 @@
 #include "agog_nats.h"
 
 #include "access/xact.h"
+#include "catalog/pg_extension.h"
+#include "commands/extension.h"
 #include "executor/spi.h"
+#include "storage/lmgr.h"
 #include "utils/snapmgr.h"
 
 /*
  * agog_xact_begin
  *		Start a transaction with a snapshot and connect to SPI.  Runs in the
  *		worker, outside any transaction; cxt is the caller's context.
+ *
+ *		The transaction first takes a share lock on the extension, as DROP
+ *		EXTENSION takes an exclusive one before it drops the extension's
+ *		tables: a drop then waits for the worker's transaction (or the
+ *		worker for the drop).  Without it the two locked tables in opposite
+ *		orders and one of them died of a deadlock.
  */
 void
 agog_xact_begin(MemoryContext cxt)
 {
+	Oid			extoid;
+
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
+	extoid = get_extension_oid("agog_nats", true);
+	if (OidIsValid(extoid))
+		LockDatabaseObject(ExtensionRelationId, extoid, 0, AccessShareLock);
 	PushActiveSnapshot(GetTransactionSnapshot());
 	MemoryContextSwitchTo(cxt);
 	if (SPI_connect() != SPI_OK_CONNECT)
