@@ -110,8 +110,12 @@ load_agents(void)
 const AgogAgent *
 agog_agents(int *count)
 {
-	uint64		generation = pg_atomic_read_u64(&agog_shared->agents_generation);
+	uint64		generation;
 	Oid			user = GetUserId();
+
+	/* without the preload there is no generation to read: refuse */
+	agog_shmem_attach();
+	generation = pg_atomic_read_u64(&agog_shared->agents_generation);
 
 	if (!agents_valid || generation != agents_generation || user != agents_user ||
 		agog_agents_changed_in_xact())

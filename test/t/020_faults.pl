@@ -45,6 +45,38 @@ my $json    = JSON::PP->new->canonical;
 	$plain->stop;
 }
 
+# --- created, then the server restarted without the preload ------------------------
+# Every function that needs the shared state refuses with 55000; none may
+# crash the server (the agents cache read shared memory that does not exist
+# then, and a fetch crashed the server before this was tested).
+{
+	my $port = AgogNatsTest::free_port();
+	my $un = AgogNatsTest::new_node('unloaded', "nats://127.0.0.1:$port");
+	$un->start;
+	$un->safe_psql('postgres', 'CREATE EXTENSION agog_nats');
+	$un->adjust_conf('postgresql.conf', 'shared_preload_libraries', "''");
+	$un->restart;
+	my $log_off = -s $un->logfile;
+	for my $call (
+		[ publish     => q{SELECT agog_publish_report('roy', 'backend', 'f', 'x')} ],
+		[ publish_now => q{SELECT agog_publish_report_now('roy', 'backend', 'f', 'x')} ],
+		[ fetch       => q{SELECT * FROM agog_fetch_report('roy', 'backend', 'f')} ],
+		[ status      => q{SELECT * FROM agog_stream_status()} ])
+	{
+		my ($rc, $out, $err) = $un->psql('postgres', $call->[1], @VERBOSE);
+		like($err, qr/ERROR:  55000: agog_nats must be loaded via shared_preload_libraries/,
+			"restarted without the preload: $call->[0] refuses with 55000")
+		  or diag($err);
+	}
+	# the workflow engine is SQL: its state waits for the worker
+	is($un->safe_psql('postgres', q{SELECT agog_start_workflow('f', 'feature') > 0}), 't',
+		'restarted without the preload: a workflow can still be started (its tasks wait for the worker)');
+	is($un->safe_psql('postgres', 'SELECT 1'), 1, 'restarted without the preload: the server is up');
+	unlike(slurp_file($un->logfile, $log_off), qr/terminated by signal|server process .* was terminated/,
+		'restarted without the preload: no backend crashed');
+	$un->stop;
+}
+
 # --- unreachable server: nothing listens on the port --------------------------------
 my $dead_port = AgogNatsTest::free_port();
 my $node = AgogNatsTest::new_node('main', "nats://127.0.0.1:$dead_port",
