@@ -94,6 +94,24 @@ sub worker_ready
 }
 
 # Start a workflow of $pipeline for $feature on $node; returns its id.
+# The set-up every runner test starts with: a nats-server, a node with the
+# extension whose worker is connected with its six streams (asserted), and a
+# private directory with a "capture" directory in it for the commands.
+# Returns ($nats, $node, $dir, $cap).
+sub setup
+{
+	my $nats = AgogNatsTest::NatsServer->new;
+	$nats->start;
+	my $node = AgogNatsTest::new_node('main', $nats);
+	$node->start;
+	$node->safe_psql('postgres', 'CREATE EXTENSION agog_nats');
+	Test::More::ok(worker_ready($node), 'the worker is connected with its six streams');
+	my $dir = PostgreSQL::Test::Utils::tempdir('agents');
+	my $cap = "$dir/capture";
+	mkdir $cap or die "mkdir $cap: $!";
+	return ($nats, $node, $dir, $cap);
+}
+
 sub start_workflow
 {
 	my ($node, $feature, $pipeline) = @_;

@@ -20,17 +20,8 @@ use Test::More;
 use AgogNatsTest;
 use AgogAgentTest;
 
-my $nats = AgogNatsTest::NatsServer->new;
-$nats->start;
-my $node = AgogNatsTest::new_node('main', $nats);
-$node->start;
-$node->safe_psql('postgres', 'CREATE EXTENSION agog_nats');
-ok(AgogAgentTest::worker_ready($node), 'the worker is connected with its six streams');
-
+my ($nats, $node, $dir, $cap) = AgogAgentTest::setup();
 my $dsn = $node->connstr('postgres');
-my $dir = PostgreSQL::Test::Utils::tempdir('agents');
-my $cap = "$dir/capture";
-mkdir $cap or die "mkdir $cap: $!";
 $ENV{CAPTURE} = $cap;    # for the commands of the runners run by run_agent
 
 sub psql { return $node->safe_psql('postgres', @_); }
