@@ -196,8 +196,6 @@ typedef struct ListScan
 	bool		has_error;
 	int64		error_code;
 	char		error_text[LIST_TEXT_LEN];
-	/* RFC 3339 times of each stream, converted after the scan */
-	char		(*times)[2][48];
 } ListScan;
 
 static void
@@ -240,6 +238,18 @@ copy_text(char *dst, int size, const char *v, int len)
 	len = Min(len, size - 1);
 	memcpy(dst, v, len);
 	dst[len] = '\0';
+}
+
+/* An RFC 3339 time of JetStream (nanosecond digits allowed), len bytes at v. */
+static TimestampTz
+list_time(const char *v, int len)
+{
+	char		text[48];
+
+	copy_text(text, sizeof(text), v, len);
+	return DatumGetTimestampTz(DirectFunctionCall3(timestamptz_in, CStringGetDatum(text),
+												   ObjectIdGetDatum(InvalidOid),
+												   Int32GetDatum(-1)));
 }
 
 #define KEY_IS(k, klen, lit) ((klen) == sizeof(lit) - 1 && memcmp((k), (lit), (klen)) == 0)
@@ -314,9 +324,9 @@ list_keep(ListScan *s, ListSection sec, const char *key, int klen,
 			else if (KEY_IS(key, klen, "consumer_count"))
 				st->consumers = x;
 			else if (KEY_IS(key, klen, "first_ts") && is_string)
-				copy_text(s->times[s->n - 1][0], 48, v, len);
+				st->first_time = list_time(v, len);
 			else if (KEY_IS(key, klen, "last_ts") && is_string)
-				copy_text(s->times[s->n - 1][1], 48, v, len);
+				st->last_time = list_time(v, len);
 			break;
 		default:
 			break;
@@ -397,10 +407,8 @@ list_value(ListScan *s, int depth, ListSection sec, ListSection parent,
 				{
 					s->allocated = Max(8, s->allocated * 2);
 					s->states = repalloc(s->states, sizeof(AgogStreamState) * s->allocated);
-					s->times = repalloc(s->times, sizeof(*s->times) * s->allocated);
 				}
 				memset(&s->states[s->n], 0, sizeof(AgogStreamState));
-				memset(&s->times[s->n], 0, sizeof(*s->times));
 				s->states[s->n].name = "";
 				s->n++;
 			}
@@ -436,14 +444,6 @@ list_value(ListScan *s, int depth, ListSection sec, ListSection parent,
 	}
 }
 
-/* An RFC 3339 time of JetStream (nanosecond digits allowed). */
-static TimestampTz
-list_time(const char *text)
-{
-	return DatumGetTimestampTz(DirectFunctionCall3(timestamptz_in, CStringGetDatum(text),
-												   ObjectIdGetDatum(InvalidOid),
-												   Int32GetDatum(-1)));
-}
 
 /*
  * stream_states
@@ -459,7 +459,6 @@ stream_states(int *count)
 	memset(&s, 0, sizeof(s));
 	s.allocated = 8;
 	s.states = palloc(sizeof(AgogStreamState) * s.allocated);
-	s.times = palloc(sizeof(*s.times) * s.allocated);
 	for (;;)
 	{
 		char		payload[96];
@@ -494,10 +493,8 @@ stream_states(int *count)
 	for (int i = 0; i < s.n; i++)
 	{
 		/* an empty stream has no times (JetStream says year 1) */
-		if (s.states[i].msgs > 0 && s.times[i][0][0] != '\0')
-			s.states[i].first_time = list_time(s.times[i][0]);
-		if (s.states[i].msgs > 0 && s.times[i][1][0] != '\0')
-			s.states[i].last_time = list_time(s.times[i][1]);
+		if (s.states[i].msgs == 0)
+			s.states[i].first_time = s.states[i].last_time = 0;
 	}
 	*count = s.n;
 	return s.states;
