@@ -21,6 +21,7 @@
 #include "catalog/pg_extension.h"
 #include "commands/extension.h"
 #include "executor/spi.h"
+#include "pgstat.h"
 #include "storage/lmgr.h"
 #include "utils/snapmgr.h"
 
@@ -54,6 +55,13 @@ agog_xact_begin(MemoryContext cxt)
 /*
  * agog_xact_commit
  *		Disconnect from SPI and commit; back in cxt.
+ *
+ *		Then hand the transaction's table statistics to the cumulative
+ *		statistics system, as a backend does when it goes idle: a
+ *		background worker must do it itself.  Without it autovacuum never
+ *		learnt of the dead rows the claims and records leave in the outbox,
+ *		and every claim walked more dead index entries than the last.  The
+ *		call does nothing until a second has passed since the last flush.
  */
 void
 agog_xact_commit(MemoryContext cxt)
@@ -61,5 +69,6 @@ agog_xact_commit(MemoryContext cxt)
 	SPI_finish();
 	PopActiveSnapshot();
 	CommitTransactionCommand();
+	(void) pgstat_report_stat(false);
 	MemoryContextSwitchTo(cxt);
 }

@@ -147,6 +147,31 @@ AgogExactlyOnce::check(
 	expect => 5,
 	absent => ['rbx-']);
 
+# --- the worker's table statistics reach the cumulative statistics -------------------
+# Its claims and records are updates of the outbox; unless the worker reports
+# them, autovacuum never learns of the dead rows they leave, and the outbox's
+# indexes (walked by every claim) grow for as long as the worker lives.
+my $upd_before = $node->safe_psql('postgres',
+	q{SELECT n_tup_upd FROM pg_stat_all_tables WHERE relid = 'agog_nats.outbox'::regclass});
+$node->safe_psql('postgres',
+	q{SELECT agog_publish_report('roy', 'backend', 'stats-' || i, 'x') FROM generate_series(1, 50) i});
+ok(AgogExactlyOnce::wait_until(
+		sub {
+			AgogExactlyOnce::try_query($node, 'SELECT outbox_depth FROM agog_nats.worker_health') eq '0';
+		},
+		30),
+	'statistics: 50 more reports published');
+my $upd_after;
+ok(AgogExactlyOnce::wait_until(
+		sub {
+			$upd_after = AgogExactlyOnce::try_query($node,
+				q{SELECT n_tup_upd FROM pg_stat_all_tables WHERE relid = 'agog_nats.outbox'::regclass});
+			return defined $upd_after && $upd_after >= $upd_before + 100;
+		},
+		10),
+	"statistics: the worker's claim and record of the 50 (100 row updates) are counted in "
+	  . "pg_stat_all_tables within 10 s (n_tup_upd $upd_before -> " . ($upd_after // "none") . ")");
+
 $node->stop;
 $nats->stop;
 note(sprintf('100_outbox_basic took %.1f s', Time::HiRes::time() - $t_start));
