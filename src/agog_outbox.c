@@ -365,7 +365,8 @@ typedef struct Claimed
 	int64		id;
 	char	   *msg_id;
 	char	   *subject;
-	char	   *body;
+	const char *body;			/* not NUL-terminated: body_len bytes */
+	int			body_len;
 	int			attempts;
 	int64		first_sent_age_ms;
 	char	   *stream;			/* the agent's stream; NULL if the agent is gone */
@@ -424,12 +425,19 @@ claim_batch(Claimed *rows, MemoryContext cxt)
 		HeapTuple	tup = SPI_tuptable->vals[i];
 		TupleDesc	desc = SPI_tuptable->tupdesc;
 		bool		isnull;
+		text	   *body;
 		MemoryContext spi = MemoryContextSwitchTo(cxt);
 
 		rows[i].id = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
 		rows[i].msg_id = SPI_getvalue(tup, desc, 2);
 		rows[i].subject = SPI_getvalue(tup, desc, 3);
-		rows[i].body = SPI_getvalue(tup, desc, 4);
+		/*
+		 * Decompressed (or copied) once, into cxt, where it outlives SPI;
+		 * not through the output function, which would copy it again.
+		 */
+		body = DatumGetTextPCopy(SPI_getbinval(tup, desc, 4, &isnull));
+		rows[i].body = VARDATA(body);
+		rows[i].body_len = (int) (VARSIZE(body) - VARHDRSZ);
 		rows[i].attempts = DatumGetInt32(SPI_getbinval(tup, desc, 5, &isnull));
 		rows[i].first_sent_age_ms = DatumGetInt64(SPI_getbinval(tup, desc, 6, &isnull));
 		rows[i].stream = SPI_getvalue(tup, desc, 7);
@@ -552,7 +560,7 @@ flush_outcomes(Outcomes *o)
 									 "            ELSE o.next_attempt_at END"
 									 "  FROM unnest($1, $2, $3, $4, $5, $6, $7)"
 									 "       AS r(id, state, stream, seq, dup, err, delay)"
-									 " WHERE o.id = r.id AND o.state = 'pending'",
+									 " WHERE o.id = r.id AND o.id = ANY ($1) AND o.state = 'pending'",
 									 7, argtypes),
 						   values, NULL, false, 0);
 	if (ret != SPI_OK_UPDATE)
@@ -625,7 +633,7 @@ batch_claim_send(AgogConn *conn, DrainBatch *b, MemoryContext parent)
 		b->items[b->nitems].subject = row->subject;
 		b->items[b->nitems].msg_id = row->msg_id;
 		b->items[b->nitems].data = row->body;
-		b->items[b->nitems].len = (int) strlen(row->body);
+		b->items[b->nitems].len = row->body_len;
 		b->item_row[b->nitems] = i;
 		b->nitems++;
 	}
