@@ -1080,3 +1080,12 @@ ALTER TABLE agog_nats.outbox SET (autovacuum_vacuum_threshold = 1000,
 -- body (stored apart, compressed) is about 260 bytes.
 DROP INDEX agog_nats.outbox_pending_due;
 ALTER TABLE agog_nats.outbox SET (fillfactor = 50);
+
+-- Every message id is agog-<system id>-<database oid>-<outbox id>, made by
+-- the extension's own code from the row's primary key (agog_publish_report
+-- and enqueue_task_notice; no role may insert into the outbox directly), so
+-- it is unique by construction.  Its
+-- UNIQUE index cost every report an index entry at insert and another at
+-- the worker's record (the record changes state, so it is not HOT), and no
+-- query looks a row up by message id.
+ALTER TABLE agog_nats.outbox DROP CONSTRAINT outbox_msg_id_key;

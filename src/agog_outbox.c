@@ -538,6 +538,14 @@ flush_outcomes(Outcomes *o)
 	 * rows are still pending and their resend is deduplicated or found by
 	 * its message id.  (The claim's commit, before sending, is synchronous.)
 	 */
+	/*
+	 * "Still pending" is written as neither published nor dead (the same,
+	 * by the table's CHECK) so that the partial index outbox_pending cannot
+	 * serve the outbox side of the join: its statistics say little about
+	 * how many rows are pending right now, and a plan that hashed all of
+	 * them (or rescanned the batch for each) cost more than the rest of the
+	 * drain.  What is left is a lookup by primary key for each of the batch.
+	 */
 	ret = SPI_execute("SET LOCAL synchronous_commit = off", false, 0);
 	if (ret != SPI_OK_UTILITY)
 		elog(ERROR, "could not set synchronous_commit: %s", SPI_result_code_string(ret));
@@ -560,7 +568,7 @@ flush_outcomes(Outcomes *o)
 									 "            ELSE o.next_attempt_at END"
 									 "  FROM unnest($1, $2, $3, $4, $5, $6, $7)"
 									 "       AS r(id, state, stream, seq, dup, err, delay)"
-									 " WHERE o.id = r.id AND o.id = ANY ($1) AND o.state = 'pending'",
+									 " WHERE o.id = r.id AND o.state <> 'published' AND o.state <> 'dead'",
 									 7, argtypes),
 						   values, NULL, false, 0);
 	if (ret != SPI_OK_UPDATE)
