@@ -262,6 +262,9 @@ typedef struct AgogSharedState
 	/* outbox: written by the worker, except pending which commits bump */
 	int64		max_payload;	/* the server's, 0 until known */
 	pg_atomic_uint64 outbox_pending;
+	pg_atomic_uint64 claim_floor;	/* lowest outbox id committed since the
+									 * worker's last claim; PG_UINT64_MAX if
+									 * none (agog_outbox.c) */
 	uint64		reports_published;
 	uint64		reports_dead;
 	TimestampTz last_drain_at;

@@ -61,8 +61,36 @@ static bool outbox_changed_in_xact = false;
 static bool workflow_changed_in_xact = false;
 static uint64 outbox_inserted_in_xact = 0;
 
-/* Where the worker's next claim starts (see agog_nats.claim_outbox). */
+/*
+ * The lowest outbox id this transaction may have made pending: the reports
+ * it inserted, or 0 when a statement other than agog_outbox_insert's changed
+ * the outbox (an admin's update, agog_retry_dead, a task notice).  At commit
+ * it lowers the shared claim floor.  INT64_MAX: none.
+ */
+static int64 outbox_min_id_in_xact = PG_INT64_MAX;
+static bool in_outbox_insert = false;
+
+/*
+ * Where the worker's next claim starts: it takes due pending rows with ids
+ * above claim_after_id (see agog_nats.claim_outbox).  The partial index
+ * outbox_pending keeps an entry for every published row until vacuum, so a
+ * claim that started from the lowest id would walk all of them: 2-10 ms
+ * after a few tens of thousands of reports, on every claim.  Instead the
+ * worker goes on from what it has seen, and starts lower only when it must:
+ *
+ *	- a committed transaction lowered the shared claim floor below it: a
+ *	  report with a lower id committed after a later one (ids are drawn
+ *	  before commit), or another statement made a row pending (floor 0);
+ *	- one of its own outcomes put a row back to pending, due later, or it
+ *	  inserted task notices itself (claim_rescan_at);
+ *	- every CLAIM_RESCAN_MS whatever happened, as a bound for any path not
+ *	  seen here (a prepared transaction committed later, a row skipped while
+ *	  another session held a lock on it).
+ */
+#define CLAIM_RESCAN_MS		1000
 static int64 claim_after_id = 0;
+static TimestampTz claim_rescan_at = 0;	/* 0: at the next claim */
+static TimestampTz claim_full_scan_at = 0;
 
 /* Plans kept for the backend's or the worker's life. */
 static SPIPlanPtr next_id_plan = NULL;
@@ -74,13 +102,18 @@ static SPIPlanPtr record_plan = NULL;
 /*
  * keep_plan
  *		Prepare a statement once and keep it.  Runs inside SPI.
+ *		cursor_options: 0, or CURSOR_OPT_CUSTOM_PLAN for a statement that
+ *		must be planned for its arguments and the table as it is now (a
+ *		generic plan made while the outbox was small is kept for the
+ *		process's life: see flush_outcomes).
  */
 static SPIPlanPtr
-keep_plan(SPIPlanPtr *slot, const char *sql, int nargs, Oid *argtypes)
+keep_plan(SPIPlanPtr *slot, const char *sql, int nargs, Oid *argtypes,
+		  int cursor_options)
 {
 	if (*slot == NULL)
 	{
-		SPIPlanPtr	p = SPI_prepare(sql, nargs, argtypes);
+		SPIPlanPtr	p = SPI_prepare_cursor(sql, nargs, argtypes, cursor_options);
 
 		if (p == NULL || SPI_keepplan(p) != 0)
 			elog(ERROR, "could not prepare \"%s\": %s", sql,
@@ -112,7 +145,7 @@ agog_outbox_next_id(char **msg_id)
 		elog(ERROR, "SPI_connect failed");
 	ret = SPI_execute_plan(keep_plan(&next_id_plan,
 									 "SELECT pg_catalog.nextval('agog_nats.outbox_id_seq')",
-									 0, NULL),
+									 0, NULL, 0),
 						   NULL, NULL, false, 1);
 	if (ret != SPI_OK_SELECT || SPI_processed != 1)
 		elog(ERROR, "could not draw an outbox id: %s", SPI_result_code_string(ret));
@@ -172,17 +205,20 @@ agog_outbox_insert(int64 id, const char *msg_id, const char *agent,
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
+	in_outbox_insert = true;	/* reset here, or at abort */
 	ret = SPI_execute_plan(keep_plan(&insert_plan,
 									 "INSERT INTO agog_nats.outbox "
 									 "  (id, msg_id, agent, task_type, feature, subject, target_stream, body) "
 									 "VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-									 8, argtypes),
+									 8, argtypes, 0),
 						   values, NULL, false, 0);
 	if (ret != SPI_OK_INSERT)
 		elog(ERROR, "could not write the report to the outbox: %s",
 			 SPI_result_code_string(ret));
+	in_outbox_insert = false;
 	SPI_finish();
 	outbox_inserted_in_xact++;
+	outbox_min_id_in_xact = Min(outbox_min_id_in_xact, id);
 }
 
 /*
@@ -210,7 +246,7 @@ agog_outbox_latest_pending(const char *subject)
 									 "SELECT body FROM agog_nats.outbox "
 									 " WHERE subject = $1 AND state NOT IN ('published', 'dead') "
 									 " ORDER BY id DESC LIMIT 1",
-									 1, argtypes),
+									 1, argtypes, 0),
 						   &arg, NULL, true, 1);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "could not read the outbox: %s", SPI_result_code_string(ret));
@@ -247,17 +283,23 @@ Datum
 agog_outbox_changed(PG_FUNCTION_ARGS)
 {
 	TriggerData *td = (TriggerData *) fcinfo->context;
+	bool		is_outbox;
 
 	if (!CALLED_AS_TRIGGER(fcinfo))
 		ereport(ERROR,
 				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
 				 errmsg("agog_outbox_changed must be called as a trigger")));
+	is_outbox = strcmp(RelationGetRelationName(td->tg_relation), "outbox") == 0;
 	if (agog_shared == NULL || agog_shared->worker_pid != MyProcPid)
 	{
 		agog_outbox_note_changed();
-		if (strcmp(RelationGetRelationName(td->tg_relation), "outbox") != 0)
+		if (!is_outbox)
 			workflow_changed_in_xact = true;
+		else if (!in_outbox_insert)
+			outbox_min_id_in_xact = 0;	/* any row may be pending now */
 	}
+	else if (is_outbox && TRIGGER_FIRED_BY_INSERT(td->tg_event))
+		claim_rescan_at = 0;	/* the worker's own task notices */
 	return PointerGetDatum(NULL);
 }
 
@@ -271,6 +313,21 @@ agog_outbox_at_commit(void)
 {
 	if (outbox_inserted_in_xact > 0 && agog_shared != NULL)
 		pg_atomic_fetch_add_u64(&agog_shared->outbox_pending, outbox_inserted_in_xact);
+	if (outbox_min_id_in_xact != PG_INT64_MAX && agog_shared != NULL)
+	{
+		/*
+		 * Lower the claim floor to this transaction's lowest id.  Runs after
+		 * the commit made the rows visible, and before the worker is woken:
+		 * a claim that read the floor before this missed nothing it could
+		 * see, and the next one starts low enough.
+		 */
+		uint64		floor = pg_atomic_read_u64(&agog_shared->claim_floor);
+		uint64		mine = (uint64) outbox_min_id_in_xact;
+
+		while (mine < floor &&
+			   !pg_atomic_compare_exchange_u64(&agog_shared->claim_floor, &floor, mine))
+			;
+	}
 	if (workflow_changed_in_xact && agog_shared != NULL)
 		pg_atomic_fetch_add_u64(&agog_shared->workflow_generation, 1);
 	if (outbox_changed_in_xact)
@@ -278,6 +335,7 @@ agog_outbox_at_commit(void)
 	outbox_changed_in_xact = false;
 	workflow_changed_in_xact = false;
 	outbox_inserted_in_xact = 0;
+	outbox_min_id_in_xact = PG_INT64_MAX;
 }
 
 void
@@ -286,6 +344,8 @@ agog_outbox_at_abort(void)
 	outbox_changed_in_xact = false;
 	workflow_changed_in_xact = false;
 	outbox_inserted_in_xact = 0;
+	outbox_min_id_in_xact = PG_INT64_MAX;
+	in_outbox_insert = false;
 }
 
 /* ----------------------------------------------------------------
@@ -407,14 +467,47 @@ claim_batch(Claimed *rows, MemoryContext cxt)
 	int			ret;
 	int			n;
 
+	TimestampTz now = GetCurrentTimestamp();
+	uint64		floor;
+	int64		seq_last = 0;
+	bool		isnull;
+
+	/*
+	 * Where to start (see claim_after_id).  The floor is taken before the
+	 * claim's snapshot: a row committed since is visible to the claim, or
+	 * lowers the floor again for the next one.
+	 */
+	floor = pg_atomic_exchange_u64(&agog_shared->claim_floor, PG_UINT64_MAX);
+	if (floor != PG_UINT64_MAX)
+		claim_after_id = Min(claim_after_id, (int64) floor - 1);
+	if ((claim_rescan_at != PG_INT64_MAX && now >= claim_rescan_at) ||
+		TimestampDifferenceExceeds(claim_full_scan_at, now, CLAIM_RESCAN_MS))
+	{
+		claim_after_id = 0;
+		claim_rescan_at = PG_INT64_MAX;
+		claim_full_scan_at = now;
+	}
+
 	args[0] = Int32GetDatum(AGOG_DRAIN_BATCH);
 	args[1] = Int32GetDatum(2 * agog_timeout_ms + 1000);
 	args[2] = Int64GetDatum(claim_after_id);
 
 	agog_xact_begin(cxt);
+
+	/*
+	 * Every id up to the sequence's last value is either visible to the
+	 * claim below or belongs to a transaction that has not committed yet
+	 * (which will lower the floor when it does).  Read before the claim.
+	 */
+	ret = SPI_execute("SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END"
+					  "  FROM agog_nats.outbox_id_seq", true, 1);
+	if (ret != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "could not read the outbox id sequence: %s", SPI_result_code_string(ret));
+	seq_last = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+
 	ret = SPI_execute_plan(keep_plan(&claim_plan,
 									 "SELECT * FROM agog_nats.claim_outbox($1, $2, $3)",
-									 3, argtypes),
+									 3, argtypes, 0),
 						   args, NULL, false, 0);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "could not claim outbox rows: %s", SPI_result_code_string(ret));
@@ -424,7 +517,6 @@ claim_batch(Claimed *rows, MemoryContext cxt)
 	{
 		HeapTuple	tup = SPI_tuptable->vals[i];
 		TupleDesc	desc = SPI_tuptable->tupdesc;
-		bool		isnull;
 		text	   *body;
 		MemoryContext spi = MemoryContextSwitchTo(cxt);
 
@@ -445,8 +537,15 @@ claim_batch(Claimed *rows, MemoryContext cxt)
 	}
 	agog_xact_commit(cxt);
 
-	/* after a full batch go on from its last id; after a short one, start over */
-	claim_after_id = (n == AGOG_DRAIN_BATCH) ? rows[n - 1].id : 0;
+	/*
+	 * After a full batch go on from its last id.  After a short one every
+	 * due pending row the claim could see was taken: go on from the last id
+	 * drawn before it.
+	 */
+	if (n == AGOG_DRAIN_BATCH)
+		claim_after_id = rows[n - 1].id;
+	else
+		claim_after_id = Max(claim_after_id, seq_last);
 	return n;
 }
 
@@ -504,6 +603,11 @@ record_outcome(Outcomes *o, int64 id, const char *state, const char *stream,
 	MemoryContext cxt = CurrentMemoryContext;
 	bool		published = strcmp(state, "published") == 0;
 
+	/* a row pending again is due later: the claim then starts from the lowest id */
+	if (strcmp(state, "pending") == 0)
+		claim_rescan_at = Min(claim_rescan_at,
+							  TimestampTzPlusMilliseconds(GetCurrentTimestamp(), delay_ms));
+
 	accumArrayResult(o->ids, Int64GetDatum(id), false, INT8OID, cxt);
 	accumArrayResult(o->states, CStringGetTextDatum(state), false, TEXTOID, cxt);
 	accumArrayResult(o->streams, published ? CStringGetTextDatum(stream) : (Datum) 0,
@@ -544,7 +648,12 @@ flush_outcomes(Outcomes *o)
 	 * serve the outbox side of the join: its statistics say little about
 	 * how many rows are pending right now, and a plan that hashed all of
 	 * them (or rescanned the batch for each) cost more than the rest of the
-	 * drain.  What is left is a lookup by primary key for each of the batch.
+	 * drain.  And it is planned on every call (CURSOR_OPT_CUSTOM_PLAN): the
+	 * planner then sees the batch's size and the table's, and looks up
+	 * each row of the batch by primary key.  A generic plan made at the
+	 * worker's start, when the outbox was small, was a sequential scan of
+	 * it, kept until an autovacuum happened to invalidate it: 20 ms per
+	 * batch after 100,000 reports.
 	 */
 	ret = SPI_execute("SET LOCAL synchronous_commit = off", false, 0);
 	if (ret != SPI_OK_UTILITY)
@@ -569,7 +678,7 @@ flush_outcomes(Outcomes *o)
 									 "  FROM unnest($1, $2, $3, $4, $5, $6, $7)"
 									 "       AS r(id, state, stream, seq, dup, err, delay)"
 									 " WHERE o.id = r.id AND o.state <> 'published' AND o.state <> 'dead'",
-									 7, argtypes),
+									 7, argtypes, CURSOR_OPT_CUSTOM_PLAN),
 						   values, NULL, false, 0);
 	if (ret != SPI_OK_UPDATE)
 		elog(ERROR, "could not record outbox outcomes: %s", SPI_result_code_string(ret));

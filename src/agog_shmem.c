@@ -55,6 +55,7 @@ agog_shmem_startup(void)
 		memset(agog_shared, 0, sizeof(AgogSharedState));
 		agog_shared->lock = &(GetNamedLWLockTranche(AGOG_TRANCHE))->lock;
 		pg_atomic_init_u64(&agog_shared->agents_generation, 0);
+		pg_atomic_init_u64(&agog_shared->claim_floor, PG_UINT64_MAX);
 		pg_atomic_init_u64(&agog_shared->workflow_generation, 0);
 	}
 	LWLockRelease(AddinShmemInitLock);

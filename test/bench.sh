@@ -76,6 +76,7 @@ fsync = on
 max_wal_size = 8GB
 checkpoint_timeout = 30min
 track_commit_timestamp = on
+log_autovacuum_min_duration = 0
 CONF
 runuser -u postgres -- "$PGBIN/pg_ctl" -D "$PGDATA" -l "$WORK/postgresql.log" -w start >/dev/null
 
