@@ -263,8 +263,10 @@ typedef struct AgogSharedState
 	int64		max_payload;	/* the server's, 0 until known */
 	pg_atomic_uint64 outbox_pending;
 	pg_atomic_uint64 claim_floor;	/* lowest outbox id committed since the
-									 * worker's last claim; PG_UINT64_MAX if
-									 * none (agog_outbox.c) */
+									 * worker's last claim; 0: start from the
+									 * lowest; PG_UINT64_MAX: none
+									 * (agog_outbox.c) */
+	Oid			worker_dboid;	/* the worker's database, once connected */
 	uint64		reports_published;
 	uint64		reports_dead;
 	TimestampTz last_drain_at;

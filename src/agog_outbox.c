@@ -81,8 +81,9 @@ static bool in_outbox_insert = false;
  *	- a committed transaction lowered the shared claim floor below it: a
  *	  report with a lower id committed after a later one (ids are drawn
  *	  before commit), or another statement made a row pending (floor 0);
- *	- one of its own outcomes put a row back to pending, due later, or it
- *	  inserted task notices itself (claim_rescan_at);
+ *	- one of its own outcomes put a row back to pending, due later, a lease
+ *	  runs out (the worker's count each second finds the next of these), or
+ *	  it inserted task notices itself (claim_rescan_at);
  *	- every CLAIM_RESCAN_MS whatever happened, as a bound for any path not
  *	  seen here (a prepared transaction committed later, a row skipped while
  *	  another session held a lock on it).
@@ -205,17 +206,25 @@ agog_outbox_insert(int64 id, const char *msg_id, const char *agent,
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
-	in_outbox_insert = true;	/* reset here, or at abort */
-	ret = SPI_execute_plan(keep_plan(&insert_plan,
-									 "INSERT INTO agog_nats.outbox "
-									 "  (id, msg_id, agent, task_type, feature, subject, target_stream, body) "
-									 "VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-									 8, argtypes, 0),
-						   values, NULL, false, 0);
+	/* the statement trigger of this insert must not take it for another */
+	in_outbox_insert = true;
+	PG_TRY();
+	{
+		ret = SPI_execute_plan(keep_plan(&insert_plan,
+										 "INSERT INTO agog_nats.outbox "
+										 "  (id, msg_id, agent, task_type, feature, subject, target_stream, body) "
+										 "VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+										 8, argtypes, 0),
+							   values, NULL, false, 0);
+	}
+	PG_FINALLY();
+	{
+		in_outbox_insert = false;
+	}
+	PG_END_TRY();
 	if (ret != SPI_OK_INSERT)
 		elog(ERROR, "could not write the report to the outbox: %s",
 			 SPI_result_code_string(ret));
-	in_outbox_insert = false;
 	SPI_finish();
 	outbox_inserted_in_xact++;
 	outbox_min_id_in_xact = Min(outbox_min_id_in_xact, id);
@@ -313,20 +322,24 @@ agog_outbox_at_commit(void)
 {
 	if (outbox_inserted_in_xact > 0 && agog_shared != NULL)
 		pg_atomic_fetch_add_u64(&agog_shared->outbox_pending, outbox_inserted_in_xact);
-	if (outbox_min_id_in_xact != PG_INT64_MAX && agog_shared != NULL)
+	if (outbox_min_id_in_xact != PG_INT64_MAX && agog_shared != NULL &&
+		(agog_shared->worker_dboid == MyDatabaseId || agog_shared->worker_dboid == InvalidOid))
 	{
 		/*
 		 * Lower the claim floor to this transaction's lowest id.  Runs after
 		 * the commit made the rows visible, and before the worker is woken:
 		 * a claim that read the floor before this missed nothing it could
-		 * see, and the next one starts low enough.
+		 * see, and the next one starts low enough.  Only for the worker's
+		 * database: another database's outbox is not drained.
 		 */
 		uint64		floor = pg_atomic_read_u64(&agog_shared->claim_floor);
 		uint64		mine = (uint64) outbox_min_id_in_xact;
 
 		while (mine < floor &&
 			   !pg_atomic_compare_exchange_u64(&agog_shared->claim_floor, &floor, mine))
-			;
+		{
+			/* floor now holds the value another commit set: compare again */
+		}
 	}
 	if (workflow_changed_in_xact && agog_shared != NULL)
 		pg_atomic_fetch_add_u64(&agog_shared->workflow_generation, 1);
@@ -336,6 +349,7 @@ agog_outbox_at_commit(void)
 	workflow_changed_in_xact = false;
 	outbox_inserted_in_xact = 0;
 	outbox_min_id_in_xact = PG_INT64_MAX;
+	in_outbox_insert = false;
 }
 
 void
@@ -381,6 +395,7 @@ agog_retry_dead(PG_FUNCTION_ARGS)
 	if (n > 0)
 	{
 		outbox_inserted_in_xact += n;
+		outbox_min_id_in_xact = 0;	/* requeued rows have any id */
 		agog_outbox_note_changed();
 	}
 	PG_RETURN_INT64((int64) n);
@@ -481,6 +496,7 @@ claim_batch(Claimed *rows, MemoryContext cxt)
 	if (floor != PG_UINT64_MAX)
 		claim_after_id = Min(claim_after_id, (int64) floor - 1);
 	if ((claim_rescan_at != PG_INT64_MAX && now >= claim_rescan_at) ||
+		now < claim_full_scan_at ||	/* the clock stepped back */
 		TimestampDifferenceExceeds(claim_full_scan_at, now, CLAIM_RESCAN_MS))
 	{
 		claim_after_id = 0;
@@ -495,9 +511,12 @@ claim_batch(Claimed *rows, MemoryContext cxt)
 	agog_xact_begin(cxt);
 
 	/*
-	 * Every id up to the sequence's last value is either visible to the
-	 * claim below or belongs to a transaction that has not committed yet
-	 * (which will lower the floor when it does).  Read before the claim.
+	 * Where a short batch leaves the cursor: every id up to the sequence's
+	 * last value, read before the claim, is visible to it or belongs to a
+	 * transaction that will lower the floor when it commits.  Without it a
+	 * claim that found nothing would leave the cursor where it was (at 0
+	 * after a full scan), and the next claims would walk from there.  (A
+	 * stale read only leaves the cursor lower.)
 	 */
 	ret = SPI_execute("SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END"
 					  "  FROM agog_nats.outbox_id_seq", true, 1);
@@ -642,6 +661,17 @@ flush_outcomes(Outcomes *o)
 	 * rows are still pending and their resend is deduplicated or found by
 	 * its message id.  (The claim's commit, before sending, is synchronous.)
 	 */
+	ret = SPI_execute("SET LOCAL synchronous_commit = off", false, 0);
+	if (ret != SPI_OK_UTILITY)
+		elog(ERROR, "could not set synchronous_commit: %s", SPI_result_code_string(ret));
+	values[0] = makeArrayResult(o->ids, cxt);
+	values[1] = makeArrayResult(o->states, cxt);
+	values[2] = makeArrayResult(o->streams, cxt);
+	values[3] = makeArrayResult(o->seqs, cxt);
+	values[4] = makeArrayResult(o->dups, cxt);
+	values[5] = makeArrayResult(o->errors, cxt);
+	values[6] = makeArrayResult(o->delays, cxt);
+
 	/*
 	 * "Still pending" is written as neither published nor dead (the same,
 	 * by the table's CHECK) so that the partial index outbox_pending cannot
@@ -655,17 +685,6 @@ flush_outcomes(Outcomes *o)
 	 * it, kept until an autovacuum happened to invalidate it: 20 ms per
 	 * batch after 100,000 reports.
 	 */
-	ret = SPI_execute("SET LOCAL synchronous_commit = off", false, 0);
-	if (ret != SPI_OK_UTILITY)
-		elog(ERROR, "could not set synchronous_commit: %s", SPI_result_code_string(ret));
-	values[0] = makeArrayResult(o->ids, cxt);
-	values[1] = makeArrayResult(o->states, cxt);
-	values[2] = makeArrayResult(o->streams, cxt);
-	values[3] = makeArrayResult(o->seqs, cxt);
-	values[4] = makeArrayResult(o->dups, cxt);
-	values[5] = makeArrayResult(o->errors, cxt);
-	values[6] = makeArrayResult(o->delays, cxt);
-
 	ret = SPI_execute_plan(keep_plan(&record_plan,
 									 "UPDATE agog_nats.outbox o"
 									 "   SET state = r.state, stream = r.stream, seq = r.seq,"
@@ -915,7 +934,8 @@ agog_outbox_maintain(bool purge)
 
 	agog_xact_begin(cxt);
 	ret = SPI_execute("SELECT count(*),"
-					  "       (extract(epoch FROM min(next_attempt_at) - now()) * 1000)::bigint"
+					  "       (extract(epoch FROM min(next_attempt_at) - now()) * 1000)::bigint,"
+					  "       min(next_attempt_at) FILTER (WHERE attempts > 0 AND next_attempt_at > now())"
 					  "  FROM agog_nats.outbox WHERE state = 'pending'",
 					  true, 1);
 	if (ret != SPI_OK_SELECT || SPI_processed != 1)
@@ -924,6 +944,15 @@ agog_outbox_maintain(bool purge)
 	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull);
 	if (!isnull)
 		due_ms = Max(0, DatumGetInt64(d));
+
+	/*
+	 * The next retry or lease to run out: rows below the claim cursor, so
+	 * the claim must start from the lowest id then.  A full scan forgets
+	 * the deadlines it passed; this brings back the later ones.
+	 */
+	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 3, &isnull);
+	if (!isnull)
+		claim_rescan_at = Min(claim_rescan_at, DatumGetTimestampTz(d));
 
 	if (purge)
 	{

@@ -243,6 +243,7 @@ agog_worker_main(Datum main_arg)
 	LWLockAcquire(agog_shared->lock, LW_EXCLUSIVE);
 	agog_shared->worker_pid = MyProcPid;
 	agog_shared->worker_latch = MyLatch;
+	agog_shared->worker_dboid = MyDatabaseId;	/* commits elsewhere leave the claim floor */
 	agog_shared->connected = false;
 	/* what an earlier worker saw no longer holds */
 	agog_shared->streams_checked_at = 0;
