@@ -481,7 +481,6 @@ claim_batch(Claimed *rows, MemoryContext cxt)
 	Datum		args[3];
 	int			ret;
 	int			n;
-
 	TimestampTz now = GetCurrentTimestamp();
 	uint64		floor;
 	int64		seq_last = 0;
