@@ -508,21 +508,6 @@ claim_batch(Claimed *rows, MemoryContext cxt)
 	args[2] = Int64GetDatum(claim_after_id);
 
 	agog_xact_begin(cxt);
-
-	/*
-	 * Where a short batch leaves the cursor: every id up to the sequence's
-	 * last value, read before the claim, is visible to it or belongs to a
-	 * transaction that will lower the floor when it commits.  Without it a
-	 * claim that found nothing would leave the cursor where it was (at 0
-	 * after a full scan), and the next claims would walk from there.  (A
-	 * stale read only leaves the cursor lower.)
-	 */
-	ret = SPI_execute("SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END"
-					  "  FROM agog_nats.outbox_id_seq", true, 1);
-	if (ret != SPI_OK_SELECT || SPI_processed != 1)
-		elog(ERROR, "could not read the outbox id sequence: %s", SPI_result_code_string(ret));
-	seq_last = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
-
 	ret = SPI_execute_plan(keep_plan(&claim_plan,
 									 "SELECT * FROM agog_nats.claim_outbox($1, $2, $3)",
 									 3, argtypes, 0),
@@ -553,12 +538,30 @@ claim_batch(Claimed *rows, MemoryContext cxt)
 		rows[i].stream = SPI_getvalue(tup, desc, 7);
 		MemoryContextSwitchTo(spi);
 	}
+
+	/*
+	 * Where a short batch leaves the cursor: every id up to the sequence's
+	 * last value is visible to the claim above, or belongs to a transaction
+	 * that commits after the claim's snapshot was taken, so after the floor
+	 * was read, and lowers it when it does.  Without it a claim that found
+	 * nothing would leave the cursor where it was (at 0 after a full scan),
+	 * and the next claims would walk from there.  A full batch needs no
+	 * read: it goes on from its last id.
+	 */
+	if (n < AGOG_DRAIN_BATCH)
+	{
+		ret = SPI_execute("SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END"
+						  "  FROM agog_nats.outbox_id_seq", true, 1);
+		if (ret != SPI_OK_SELECT || SPI_processed != 1)
+			elog(ERROR, "could not read the outbox id sequence: %s", SPI_result_code_string(ret));
+		seq_last = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	}
 	agog_xact_commit(cxt);
 
 	/*
 	 * After a full batch go on from its last id.  After a short one every
 	 * due pending row the claim could see was taken: go on from the last id
-	 * drawn before it.
+	 * drawn.
 	 */
 	if (n == AGOG_DRAIN_BATCH)
 		claim_after_id = rows[n - 1].id;
