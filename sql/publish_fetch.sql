@@ -56,6 +56,14 @@ SELECT string_agg(repeat('x', o) || chr(c) || 'é😀', '' ORDER BY o, c) AS con
 SELECT agog_publish_report_now('roy', 'backend', 'all-bytes', content) IS NOT NULL AS published FROM all_bytes;
 SELECT r.content = b.content AS same_content, length(r.content)
   FROM agog_fetch_report('roy', 'backend', 'all-bytes') r, all_bytes b;
+-- Escapes that outgrow twice the text (six bytes for each control
+-- character), two-byte ones, and both mixed with plain runs.
+CREATE TEMP VIEW escapes AS
+SELECT repeat(chr(1), 5000) || repeat('"\', 3000) || repeat(chr(31) || 'a', 2000)
+       || repeat(E'\n', 100) AS content;
+SELECT agog_publish_report_now('roy', 'backend', 'escapes', content) IS NOT NULL AS published FROM escapes;
+SELECT r.content = e.content AS same_content, length(r.content), r.metadata ->> 'agent' AS agent
+  FROM agog_fetch_report('roy', 'backend', 'escapes') r, escapes e;
 -- The same read from the outbox (this transaction's own report, not yet in
 -- JetStream).
 BEGIN;

@@ -41,17 +41,27 @@ static const char *const reserved_keys[] = {"agent", "taskType", "feature", "tim
 #define FETCH_COLS 6
 
 /*
+ * text_arg_pp
+ *		A text argument that must not be NULL, detoasted (short header kept).
+ */
+static text *
+text_arg_pp(FunctionCallInfo fcinfo, int n, const char *name)
+{
+	if (PG_ARGISNULL(n))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("%s must not be null", name)));
+	return PG_GETARG_TEXT_PP(n);
+}
+
+/*
  * text_arg
  *		A text argument that must not be NULL, as a C string.
  */
 static char *
 text_arg(FunctionCallInfo fcinfo, int n, const char *name)
 {
-	if (PG_ARGISNULL(n))
-		ereport(ERROR,
-				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
-				 errmsg("%s must not be null", name)));
-	return text_to_cstring(PG_GETARG_TEXT_PP(n));
+	return text_to_cstring(text_arg_pp(fcinfo, n, name));
 }
 
 /* What the functions need of an agent's row. */
@@ -187,41 +197,60 @@ json_plain_run(const unsigned char *p, const unsigned char *end)
 
 /*
  * append_json_string
- *		escape_json's output, copying runs of bytes that need no escape
- *		with one memcpy each (PostgreSQL 15's escape_json appends one
- *		character at a time).
+ *		escape_json's output for len bytes at s (no NUL among them), written
+ *		straight into buf: runs of bytes that need no escape are copied with
+ *		one memcpy each (PostgreSQL 15's escape_json appends one character at
+ *		a time).  Room for twice the input is reserved first, which every
+ *		two-byte escape keeps; only a \u00XX escape must check for more.
  */
 static void
-append_json_string(StringInfo buf, const char *s)
+append_json_string(StringInfo buf, const char *s, size_t len)
 {
-	size_t		len = strlen(s);
 	const unsigned char *p = (const unsigned char *) s;
 	const unsigned char *end = p + len;
+	char	   *o;
 
-	enlargeStringInfo(buf, len + 2);
-	appendStringInfoChar(buf, '"');
+	enlargeStringInfo(buf, (int) (2 * len + 2));
+	o = buf->data + buf->len;
+	*o++ = '"';
 	for (;;)
 	{
 		const unsigned char *q = json_plain_run(p, end);
+		char		c;
 
-		if (q > p)
-			appendBinaryStringInfo(buf, (const char *) p, q - p);
+		memcpy(o, p, q - p);
+		o += q - p;
 		if (q >= end)
 			break;
 		switch (*q)
 		{
-			case '\b': appendStringInfoString(buf, "\\b"); break;
-			case '\f': appendStringInfoString(buf, "\\f"); break;
-			case '\n': appendStringInfoString(buf, "\\n"); break;
-			case '\r': appendStringInfoString(buf, "\\r"); break;
-			case '\t': appendStringInfoString(buf, "\\t"); break;
-			case '"': appendStringInfoString(buf, "\\\""); break;
-			case '\\': appendStringInfoString(buf, "\\\\"); break;
-			default: appendStringInfo(buf, "\\u%04x", (int) *q); break;
+			case '\b': c = 'b'; break;
+			case '\f': c = 'f'; break;
+			case '\n': c = 'n'; break;
+			case '\r': c = 'r'; break;
+			case '\t': c = 't'; break;
+			case '"': c = '"'; break;
+			case '\\': c = '\\'; break;
+			default: c = 0; break;
+		}
+		if (c != 0)
+		{
+			*o++ = '\\';
+			*o++ = c;
+		}
+		else
+		{
+			/* six bytes for one: keep room for twice the rest after it */
+			buf->len = o - buf->data;
+			enlargeStringInfo(buf, (int) (2 * (end - q) + 8));
+			o = buf->data + buf->len;
+			o += sprintf(o, "\\u%04x", (int) *q);
 		}
 		p = q + 1;
 	}
-	appendStringInfoChar(buf, '"');
+	*o++ = '"';
+	*o = '\0';
+	buf->len = o - buf->data;
 }
 
 /*
@@ -303,14 +332,14 @@ parse_seed_fast(const char *data, int len, Datum *content, Datum *metadata)
  */
 static StringInfo
 agog_encode_report(const char *agent, const char *task_type,
-				   const char *feature, const char *content, Jsonb *metadata)
+				   const char *feature, text *content, Jsonb *metadata)
 {
 	StringInfo	buf = makeStringInfo();
 	char		ts[32];
 
 	iso_timestamp(GetCurrentTimestamp(), ts, sizeof(ts));
 	appendStringInfoString(buf, "{\"content\":");
-	append_json_string(buf, content);
+	append_json_string(buf, VARDATA_ANY(content), VARSIZE_ANY_EXHDR(content));
 	appendStringInfo(buf, ",\"metadata\":{\"agent\":\"%s\",\"taskType\":\"%s\",\"feature\":\"%s\",\"timestamp\":\"%s\"",
 					 agent, task_type, feature, ts);
 	if (JB_ROOT_COUNT(metadata) > 0)
@@ -334,7 +363,7 @@ agog_encode_report(const char *agent, const char *task_type,
  */
 static Jsonb *
 check_publish_args(FunctionCallInfo fcinfo, char **agent, char **task_type,
-				   char **feature, char **content)
+				   char **feature, text **content)
 {
 	Jsonb	   *metadata;
 
@@ -342,7 +371,7 @@ check_publish_args(FunctionCallInfo fcinfo, char **agent, char **task_type,
 	*agent = text_arg(fcinfo, 0, "agent");
 	*task_type = text_arg(fcinfo, 1, "task_type");
 	*feature = text_arg(fcinfo, 2, "feature");
-	*content = text_arg(fcinfo, 3, "content");
+	*content = text_arg_pp(fcinfo, 3, "content");
 	agog_check_token("agent", *agent);
 	agog_check_token("task_type", *task_type);
 	agog_check_token("feature", *feature);
@@ -366,7 +395,7 @@ agog_publish_report_now(PG_FUNCTION_ARGS)
 	char	   *agent;
 	char	   *task_type;
 	char	   *feature;
-	char	   *content;
+	text	   *content;
 	Jsonb	   *metadata = check_publish_args(fcinfo, &agent, &task_type, &feature, &content);
 	AgentInfo	info = agent_info(agent);
 	StringInfo	body = agog_encode_report(agent, task_type, feature, content, metadata);
@@ -398,7 +427,7 @@ agog_publish_report(PG_FUNCTION_ARGS)
 	char	   *agent;
 	char	   *task_type;
 	char	   *feature;
-	char	   *content;
+	text	   *content;
 	Jsonb	   *metadata = check_publish_args(fcinfo, &agent, &task_type, &feature, &content);
 	AgentInfo	info = agent_info(agent);
 	StringInfo	body = agog_encode_report(agent, task_type, feature, content, metadata);
