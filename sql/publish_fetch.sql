@@ -64,6 +64,15 @@ SELECT repeat(chr(1), 5000) || repeat('"\', 3000) || repeat(chr(31) || 'a', 2000
 SELECT agog_publish_report_now('roy', 'backend', 'escapes', content) IS NOT NULL AS published FROM escapes;
 SELECT r.content = e.content AS same_content, length(r.content), r.metadata ->> 'agent' AS agent
   FROM agog_fetch_report('roy', 'backend', 'escapes') r, escapes e;
+-- 50,000 characters drawn at random from 1..127 and two multibyte ones:
+-- escapes of both sizes at every distance from each other.
+SELECT setseed(0.42);
+CREATE TEMP TABLE mixed AS
+SELECT string_agg(CASE WHEN r < 128 THEN chr(r) WHEN r < 132 THEN 'é' ELSE '😀' END, '') AS content
+  FROM (SELECT 1 + floor(random() * 135)::int AS r FROM generate_series(1, 50000)) g;
+SELECT agog_publish_report_now('roy', 'backend', 'mixed', content) IS NOT NULL AS published FROM mixed;
+SELECT r.content = m.content AS same_content, length(r.content)
+  FROM agog_fetch_report('roy', 'backend', 'mixed') r, mixed m;
 -- The same read from the outbox (this transaction's own report, not yet in
 -- JetStream).
 BEGIN;

@@ -200,8 +200,9 @@ json_plain_run(const unsigned char *p, const unsigned char *end)
  *		escape_json's output for len bytes at s (no NUL among them), written
  *		straight into buf: runs of bytes that need no escape are copied with
  *		one memcpy each (PostgreSQL 15's escape_json appends one character at
- *		a time).  Room for twice the input is reserved first, which every
- *		two-byte escape keeps; only a \u00XX escape must check for more.
+ *		a time).  Room for the text and its quotes is reserved first; before
+ *		each escape (up to six bytes for one) the buffer grows if the escape
+ *		and the rest of the text would not fit.
  */
 static void
 append_json_string(StringInfo buf, const char *s, size_t len)
@@ -210,41 +211,37 @@ append_json_string(StringInfo buf, const char *s, size_t len)
 	const unsigned char *end = p + len;
 	char	   *o;
 
-	enlargeStringInfo(buf, (int) (2 * len + 2));
+	enlargeStringInfo(buf, (int) len + 2);
 	o = buf->data + buf->len;
 	*o++ = '"';
 	for (;;)
 	{
 		const unsigned char *q = json_plain_run(p, end);
-		char		c;
+		int			need;
 
 		memcpy(o, p, q - p);
 		o += q - p;
 		if (q >= end)
 			break;
+		/* this escape, the bytes after it, the closing quote */
+		need = 6 + (int) (end - q - 1) + 1;
+		if (buf->maxlen - 1 - (o - buf->data) < need)
+		{
+			buf->len = o - buf->data;
+			enlargeStringInfo(buf, need);
+			o = buf->data + buf->len;
+		}
+		*o++ = '\\';
 		switch (*q)
 		{
-			case '\b': c = 'b'; break;
-			case '\f': c = 'f'; break;
-			case '\n': c = 'n'; break;
-			case '\r': c = 'r'; break;
-			case '\t': c = 't'; break;
-			case '"': c = '"'; break;
-			case '\\': c = '\\'; break;
-			default: c = 0; break;
-		}
-		if (c != 0)
-		{
-			*o++ = '\\';
-			*o++ = c;
-		}
-		else
-		{
-			/* six bytes for one: keep room for twice the rest after it */
-			buf->len = o - buf->data;
-			enlargeStringInfo(buf, (int) (2 * (end - q) + 8));
-			o = buf->data + buf->len;
-			o += sprintf(o, "\\u%04x", (int) *q);
+			case '\b': *o++ = 'b'; break;
+			case '\f': *o++ = 'f'; break;
+			case '\n': *o++ = 'n'; break;
+			case '\r': *o++ = 'r'; break;
+			case '\t': *o++ = 't'; break;
+			case '"': *o++ = '"'; break;
+			case '\\': *o++ = '\\'; break;
+			default: o += sprintf(o, "u%04x", (int) *q); break;
 		}
 		p = q + 1;
 	}
