@@ -70,8 +70,9 @@ my $poll = AgogExactlyOnce::Session->new($node);
 my @kills;
 for my $round (1 .. 3)
 {
-	AgogExactlyOnce::wait_until(
-		sub { ($poll->query('SELECT connected FROM agog_nats.worker_health') // '') eq 't' }, 30);
+	ok(AgogExactlyOnce::wait_until(
+			sub { ($poll->query('SELECT connected FROM agog_nats.worker_health') // '') eq 't' }, 30),
+		"round $round: the worker is connected within 30 s");
 	feed(250 * ($round - 1) + 1);
 
 	# Wait until the drain is in the middle of a batch: JetStream holds more
@@ -99,7 +100,7 @@ for my $round (1 .. 3)
 }
 $poll->quit;
 feed(751);
-$bg->quit;    # waits for the last commits
+ok($bg->quit, 'the background session committed its 40 transactions and ended cleanly');
 
 ok(AgogExactlyOnce::wait_drained($node, 'k9-', 60), 'after the last restart every report is published within 60 s');
 my $res = AgogExactlyOnce::check(
