@@ -313,6 +313,21 @@ agog_outbox_changed(PG_FUNCTION_ARGS)
 }
 
 /*
+ * forget_xact
+ *		Reset what the transaction that just ended noted (in_outbox_insert is
+ *		reset by agog_outbox_insert itself, on every path).  Runs in the
+ *		commit and abort callbacks; nothing that can fail.
+ */
+static void
+forget_xact(void)
+{
+	outbox_changed_in_xact = false;
+	workflow_changed_in_xact = false;
+	outbox_inserted_in_xact = 0;
+	outbox_min_id_in_xact = PG_INT64_MAX;
+}
+
+/*
  * agog_outbox_at_commit
  *		Transaction callback at commit: count what was queued and wake the
  *		worker.  An atomic add and a latch; nothing that can fail.
@@ -345,21 +360,17 @@ agog_outbox_at_commit(void)
 		pg_atomic_fetch_add_u64(&agog_shared->workflow_generation, 1);
 	if (outbox_changed_in_xact)
 		agog_wake_worker();
-	outbox_changed_in_xact = false;
-	workflow_changed_in_xact = false;
-	outbox_inserted_in_xact = 0;
-	outbox_min_id_in_xact = PG_INT64_MAX;
-	in_outbox_insert = false;
+	forget_xact();
 }
 
+/*
+ * agog_outbox_at_abort
+ *		Transaction callback at abort: forget what this transaction queued.
+ */
 void
 agog_outbox_at_abort(void)
 {
-	outbox_changed_in_xact = false;
-	workflow_changed_in_xact = false;
-	outbox_inserted_in_xact = 0;
-	outbox_min_id_in_xact = PG_INT64_MAX;
-	in_outbox_insert = false;
+	forget_xact();
 }
 
 /* ----------------------------------------------------------------
