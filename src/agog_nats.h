@@ -326,6 +326,7 @@ extern bool agog_reconcile_streams(AgogConn *conn, int *ok, int *failed,
  * ----------------------------------------------------------------
  */
 extern void agog_register_worker(void);
+extern void agog_worker_streams_current(AgogConn *conn);
 extern void agog_note_agents_changed(void);
 extern bool agog_agents_changed_in_xact(void);
 extern void agog_require_preload(void);

@@ -757,6 +757,9 @@ batch_claim_send(AgogConn *conn, DrainBatch *b, MemoryContext parent)
 	b->items = palloc0(sizeof(AgogPubItem) * b->n);
 	b->item_row = palloc0(sizeof(int) * b->n);
 
+	/* a report of an agent added since the streams were last checked */
+	agog_worker_streams_current(conn);
+
 	/*
 	 * A row claimed before may have been stored by an earlier send whose ack
 	 * was lost.  Within the duplicate window JetStream drops a resend; past

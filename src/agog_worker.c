@@ -7,8 +7,10 @@
  * One worker per cluster, connected to agog_nats.database, started once
  * recovery has finished (so on the primary only, and after a promotion).
  * Its loop: apply a reload, connect (with backoff) while disconnected, check
- * the streams after every (re)connect, agents change and every half minute,
- * then wait on its latch and on nats.c's event pipe until the next deadline.
+ * the streams after every (re)connect, agents change and every half minute
+ * (and, through agog_worker_streams_current, before the drain sends a claim
+ * made after an agents change), then wait on its latch and on nats.c's event
+ * pipe until the next deadline.
  *
  * SIGTERM only sets a flag; every NATS wait is cut in slices that check it,
  * so the worker stops within a slice.  A fault throws, and the uncaught ERROR
@@ -68,6 +70,19 @@ typedef enum LoggedState
 	LOGGED_CONNECTED,
 	LOGGED_DOWN,
 } LoggedState;
+
+/* The agent streams, as the worker last put them in place. */
+static struct
+{
+	bool		needed;			/* check them at the next chance */
+	bool		tried;			/* checked since the last (re)connect */
+	uint64		generation;		/* the agents generation they match */
+	TimestampTz next_try;		/* not before this, after a failure */
+	TimestampTz checked;		/* the last check */
+} streams = {true, false, 0, 0, 0};
+
+/* The last NATS error the worker logged, so it logs each once. */
+static char logged_error[AGOG_ERROR_LEN] = "";
 
 /*
  * agog_register_worker
@@ -174,6 +189,74 @@ ms_until(TimestampTz when)
 }
 
 /*
+ * put_streams_in_place
+ *		Create or update the agent streams to match agog_nats.agents as of
+ *		generation (read before), and keep the outcome in the worker's state
+ *		and in shared memory; a failure is logged once per distinct error
+ *		and tried again after a second.  Runs in the worker's main thread,
+ *		outside any transaction, while connected.
+ */
+static void
+put_streams_in_place(AgogConn *conn, uint64 generation)
+{
+	AgogError	err;
+	int			ok;
+	int			failed;
+	bool		all_ok = agog_reconcile_streams(conn, &ok, &failed, &err);
+
+	streams.tried = true;
+	if (all_ok)
+	{
+		streams.needed = false;
+		streams.generation = generation;
+		if (logged_error[0] != '\0')
+			ereport(LOG,
+					(errmsg("agog_nats worker has all %d agent streams in place", ok)));
+		logged_error[0] = '\0';
+	}
+	else if (!ShutdownRequestPending)
+	{
+		if (strcmp(logged_error, err.text) != 0)
+			ereport(WARNING,
+					(errcode(err.sqlstate),
+					 errmsg("agog_nats worker could not put %d of %d agent streams in place, retrying",
+							failed, ok + failed),
+					 errdetail_internal("The NATS client reported: %s.", err.text)));
+		strlcpy(logged_error, err.text, sizeof(logged_error));
+		agog_shared_set_error(err.text);
+		streams.next_try = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), 1000);
+	}
+	streams.checked = GetCurrentTimestamp();
+	LWLockAcquire(agog_shared->lock, LW_EXCLUSIVE);
+	agog_shared->streams_checked_at = streams.checked;
+	agog_shared->streams_ok = ok;
+	agog_shared->streams_failed = failed;
+	LWLockRelease(agog_shared->lock);
+}
+
+/*
+ * agog_worker_streams_current
+ *		Called by the drain after a claim commits, before anything it claimed
+ *		is sent: when the agents changed since the streams were put in place,
+ *		put them in place first.  A report claimed here committed before the
+ *		claim's snapshot, so an agent added before the report moved the agents
+ *		generation (at its commit) before this reads it: a new agent's first
+ *		report never goes out before its stream exists.  Sent earlier, it
+ *		would be refused, wait out a backoff, and land after the agent's next
+ *		report on its subject.  Not retried more than once a second after a
+ *		failure.  Runs in the worker's main thread, outside any transaction.
+ */
+void
+agog_worker_streams_current(AgogConn *conn)
+{
+	uint64		generation = pg_atomic_read_u64(&agog_shared->agents_generation);
+
+	if (generation != streams.generation && agog_shared->connected &&
+		GetCurrentTimestamp() >= streams.next_try)
+		put_streams_in_place(conn, generation);
+}
+
+/*
  * release_free_memory
  *		Give the pages malloc keeps free back to the kernel, once the outbox
  *		is drained.  A drain holds two batches of reports in flight (in its
@@ -201,10 +284,6 @@ agog_worker_main(Datum main_arg)
 	AgogConn   *conn = NULL;
 	char	   *conn_url = NULL;
 	LoggedState logged = LOGGED_NONE;
-	char		logged_error[AGOG_ERROR_LEN] = "";
-	bool		need_streams = true;
-	bool		streams_tried = false;	/* since the last (re)connect */
-	uint64		streams_generation = 0;
 	uint64		drained_since_trim = 0;
 	uint64		seen_wgen = 0;
 	TimestampTz stepped_at = 0;
@@ -215,8 +294,6 @@ agog_worker_main(Datum main_arg)
 	TimestampTz notices_checked = 0;
 	int			backoff_ms = BACKOFF_MIN_MS;
 	TimestampTz next_connect = 0;
-	TimestampTz next_streams = 0;
-	TimestampTz streams_checked = 0;
 	TimestampTz outbox_checked = 0;
 	bool		leases_released = false;
 	bool		has_outbox = false;
@@ -289,7 +366,7 @@ agog_worker_main(Datum main_arg)
 				next_connect = 0;
 				backoff_ms = BACKOFF_MIN_MS;
 			}
-			need_streams = true;
+			streams.needed = true;
 		}
 
 		if (!extension_installed(&has_outbox, &has_workflows))
@@ -344,9 +421,9 @@ agog_worker_main(Datum main_arg)
 								agog_shared->server)));
 				logged = LOGGED_CONNECTED;
 				backoff_ms = BACKOFF_MIN_MS;
-				need_streams = true;
-				streams_tried = false;
-				next_streams = 0;
+				streams.needed = true;
+				streams.tried = false;
+				streams.next_try = 0;
 			}
 		}
 
@@ -372,9 +449,9 @@ agog_worker_main(Datum main_arg)
 				/* the server may have lost the notice consumer: bind again */
 				agog_conn_notices_reset(conn);
 				/* a server restarted on an empty store has no streams */
-				need_streams = true;
-				streams_tried = false;
-				next_streams = 0;
+				streams.needed = true;
+				streams.tried = false;
+				streams.next_try = 0;
 				/* another server of the cluster may announce another limit */
 				LWLockAcquire(agog_shared->lock, LW_EXCLUSIVE);
 				agog_shared->max_payload = agog_conn_max_payload(conn);
@@ -409,50 +486,14 @@ agog_worker_main(Datum main_arg)
 			}
 
 			generation = pg_atomic_read_u64(&agog_shared->agents_generation);
-			if (generation != streams_generation)
-				need_streams = true;
+			if (generation != streams.generation)
+				streams.needed = true;
 			now = GetCurrentTimestamp();
-			if (streams_checked != 0 &&
-				TimestampDifferenceExceeds(streams_checked, now, RECHECK_STREAMS_MS))
-				need_streams = true;
-
-			if (need_streams && agog_shared->connected && now >= next_streams)
-			{
-				AgogError	err;
-				int			ok;
-				int			failed;
-
-				bool		all_ok = agog_reconcile_streams(conn, &ok, &failed, &err);
-
-				streams_tried = true;
-				if (all_ok)
-				{
-					need_streams = false;
-					streams_generation = generation;
-					if (logged_error[0] != '\0')
-						ereport(LOG,
-								(errmsg("agog_nats worker has all %d agent streams in place", ok)));
-					logged_error[0] = '\0';
-				}
-				else if (!ShutdownRequestPending)
-				{
-					if (strcmp(logged_error, err.text) != 0)
-						ereport(WARNING,
-								(errcode(err.sqlstate),
-								 errmsg("agog_nats worker could not put %d of %d agent streams in place, retrying",
-										failed, ok + failed),
-								 errdetail_internal("The NATS client reported: %s.", err.text)));
-					strlcpy(logged_error, err.text, sizeof(logged_error));
-					agog_shared_set_error(err.text);
-					next_streams = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), 1000);
-				}
-				streams_checked = GetCurrentTimestamp();
-				LWLockAcquire(agog_shared->lock, LW_EXCLUSIVE);
-				agog_shared->streams_checked_at = streams_checked;
-				agog_shared->streams_ok = ok;
-				agog_shared->streams_failed = failed;
-				LWLockRelease(agog_shared->lock);
-			}
+			if (streams.checked != 0 &&
+				TimestampDifferenceExceeds(streams.checked, now, RECHECK_STREAMS_MS))
+				streams.needed = true;
+			if (streams.needed && agog_shared->connected && now >= streams.next_try)
+				put_streams_in_place(conn, generation);
 		}
 
 		/*
@@ -465,7 +506,7 @@ agog_worker_main(Datum main_arg)
 			bool		notices_applied = false;
 			uint64		wgen;
 
-			if (conn != NULL && agog_shared->connected && streams_tried)
+			if (conn != NULL && agog_shared->connected && streams.tried)
 			{
 				AgogConnEvents ev;
 
@@ -540,7 +581,7 @@ agog_worker_main(Datum main_arg)
 			 * the last (re)connect; one agent whose stream cannot be created
 			 * must not hold up the others' reports.
 			 */
-			if (conn != NULL && agog_shared->connected && streams_tried)
+			if (conn != NULL && agog_shared->connected && streams.tried)
 			{
 				TimestampTz start = GetCurrentTimestamp();
 
@@ -574,8 +615,8 @@ agog_worker_main(Datum main_arg)
 
 		if (conn == NULL)
 			timeout = Min(timeout, ms_until(next_connect));
-		else if (need_streams)
-			timeout = Min(timeout, Max(ms_until(next_streams), 100));
+		else if (streams.needed)
+			timeout = Min(timeout, Max(ms_until(streams.next_try), 100));
 
 wait:
 		if (conn != NULL && agog_conn_event_fd(conn) >= 0)

@@ -229,6 +229,51 @@ cmp_ok(($hot_after // 0) - $hot_before, '>=', 40,
 	"statistics: at least 40 of the 50 claims were HOT updates (n_tup_hot_upd $hot_before -> "
 	  . ($hot_after // "none") . ")");
 
+# --- a new agent's first reports go out after its stream exists -----------------------
+# An agent added, then a report of it committed right away, while the worker
+# is busy draining other reports: the worker may have read the agents
+# generation just before the agent's commit, and claim the report before it
+# looks at the agents again.  Sent then, the report finds no stream, waits out
+# a backoff, and lands after the agent's next report on the same subject, so
+# agog_fetch_report returns the older one.  The claim must put the new
+# agent's stream in place before anything of it is sent.
+my $busy = $node->background_psql('postgres');
+$busy->query_until(qr/busy/, q{\echo busy
+DO $$ BEGIN
+	FOR i IN 1..3000 LOOP
+		PERFORM agog_publish_report('roy', 'backend', 'busy-' || (i % 50), 'keeping the worker busy');
+		COMMIT;
+	END LOOP;
+END $$;
+});
+my $new_agents = 12;
+for my $k (1 .. $new_agents)
+{
+	$node->safe_psql('postgres',
+		"INSERT INTO agog_nats.agents (agent, task_type) VALUES ('newcomer$k', 'newcomer${k}_reports');\n"
+		  . "SELECT agog_publish_report('newcomer$k', 'newcomer${k}_reports', 'first', 'older');\n"
+		  . "SELECT agog_publish_report('newcomer$k', 'newcomer${k}_reports', 'first', 'newer');\n");
+}
+ok(AgogExactlyOnce::wait_until(
+		sub {
+			AgogExactlyOnce::try_query($node,
+				"SELECT count(*) FROM agog_nats.outbox WHERE agent LIKE 'newcomer%' AND state = 'published'")
+			  eq 2 * $new_agents;
+		},
+		30),
+	"new agents: all $new_agents x 2 reports published");
+is( $node->safe_psql('postgres',
+		"SELECT count(*) FROM agog_nats.outbox WHERE agent LIKE 'newcomer%' AND attempts > 1"),
+	'0',
+	"new agents: every report was published at its first attempt (none was sent before its stream existed)");
+is( $node->safe_psql('postgres',
+		"SELECT string_agg(a.agent, ', ' ORDER BY a.agent) FROM agog_nats.agents a,"
+		  . " LATERAL agog_fetch_report(a.agent, a.task_type, 'first') f"
+		  . " WHERE a.agent LIKE 'newcomer%' AND f.content <> 'newer'"),
+	'',
+	"new agents: agog_fetch_report returns each new agent's newer report");
+$busy->quit;
+
 $node->stop;
 $nats->stop;
 note(sprintf('100_outbox_basic took %.1f s', Time::HiRes::time() - $t_start));
