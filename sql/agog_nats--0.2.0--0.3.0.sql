@@ -1089,3 +1089,18 @@ ALTER TABLE agog_nats.outbox SET (fillfactor = 50);
 -- the worker's record (the record changes state, so it is not HOT), and no
 -- query looks a row up by message id.
 ALTER TABLE agog_nats.outbox DROP CONSTRAINT outbox_msg_id_key;
+
+-- agog_fetch_report first looks for the subject's newest report not yet in
+-- JetStream.  Through outbox_subject that walked every row the subject
+-- kept (published rows stay for agog_nats.published_retention): 10 ms for
+-- a subject with 5,000 published reports.  Pending reports only, by
+-- subject: one probe.  Each report adds one entry at insert; the record
+-- (which changes state) adds none, and the claim stays HOT.  The predicate
+-- says "pending" as NOT IN ('published', 'dead') (the same, by the state
+-- CHECK), and the look-up says it the same way: the look-up then cannot
+-- use outbox_pending (state = 'pending', by id), which would walk every
+-- pending row whenever its statistics say it is empty.  It names kind so
+-- that the claim, which takes pending rows of any kind, cannot use this
+-- index (and sort every pending row by id).
+CREATE INDEX outbox_subject_pending ON agog_nats.outbox (subject, id)
+    WHERE state NOT IN ('published', 'dead') AND kind = 'report';

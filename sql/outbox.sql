@@ -63,6 +63,46 @@ SELECT count(*) FILTER (WHERE state = 'published') AS published,
 SELECT content, message_id = agog_report_message_id(:last_id) AS latest
   FROM agog_fetch_report('roy', 'backend', 'tx-many');
 
+-- One subject's reports reach JetStream in id order, whatever order the
+-- claim's UPDATE visits them in.  The first ten rows get new versions (an
+-- administrator's no-op update, in the same transaction) that lie after the
+-- last ten on their pages: a claim that scans the table meets them last.
+BEGIN;
+SELECT count(agog_publish_report('jen', 'frontend', 'order', 'v' || lpad(g::text, 2, '0'))) AS queued
+  FROM generate_series(1, 20) g;
+UPDATE agog_nats.outbox SET next_attempt_at = next_attempt_at
+ WHERE feature = 'order' AND body::json ->> 'content' <= 'v10';
+COMMIT;
+SELECT wait_published(ARRAY(SELECT id FROM agog_nats.outbox WHERE feature = 'order'));
+SELECT count(*) FILTER (WHERE seq < prev_seq) AS out_of_order, count(*) AS published
+  FROM (SELECT seq, lag(seq) OVER (ORDER BY id) AS prev_seq FROM agog_nats.outbox
+         WHERE feature = 'order' AND state = 'published') s;
+SELECT content FROM agog_fetch_report('jen', 'frontend', 'order');
+
+-- A subject's history does not slow its fetch.  Published rows stay in the
+-- outbox for agog_nats.published_retention (7 days), and the look-up of a
+-- report on the subject not yet in JetStream must not walk them: 2,000
+-- reports on one subject, published and vacuumed, then the shared buffers
+-- one fetch touches (the function scan counts its own queries' too).
+CREATE FUNCTION fetch_buffers(a text, t text, f text) RETURNS bigint LANGUAGE plpgsql AS $$
+DECLARE
+    plan json;
+BEGIN
+    EXECUTE format('EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) SELECT * FROM agog_fetch_report(%L, %L, %L)',
+                   a, t, f) INTO plan;
+    RETURN (plan -> 0 -> 'Plan' ->> 'Shared Hit Blocks')::bigint
+         + (plan -> 0 -> 'Plan' ->> 'Shared Read Blocks')::bigint;
+END
+$$;
+SELECT count(agog_publish_report('jen', 'frontend', 'history', 'v' || g)) AS queued
+  FROM generate_series(1, 2000) g;
+SELECT wait_published(ARRAY(SELECT id FROM agog_nats.outbox WHERE feature = 'history'));
+SELECT state, count(*), max(attempts) AS attempts, min(last_error) AS error
+  FROM agog_nats.outbox WHERE feature = 'history' GROUP BY state;
+VACUUM agog_nats.outbox;
+SELECT content FROM agog_fetch_report('jen', 'frontend', 'history');
+SELECT fetch_buffers('jen', 'frontend', 'history') < 50 AS few_buffers;
+
 -- The same checks as agog_publish_report_now, before commit.
 SELECT try(format('SELECT agog_publish_report(%L, %L, %L, %L)', a, t, f, 'c'))
   FROM (VALUES ('', 'research', 'f'), ('cynthia', 'a.b', 'f'), ('cynthia', 'research', 'x>'),
