@@ -671,9 +671,12 @@ round_raw_async(int n, int nsubj, const char *body, int len, Fig *rate, Fig *nat
 		fig_add(nats_cpu_per_k, (proc_cpu_ms(nats_pid) - ncpu0) * 1000.0 / n);
 }
 
-/* js_DirectGetMsg last by subject over the fetch stream's subjects. */
+/*
+ * js_DirectGetMsg last by subject over the fetch stream's subjects, or
+ * (drain) over the drain's subjects of agog_features_backend.
+ */
 static void
-round_raw_get(int n, Fig *p50, Fig *p99)
+round_raw_get(int n, bool drain, Fig *p50, Fig *p99)
 {
 	double	   *lat = malloc(sizeof(double) * n);
 	uint64_t	st = 7;
@@ -686,12 +689,17 @@ round_raw_get(int n, Fig *p50, Fig *p99)
 		double		a;
 		natsStatus	s;
 
-		snprintf(subj, sizeof(subj), "agog.deliverables.cynthia.research.f%04d",
-				 (int) (lcg_next(&st) % FETCH_SUBJECTS));
+		if (drain)
+			snprintf(subj, sizeof(subj), "agog.deliverables.roy.backend.drain%d",
+					 (int) (lcg_next(&st) % FETCH_SUBJECTS) % DRAIN_SUBJECTS);
+		else
+			snprintf(subj, sizeof(subj), "agog.deliverables.cynthia.research.f%04d",
+					 (int) (lcg_next(&st) % FETCH_SUBJECTS));
 		jsDirectGetMsgOptions_Init(&dg);
 		dg.LastBySubject = subj;
 		a = now_us();
-		s = js_DirectGetMsg(&m, js, "agog_features_research", NULL, &dg);
+		s = js_DirectGetMsg(&m, js, drain ? "agog_features_backend" : "agog_features_research",
+							NULL, &dg);
 		lat[i] = now_us() - a;
 		if (s != NATS_OK || natsMsg_GetDataLength(m) < REPORT_BYTES - 100)
 			die("js_DirectGetMsg %s: %s", subj, natsStatus_GetText(s));
@@ -738,6 +746,7 @@ typedef enum SqlKind
 	SQL_CARRY_OUT,				/* the content's bytes to the client, nothing else */
 	SQL_PUBLISH_NOW,
 	SQL_FETCH,
+	SQL_FETCH_DRAIN,			/* agog_fetch_report on the drain's subjects */
 	SQL_STATUS,
 	SQL_PUBLISH,
 	SQL_INSERT,
@@ -797,6 +806,16 @@ sql_call(PGconn *c, SqlKind kind, int seq, const char *feature)
 				r = pg_run(c, "fetch", 3, p);
 				if (PQntuples(r) != 1)
 					die("agog_fetch_report(%s) returned %d rows", feat, PQntuples(r));
+				break;
+			}
+		case SQL_FETCH_DRAIN:
+			{
+				const char *p[3] = {"roy", "backend", feat};
+
+				snprintf(feat, sizeof(feat), "drain%d", seq % DRAIN_SUBJECTS);
+				r = pg_run(c, "fetch", 3, p);
+				if (PQntuples(r) != 1 || PQgetlength(r, 0, 0) < 20000)
+					die("agog_fetch_report(roy, backend, %s) returned no report", feat);
 				break;
 			}
 		case SQL_STATUS:
@@ -1592,6 +1611,8 @@ main(int argc, char **argv)
 	Fig			dsync_rate = {0}, dasync_rate = {0}, dasync_ncpu = {0};
 	Fig			lag_vis50 = {0}, lag_vis99 = {0}, lag_ack50 = {0}, lag_ack99 = {0}, lag_rate = {0};
 	Fig			fetch_p50 = {0}, fetch_p99 = {0}, status_p50 = {0};
+	Fig			hget_p50 = {0}, hfetch_p50 = {0};
+	int64_t		hist_rows = 0;
 	Fig			ho_p50 = {0}, ho_p99 = {0}, ho_disp50 = {0}, ho_disp99 = {0},
 				ho_dcom50 = {0}, ho_dcom99 = {0};
 	int			ho_rounds = 0;
@@ -1710,7 +1731,7 @@ main(int argc, char **argv)
 	note("warm-up");
 	round_raw_sync(scaled(500), 0, raw_body, raw_len, NULL, NULL);
 	round_raw_async(scaled(1000), 0, raw_body, raw_len, NULL, NULL);
-	round_raw_get(scaled(500), NULL, NULL);
+	round_raw_get(scaled(500), false, NULL, NULL);
 	round_raw_info(scaled(200), NULL);
 	round_sql(c, SQL_SELECT1, scaled(500), NULL, NULL, NULL);
 	round_sql(c, SQL_PUBLISH_NOW, scaled(300), NULL, NULL, NULL);
@@ -1749,7 +1770,7 @@ main(int argc, char **argv)
 			}
 			else if (strcmp(only, "fetch") == 0)
 			{
-				round_raw_get(1000, &f3, NULL);
+				round_raw_get(1000, false, &f3, NULL);
 				round_sql(c, SQL_SELECT1, 1000, &f4, NULL, NULL);
 				round_sql(c, SQL_FETCH, 1000, &f1, NULL, NULL);
 			}
@@ -1809,7 +1830,7 @@ main(int argc, char **argv)
 	note("fetch: js_DirectGetMsg, SELECT 1, agog_fetch_report");
 	for (int r = 0; r < rounds; r++)
 	{
-		round_raw_get(scaled(1000), &get_p50, &get_p99);
+		round_raw_get(scaled(1000), false, &get_p50, &get_p99);
 		round_sql(c, SQL_SELECT1, scaled(1000), &sel_p50, NULL, NULL);
 		round_sql(c, SQL_FETCH, scaled(1000), &fetch_p50, &fetch_p99, NULL);
 		round_sql(c, SQL_CARRY_OUT, scaled(1000), &carry_out_p50, NULL, NULL);
@@ -1842,6 +1863,22 @@ main(int argc, char **argv)
 		round_raw_sync(scaled(1000), DRAIN_SUBJECTS, raw_body, raw_len, &dsync_rate, NULL);
 		round_raw_async(scaled(10000), DRAIN_SUBJECTS, raw_body, raw_len, &dasync_rate, &dasync_ncpu);
 		round_drain(mon, worker_pid, scaled(10000), &drain_rate, &drain_wcpu, &drain_ncpu);
+	}
+
+	/*
+	 * ---- fetch on subjects with a history in the outbox ----
+	 * The drain's subjects now hold every report drained on them, published
+	 * and kept in the outbox (agog_nats.published_retention): what a subject
+	 * that agents publish to again and again looks like.
+	 */
+	hist_rows = pg_int(c, "SELECT count(*) FROM agog_nats.outbox WHERE feature LIKE 'drain%'");
+	note("fetch on the drain's %d subjects, %" PRId64 " outbox rows on them",
+		 DRAIN_SUBJECTS, hist_rows);
+	for (int r = 0; r < rounds; r++)
+	{
+		round_raw_get(scaled(1000), true, &hget_p50, NULL);
+		round_sql(c, SQL_SELECT1, scaled(1000), &sel_p50, NULL, NULL);
+		round_sql(c, SQL_FETCH_DRAIN, scaled(1000), &hfetch_p50, NULL, NULL);
 	}
 
 	/* ---- lag at half the sustainable rate ---- */
@@ -1927,7 +1964,8 @@ main(int argc, char **argv)
 		char		m[256],
 					b[256],
 					r[64],
-					t[64];
+					t[64],
+					label[160];
 		double		sel = fig_med(&sel_p50);
 		char		load_end[32];
 
@@ -2029,6 +2067,10 @@ main(int argc, char **argv)
 		snprintf(b, sizeof(b), "direct get p99: %.3f ms", fig_med(&get_p99));
 		snprintf(r, sizeof(r), "%.2fx", fig_med(&fetch_p99) / fig_med(&get_p99));
 		row("`agog_fetch_report`, p99", m, b, r, "", "info");
+		snprintf(label, sizeof(label), "(`agog_fetch_report` on the drain's %d subjects, with their %"
+				 PRId64 " published reports in the outbox, p50)", DRAIN_SUBJECTS, hist_rows);
+		latency_row(label, &hfetch_p50, "direct get p50 on them + SELECT 1 p50",
+					fig_med(&hget_p50) + sel, "", 0);
 
 		latency_row("`agog_stream_status()`, six streams, p50", &status_p50,
 					"stream info p50 + SELECT 1 p50", fig_med(&info_p50) + sel, "<= 2x", 2.0);
