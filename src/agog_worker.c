@@ -312,7 +312,9 @@ agog_worker_main(Datum main_arg)
 	 * The worker's commits are synchronous whatever the configuration says:
 	 * a claim's commit record follows those of the reports it claims, so
 	 * flushing it before publishing makes sure that nothing reaches JetStream
-	 * whose transaction (or outbox id) a crash could still take back.
+	 * whose transaction (or outbox id) a crash could still take back.  (The
+	 * record of a batch alone sets it off for its own transaction: see
+	 * flush_outcomes in agog_outbox.c.)
 	 */
 	SetConfigOption("synchronous_commit", "on", PGC_SUSET, PGC_S_SESSION);
 	pgstat_report_appname("agog_nats worker");

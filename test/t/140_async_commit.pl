@@ -7,7 +7,9 @@
 #   A. the publishing sessions SET synchronous_commit = off;
 #   B. synchronous_commit = off for the whole cluster (ALTER SYSTEM), as an
 #      operator may set it; reports committed after the restart must not be
-#      confused with vanished ones either.
+#      confused with vanished ones either;
+#   C. the worker's own records (committed without waiting for the flush)
+#      are lost, and their reports resent.
 # To give the stop the window of an OS crash or an fsync stall, the WAL
 # writer is frozen (SIGSTOP) for 1.5 to 3 s before the immediate stop.
 
@@ -135,6 +137,33 @@ AgogExactlyOnce::commit_reports($node, 'acc-', 300, txns => 3);
 ok(AgogExactlyOnce::wait_drained($node, 'acc-', 30), 'B: reports committed after the restart are published');
 AgogExactlyOnce::check(node => $node, nats => $nats, prefix => 'acc-', name => 'B: after the restart',
 	expect => 300);
+
+# --- C. the worker's records are lost -------------------------------------------------
+# The worker commits the record of a batch (published, at which sequence)
+# without waiting for the WAL flush (flush_outcomes); only its claim waits.  With the WAL
+# writer frozen, records stay in the WAL buffers until the next claim's
+# commit flushes them: the records of the last batches before an immediate
+# stop are lost.  Their reports are then claimed again and resent, and
+# JetStream, within its duplicate window, acknowledges each at the sequence
+# it already holds.  Reports committed synchronously (they must not vanish
+# themselves), and the WAL writer frozen before they commit.
+$node->safe_psql('postgres', "ALTER SYSTEM RESET synchronous_commit; SELECT pg_reload_conf();");
+my $walwriter = $node->safe_psql('postgres',
+	"SELECT pid FROM pg_stat_activity WHERE backend_type = 'walwriter'");
+ok($walwriter =~ /^\d+$/ && kill('STOP', $walwriter), "C: WAL writer (pid $walwriter) frozen");
+AgogExactlyOnce::commit_reports($node, 'acr-', 60, txns => 3);
+ok(AgogExactlyOnce::wait_drained($node, 'acr-', 30), 'C: the 60 reports are marked published before the stop');
+$node->stop('immediate');
+kill('CONT', $walwriter);
+$node->start;
+my $pending_after = AgogExactlyOnce::count_state($node, 'acr-', 'pending') // -1;
+cmp_ok($pending_after, '>', 0,
+	"C: the stop lost the records of the last batch: $pending_after of the 60 are pending again");
+ok(AgogExactlyOnce::wait_drained($node, 'acr-', 30), 'C: they are published again within 30 s');
+my $c = AgogExactlyOnce::check(node => $node, nats => $nats, prefix => 'acr-', name => 'C: records lost',
+	expect => 60);
+is($c->{duplicates}, $pending_after,
+	"C: each report whose record was lost was acknowledged by JetStream as a duplicate ($c->{duplicates})");
 
 $node->stop;
 $nats->stop;
