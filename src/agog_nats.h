@@ -320,13 +320,14 @@ extern int	agog_notices_consume(AgogConn *conn, bool rung);
  */
 extern bool agog_reconcile_streams(AgogConn *conn, int *ok, int *failed,
 								   AgogError *first_err);
+extern bool agog_stream_in_place(const char *name);
 
 /* ----------------------------------------------------------------
  * Worker (agog_worker.c) and _PG_init (agog_nats.c)
  * ----------------------------------------------------------------
  */
 extern void agog_register_worker(void);
-extern void agog_worker_streams_current(AgogConn *conn);
+extern void agog_worker_stream_missing(AgogConn *conn, const char *stream);
 extern void agog_note_agents_changed(void);
 extern bool agog_agents_changed_in_xact(void);
 extern void agog_require_preload(void);

@@ -484,7 +484,7 @@ agog_outbox_release_leases(void)
 	agog_xact_commit(cxt);
 }
 
-/* qsort comparator: claimed rows by id. */
+/* qsort comparator: claimed rows by id.  Runs in the worker, in claim_batch. */
 static int
 claimed_by_id(const void *a, const void *b)
 {
@@ -780,8 +780,12 @@ batch_claim_send(AgogConn *conn, DrainBatch *b, MemoryContext parent)
 	b->items = palloc0(sizeof(AgogPubItem) * b->n);
 	b->item_row = palloc0(sizeof(int) * b->n);
 
-	/* a report of an agent added since the streams were last checked */
-	agog_worker_streams_current(conn);
+	/* a report of an agent added since the streams were last put in place */
+	for (int i = 0; i < b->n; i++)
+	{
+		if (b->rows[i].stream != NULL && !agog_stream_in_place(b->rows[i].stream))
+			agog_worker_stream_missing(conn, b->rows[i].stream);
+	}
 
 	/*
 	 * A row claimed before may have been stored by an earlier send whose ack

@@ -20,10 +20,19 @@
 #include "fmgr.h"
 #include "funcapi.h"
 #include "utils/builtins.h"
+#include "utils/memutils.h"
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
 PG_FUNCTION_INFO_V1(agog_stream_status);
+
+/*
+ * The streams the worker's last reconcile found or put in place, by name:
+ * the drain looks up each claimed report's stream here before sending it.
+ * Worker only; rebuilt by every reconcile, in a context of its own.
+ */
+static MemoryContext in_place_cxt = NULL;
+static List *in_place = NIL;
 
 /* Streams of the workflow engine, kept like the agent streams. */
 static const struct
@@ -36,6 +45,20 @@ static const struct
 	{"agog_tasks", "agog.tasks.>", "agog_nats: tiny task notices to agents"},
 	{"agog_notices", "agog.notices.>", "agog_nats: completion notices from agents"},
 };
+
+/*
+ * note_in_place
+ *		Remember a stream the reconcile found or put in place.  Runs in the
+ *		worker, during agog_reconcile_streams.
+ */
+static void
+note_in_place(const char *name)
+{
+	MemoryContext old = MemoryContextSwitchTo(in_place_cxt);
+
+	in_place = lappend(in_place, pstrdup(name));
+	MemoryContextSwitchTo(old);
+}
 
 /*
  * agog_reconcile_streams
@@ -56,6 +79,12 @@ agog_reconcile_streams(AgogConn *conn, int *ok, int *failed,
 	agog_xact_begin(caller);
 	rows = agog_agents(&count);
 	agog_xact_commit(caller);
+
+	if (in_place_cxt == NULL)
+		in_place_cxt = AllocSetContextCreate(TopMemoryContext, "agog_nats streams in place",
+											 ALLOCSET_SMALL_SIZES);
+	MemoryContextReset(in_place_cxt);
+	in_place = NIL;
 
 	*ok = *failed = 0;
 	memset(first_err, 0, sizeof(*first_err));
@@ -79,6 +108,7 @@ agog_reconcile_streams(AgogConn *conn, int *ok, int *failed,
 		if (agog_conn_ensure_stream(conn, &spec, &created, &updated, &err))
 		{
 			(*ok)++;
+			note_in_place(spec.name);
 			if (created)
 				ereport(LOG,
 						(errmsg("agog_nats created JetStream stream \"%s\" for agent \"%s\"",
@@ -132,11 +162,33 @@ agog_reconcile_streams(AgogConn *conn, int *ok, int *failed,
 			}
 			(*failed)++;
 		}
-		else if (created)
-			ereport(LOG,
-					(errmsg("agog_nats created JetStream stream \"%s\"", spec.name)));
+		else
+		{
+			note_in_place(spec.name);
+			if (created)
+				ereport(LOG,
+						(errmsg("agog_nats created JetStream stream \"%s\"", spec.name)));
+		}
 	}
 	return *failed == 0;
+}
+
+/*
+ * agog_stream_in_place
+ *		Whether the worker's last reconcile found or put the stream in place.
+ *		Runs in the worker; false before its first reconcile.
+ */
+bool
+agog_stream_in_place(const char *name)
+{
+	ListCell   *lc;
+
+	foreach(lc, in_place)
+	{
+		if (strcmp((const char *) lfirst(lc), name) == 0)
+			return true;
+	}
+	return false;
 }
 
 /* Share of a limit in use, in percent; NULL when there is no limit. */

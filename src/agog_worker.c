@@ -8,8 +8,8 @@
  * recovery has finished (so on the primary only, and after a promotion).
  * Its loop: apply a reload, connect (with backoff) while disconnected, check
  * the streams after every (re)connect, agents change and every half minute
- * (and, through agog_worker_streams_current, before the drain sends a claim
- * made after an agents change), then wait on its latch and on nats.c's event
+ * (and, through agog_worker_stream_missing, before the drain sends a claim
+ * that names a stream not yet in place), then wait on its latch and on nats.c's event
  * pipe until the next deadline.
  *
  * SIGTERM only sets a flag; every NATS wait is cut in slices that check it,
@@ -235,25 +235,60 @@ put_streams_in_place(AgogConn *conn, uint64 generation)
 }
 
 /*
- * agog_worker_streams_current
+ * Streams that claimed reports named and that a reconcile asked for by the
+ * drain did not put in place (an agent since deleted, a stream that cannot
+ * be created), as of an agents generation: the drain does not ask again for
+ * them until the agents change.
+ */
+static MemoryContext not_found_cxt = NULL;
+static List *not_found = NIL;
+static uint64 not_found_generation = 0;
+
+/*
+ * agog_worker_stream_missing
  *		Called by the drain after a claim commits, before anything it claimed
- *		is sent: when the agents changed since the streams were put in place,
- *		put them in place first.  A report claimed here committed before the
- *		claim's snapshot, so an agent added before the report moved the agents
- *		generation (at its commit) before this reads it: a new agent's first
- *		report never goes out before its stream exists.  Sent earlier, it
- *		would be refused, wait out a backoff, and land after the agent's next
- *		report on its subject.  Not retried more than once a second after a
- *		failure.  Runs in the worker's main thread, outside any transaction.
+ *		is sent, for a claimed report whose stream the last reconcile did not
+ *		put in place: reconcile now.  The reconcile reads the agents after
+ *		the claim, so it sees the agent of every report the claim saw, and a
+ *		new agent's first report does not go out before its stream exists
+ *		(sent earlier, it would be refused, wait out a backoff, and land
+ *		after the agent's next report on its subject).  The agents
+ *		generation alone cannot tell: it moves in the agent's commit
+ *		callback, after the commit became visible.  A stream still missing
+ *		afterwards is not asked for again until the agents change, so rows
+ *		of a deleted agent do not make every batch reconcile.  Runs in the
+ *		worker's main thread, outside any transaction.
  */
 void
-agog_worker_streams_current(AgogConn *conn)
+agog_worker_stream_missing(AgogConn *conn, const char *stream)
 {
 	uint64		generation = pg_atomic_read_u64(&agog_shared->agents_generation);
+	ListCell   *lc;
+	MemoryContext old;
 
-	if (generation != streams.generation && agog_shared->connected &&
-		GetCurrentTimestamp() >= streams.next_try)
-		put_streams_in_place(conn, generation);
+	if (not_found_cxt == NULL)
+		not_found_cxt = AllocSetContextCreate(TopMemoryContext, "agog_nats streams not found",
+											  ALLOCSET_SMALL_SIZES);
+	if (generation != not_found_generation)
+	{
+		MemoryContextReset(not_found_cxt);
+		not_found = NIL;
+		not_found_generation = generation;
+	}
+	foreach(lc, not_found)
+	{
+		if (strcmp((const char *) lfirst(lc), stream) == 0)
+			return;
+	}
+	if (!agog_shared->connected || GetCurrentTimestamp() < streams.next_try)
+		return;
+	put_streams_in_place(conn, generation);
+	if (!agog_stream_in_place(stream))
+	{
+		old = MemoryContextSwitchTo(not_found_cxt);
+		not_found = lappend(not_found, pstrdup(stream));
+		MemoryContextSwitchTo(old);
+	}
 }
 
 /*
