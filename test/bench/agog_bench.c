@@ -688,13 +688,12 @@ round_raw_get(int n, bool drain, Fig *p50, Fig *p99)
 		natsMsg    *m = NULL;
 		double		a;
 		natsStatus	s;
+		int			k = (int) (lcg_next(&st) % FETCH_SUBJECTS);
 
 		if (drain)
-			snprintf(subj, sizeof(subj), "agog.deliverables.roy.backend.drain%d",
-					 (int) (lcg_next(&st) % FETCH_SUBJECTS) % DRAIN_SUBJECTS);
+			raw_subject(subj, sizeof(subj), NULL, DRAIN_SUBJECTS, k);
 		else
-			snprintf(subj, sizeof(subj), "agog.deliverables.cynthia.research.f%04d",
-					 (int) (lcg_next(&st) % FETCH_SUBJECTS));
+			snprintf(subj, sizeof(subj), "agog.deliverables.cynthia.research.f%04d", k);
 		jsDirectGetMsgOptions_Init(&dg);
 		dg.LastBySubject = subj;
 		a = now_us();
