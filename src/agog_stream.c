@@ -27,12 +27,16 @@
 PG_FUNCTION_INFO_V1(agog_stream_status);
 
 /*
- * The streams the worker's last reconcile found or put in place, by name:
- * the drain looks up each claimed report's stream here before sending it.
- * Worker only; rebuilt by every reconcile, in a context of its own.
+ * Stream names the drain looks up before sending what it claimed (worker
+ * only, in a context of their own):
+ *	in_place: found or put in place by the last reconcile, rebuilt by each;
+ *	absent: asked for by a claim and not put in place by the reconcile that
+ *	followed, as of an agents generation, forgotten when it moves.
  */
-static MemoryContext in_place_cxt = NULL;
+static MemoryContext names_cxt = NULL;
 static List *in_place = NIL;
+static List *absent = NIL;
+static uint64 absent_generation = 0;
 
 /* Streams of the workflow engine, kept like the agent streams. */
 static const struct
@@ -47,17 +51,35 @@ static const struct
 };
 
 /*
- * note_in_place
- *		Remember a stream the reconcile found or put in place.  Runs in the
- *		worker, during agog_reconcile_streams.
+ * name_add
+ *		names with a copy of name appended, in names_cxt.  Runs in the worker.
  */
-static void
-note_in_place(const char *name)
+static List *
+name_add(List *names, const char *name)
 {
-	MemoryContext old = MemoryContextSwitchTo(in_place_cxt);
+	MemoryContext old;
 
-	in_place = lappend(in_place, pstrdup(name));
+	if (names_cxt == NULL)
+		names_cxt = AllocSetContextCreate(TopMemoryContext, "agog_nats stream names",
+										  ALLOCSET_SMALL_SIZES);
+	old = MemoryContextSwitchTo(names_cxt);
+	names = lappend(names, pstrdup(name));
 	MemoryContextSwitchTo(old);
+	return names;
+}
+
+/* Whether name is one of names (a list made by name_add). */
+static bool
+name_listed(const List *names, const char *name)
+{
+	ListCell   *lc;
+
+	foreach(lc, names)
+	{
+		if (strcmp((const char *) lfirst(lc), name) == 0)
+			return true;
+	}
+	return false;
 }
 
 /*
@@ -80,10 +102,7 @@ agog_reconcile_streams(AgogConn *conn, int *ok, int *failed,
 	rows = agog_agents(&count);
 	agog_xact_commit(caller);
 
-	if (in_place_cxt == NULL)
-		in_place_cxt = AllocSetContextCreate(TopMemoryContext, "agog_nats streams in place",
-											 ALLOCSET_SMALL_SIZES);
-	MemoryContextReset(in_place_cxt);
+	list_free_deep(in_place);
 	in_place = NIL;
 
 	*ok = *failed = 0;
@@ -108,7 +127,7 @@ agog_reconcile_streams(AgogConn *conn, int *ok, int *failed,
 		if (agog_conn_ensure_stream(conn, &spec, &created, &updated, &err))
 		{
 			(*ok)++;
-			note_in_place(spec.name);
+			in_place = name_add(in_place, spec.name);
 			if (created)
 				ereport(LOG,
 						(errmsg("agog_nats created JetStream stream \"%s\" for agent \"%s\"",
@@ -164,7 +183,7 @@ agog_reconcile_streams(AgogConn *conn, int *ok, int *failed,
 		}
 		else
 		{
-			note_in_place(spec.name);
+			in_place = name_add(in_place, spec.name);
 			if (created)
 				ereport(LOG,
 						(errmsg("agog_nats created JetStream stream \"%s\"", spec.name)));
@@ -181,14 +200,37 @@ agog_reconcile_streams(AgogConn *conn, int *ok, int *failed,
 bool
 agog_stream_in_place(const char *name)
 {
-	ListCell   *lc;
+	return name_listed(in_place, name);
+}
 
-	foreach(lc, in_place)
+/*
+ * agog_stream_absent
+ *		Whether a claim asked for the stream, as of this agents generation,
+ *		and the reconcile that followed did not put it in place.  Runs in the
+ *		worker.
+ */
+bool
+agog_stream_absent(const char *name, uint64 generation)
+{
+	if (generation != absent_generation)
 	{
-		if (strcmp((const char *) lfirst(lc), name) == 0)
-			return true;
+		list_free_deep(absent);
+		absent = NIL;
+		absent_generation = generation;
 	}
-	return false;
+	return name_listed(absent, name);
+}
+
+/*
+ * agog_stream_note_absent
+ *		Remember, for this agents generation, that a reconcile asked for by a
+ *		claim did not put the stream in place.  Runs in the worker.
+ */
+void
+agog_stream_note_absent(const char *name, uint64 generation)
+{
+	if (!agog_stream_absent(name, generation))
+		absent = name_add(absent, name);
 }
 
 /* Share of a limit in use, in percent; NULL when there is no limit. */

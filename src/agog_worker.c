@@ -9,8 +9,8 @@
  * Its loop: apply a reload, connect (with backoff) while disconnected, check
  * the streams after every (re)connect, agents change and every half minute
  * (and, through agog_worker_stream_missing, before the drain sends a claim
- * that names a stream not yet in place), then wait on its latch and on nats.c's event
- * pipe until the next deadline.
+ * that names a stream not yet in place), then wait on its latch and on
+ * nats.c's event pipe until the next deadline.
  *
  * SIGTERM only sets a flag; every NATS wait is cut in slices that check it,
  * so the worker stops within a slice.  A fault throws, and the uncaught ERROR
@@ -235,16 +235,6 @@ put_streams_in_place(AgogConn *conn, uint64 generation)
 }
 
 /*
- * Streams that claimed reports named and that a reconcile asked for by the
- * drain did not put in place (an agent since deleted, a stream that cannot
- * be created), as of an agents generation: the drain does not ask again for
- * them until the agents change.
- */
-static MemoryContext not_found_cxt = NULL;
-static List *not_found = NIL;
-static uint64 not_found_generation = 0;
-
-/*
  * agog_worker_stream_missing
  *		Called by the drain after a claim commits, before anything it claimed
  *		is sent, for a claimed report whose stream the last reconcile did not
@@ -263,32 +253,13 @@ void
 agog_worker_stream_missing(AgogConn *conn, const char *stream)
 {
 	uint64		generation = pg_atomic_read_u64(&agog_shared->agents_generation);
-	ListCell   *lc;
-	MemoryContext old;
 
-	if (not_found_cxt == NULL)
-		not_found_cxt = AllocSetContextCreate(TopMemoryContext, "agog_nats streams not found",
-											  ALLOCSET_SMALL_SIZES);
-	if (generation != not_found_generation)
-	{
-		MemoryContextReset(not_found_cxt);
-		not_found = NIL;
-		not_found_generation = generation;
-	}
-	foreach(lc, not_found)
-	{
-		if (strcmp((const char *) lfirst(lc), stream) == 0)
-			return;
-	}
-	if (!agog_shared->connected || GetCurrentTimestamp() < streams.next_try)
+	if (agog_stream_absent(stream, generation) || !agog_shared->connected ||
+		GetCurrentTimestamp() < streams.next_try)
 		return;
 	put_streams_in_place(conn, generation);
 	if (!agog_stream_in_place(stream))
-	{
-		old = MemoryContextSwitchTo(not_found_cxt);
-		not_found = lappend(not_found, pstrdup(stream));
-		MemoryContextSwitchTo(old);
-	}
+		agog_stream_note_absent(stream, generation);
 }
 
 /*
