@@ -80,3 +80,20 @@ SELECT agog_publish_report('roy', 'backend', 'all-bytes', 'v2 ' || content) > 0 
 SELECT r.content = 'v2 ' || b.content AS same_content, r.message_id IS NULL AS pending
   FROM agog_fetch_report('roy', 'backend', 'all-bytes') r, all_bytes b;
 ROLLBACK;
+-- A fetch sends its direct get before it reads the outbox, and does not wait
+-- for the answer when the outbox has the report.  Here that get goes to a
+-- stream that does not exist yet (the new agent's, made after its commit);
+-- the session's next requests must still get their own answers.
+BEGIN;
+INSERT INTO agog_nats.agents (agent, task_type) VALUES ('early', 'early_reports');
+SELECT agog_publish_report('early', 'early_reports', 'first', 'in the outbox') > 0 AS queued;
+SELECT content, message_id IS NULL AS pending FROM agog_fetch_report('early', 'early_reports', 'first');
+SELECT pg_sleep(0.05) IS NOT NULL AS answer_arrived;
+SELECT agog_publish_report_now('roy', 'backend', 'after-early', 'answered') IS NOT NULL AS published;
+SELECT content FROM agog_fetch_report('roy', 'backend', 'after-early');
+SELECT content FROM agog_fetch_report('early', 'early_reports', 'first');
+-- A publish that no stream captures gets "no responders" at once.
+SELECT agog_publish_report_now('early', 'early_reports', 'now', 'no stream yet');
+ROLLBACK;
+SELECT agog_publish_report_now('roy', 'backend', 'after-early', 'answered again') IS NOT NULL AS published;
+SELECT content FROM agog_fetch_report('roy', 'backend', 'after-early');

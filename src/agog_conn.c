@@ -52,6 +52,11 @@ struct AgogConn
 	natsSubscription *bell_sub;
 	natsMsgList held;			/* fetched, not yet released */
 	bool		holding;
+	/* a backend's requests by hand, see "Requests" below */
+	natsSubscription *reply_sub;
+	char		reply_prefix[64];
+	uint64		reply_seq;
+	uint64		unsettled;		/* a request nobody waited for, or 0 */
 };
 
 /* Slices of a bounded wait, in milliseconds; the last one repeats. */
@@ -706,7 +711,12 @@ agog_conn_open(const char *url, const char *name, bool keep_reconnecting,
 				s = natsOptions_SetReconnectedCB(opts, on_reconnected, NULL);
 		}
 		else if (s == NATS_OK)
+		{
 			s = natsOptions_SetAllowReconnect(opts, false);
+			/* a backend's requests go out at once, see request_send */
+			if (s == NATS_OK)
+				s = natsOptions_SetSendAsap(opts, true);
+		}
 		if (s == NATS_OK)
 			s = natsConnection_Connect(&nc, opts);
 		if (s == NATS_OK)
@@ -769,6 +779,7 @@ agog_conn_close(AgogConn *conn)
 	}
 	pthread_mutex_unlock(&batch_mutex);
 	NATS_BEGIN(saved);
+	natsSubscription_Destroy(conn->reply_sub);
 	jsCtx_Destroy(conn->js);
 	natsConnection_Destroy(conn->nc);
 	NATS_END(saved);
@@ -922,6 +933,26 @@ agog_backend_conn(void)
 	return backend_conn;
 }
 
+/*
+ * agog_backend_conn_if_open
+ *		The backend's cached connection when it is open, usable and opened
+ *		with the current settings; NULL otherwise.  Never connects and never
+ *		throws, so a caller can use NATS early only when that costs nothing.
+ */
+AgogConn *
+agog_backend_conn_if_open(void)
+{
+	char	   *settings;
+	bool		same;
+
+	if (backend_conn == NULL)
+		return NULL;
+	settings = agog_conn_settings();
+	same = strcmp(backend_conn_url, settings) == 0;
+	pfree(settings);
+	return (same && agog_conn_is_usable(backend_conn)) ? backend_conn : NULL;
+}
+
 /* ----------------------------------------------------------------
  * Bounded waits
  * ----------------------------------------------------------------
@@ -1020,6 +1051,292 @@ run_sliced(AgogConn *conn, AttemptFn attempt, void *arg, AgogError *err)
 }
 
 /* ----------------------------------------------------------------
+ * Requests
+ *
+ * A backend's requests (publish-now, fetch, the stream list) are sent by
+ * hand, not through nats.c's request helpers.  Those deliver each reply
+ * through a shared reply subscription that has a thread of its own, so a
+ * reply wakes nats.c's reader, then that delivery thread, then the caller.
+ * Here each connection has one synchronous subscription on <inbox>.*, and
+ * the caller takes its reply from it directly: one thread wake less per
+ * call.  The connection is opened with SendAsap, so a request is written to
+ * the socket by the caller and not left for nats.c's flusher.
+ *
+ * Every request gets its own reply subject, <inbox>.<n>, and a wait drops
+ * the replies that name another n.  Only a "no responders" status cannot be
+ * told apart: nats.c's natsSubscription_NextMsg consumes it and answers
+ * NATS_NO_RESPONDERS, without the subject.  So before a request is sent, the
+ * replies already queued are dropped, and a "no responders" among them is
+ * taken as the answer to the request nobody waited for.  The server sends
+ * that status as it reads a request, so it is usually queued by then; one
+ * that comes later still would be taken for the next request's.  Only a
+ * publish to a subject no stream captures gets that status (a direct get
+ * of a stream that does not exist gets no answer at all), and a backend
+ * always waits for its publishes: the window is a publish whose wait ran
+ * out and whose "no responders" came later than one slice.
+ * ----------------------------------------------------------------
+ */
+
+/*
+ * request_settle
+ *		Drop the replies already queued on the reply subscription, once a
+ *		request was sent that nobody waited for (conn->unsettled).  Runs
+ *		inside a signal-blocked section.
+ */
+static natsStatus
+request_settle(AgogConn *conn)
+{
+	if (conn->unsettled == 0)
+		return NATS_OK;
+	conn->unsettled = 0;
+	for (;;)
+	{
+		natsMsg    *m = NULL;
+		natsStatus	s = natsSubscription_NextMsg(&m, conn->reply_sub, 0);
+
+		if (s == NATS_NO_RESPONDERS)
+			continue;
+		if (s == NATS_TIMEOUT)
+			return NATS_OK;		/* nothing more is queued */
+		if (s != NATS_OK)
+			return s;
+		natsMsg_Destroy(m);
+	}
+}
+
+/*
+ * request_send
+ *		Send one request with a reply subject of its own; *token names the
+ *		reply for request_wait.  msg_id, when set, goes out as the
+ *		Nats-Msg-Id header.  Runs inside a signal-blocked section: nats.c and
+ *		plain C only.
+ */
+static natsStatus
+request_send(AgogConn *conn, const char *subject, const char *msg_id,
+			 const char *data, int len, uint64 *token)
+{
+	natsStatus	s = NATS_OK;
+	char		reply[96];
+
+	if (conn->reply_sub == NULL)
+	{
+		natsInbox  *inbox = NULL;
+		char		wildcard[96];
+
+		s = natsInbox_Create(&inbox);
+		if (s == NATS_OK)
+		{
+			strlcpy(conn->reply_prefix, (const char *) inbox,
+					sizeof(conn->reply_prefix));
+			snprintf(wildcard, sizeof(wildcard), "%s.*", conn->reply_prefix);
+			s = natsConnection_SubscribeSync(&conn->reply_sub, conn->nc, wildcard);
+		}
+		natsInbox_Destroy(inbox);
+		if (s != NATS_OK)
+		{
+			conn->reply_sub = NULL;
+			return s;
+		}
+	}
+
+	s = request_settle(conn);
+	if (s != NATS_OK)
+		return s;
+	*token = ++conn->reply_seq;
+	snprintf(reply, sizeof(reply), "%s." UINT64_FORMAT, conn->reply_prefix, *token);
+	if (msg_id == NULL)
+		return natsConnection_PublishRequest(conn->nc, subject, reply, data, len);
+	else
+	{
+		natsMsg    *m = NULL;
+
+		s = natsMsg_Create(&m, subject, reply, data, len);
+		if (s == NATS_OK)
+			s = natsMsgHeader_Set(m, "Nats-Msg-Id", msg_id);
+		if (s == NATS_OK)
+			s = natsConnection_PublishMsg(conn->nc, m);
+		natsMsg_Destroy(m);
+		return s;
+	}
+}
+
+/*
+ * request_wait
+ *		Wait at most wait_ms for the reply to the request named by token, and
+ *		drop the late replies of earlier requests on the way.  A "no
+ *		responders" status is this request's (the earlier ones were settled)
+ *		and answers NATS_NO_RESPONDERS.  The reply is the caller's to
+ *		destroy.  Runs inside a signal-blocked section.
+ */
+static natsStatus
+request_wait(AgogConn *conn, uint64 token, int64 wait_ms, natsMsg **reply)
+{
+	int64		deadline = nats_Now() + wait_ms;
+	char		want[96];
+
+	*reply = NULL;
+	if (conn->reply_sub == NULL)
+		return NATS_ILLEGAL_STATE;
+	snprintf(want, sizeof(want), "%s." UINT64_FORMAT, conn->reply_prefix, token);
+	for (;;)
+	{
+		natsMsg    *m = NULL;
+		int64		remaining = deadline - nats_Now();
+		natsStatus	s;
+
+		if (remaining <= 0)
+			s = NATS_TIMEOUT;
+		else
+			s = natsSubscription_NextMsg(&m, conn->reply_sub, remaining);
+		if (s == NATS_TIMEOUT)
+		{
+			/* its reply may still come: drop it before the next request */
+			conn->unsettled = token;
+		}
+		if (s != NATS_OK)
+			return s;
+		if (strcmp(natsMsg_GetSubject(m), want) != 0)
+		{
+			natsMsg_Destroy(m);		/* the reply to an earlier request */
+			continue;
+		}
+		if (natsMsg_IsNoResponders(m))
+		{
+			/* a nats.c that hands the status over instead of consuming it */
+			natsMsg_Destroy(m);
+			return NATS_NO_RESPONDERS;
+		}
+		*reply = m;
+		return NATS_OK;
+	}
+}
+
+/*
+ * request_status
+ *		The status line of a reply that carries one ("404", "408", ...), or
+ *		NULL for a plain reply.  Its description, if any, goes to *text.
+ *		Runs inside a signal-blocked section.
+ */
+static const char *
+request_status(natsMsg *m, const char **text)
+{
+	const char *status = NULL;
+
+	*text = NULL;
+	if (natsMsgHeader_Get(m, "Status", &status) != NATS_OK || status == NULL)
+		return NULL;
+	if (natsMsgHeader_Get(m, "Description", text) != NATS_OK)
+		*text = NULL;
+	return status;
+}
+
+/*
+ * json_member
+ *		In a JSON text from the server, the value of the first member named
+ *		key, at any depth (the replies read with it have no name twice), or
+ *		NULL.  Plain C: runs inside a signal-blocked section.
+ */
+static const char *
+json_member(const char *json, int len, const char *key)
+{
+	const char *end = json + len;
+	size_t		keylen = strlen(key);
+
+	for (const char *p = json; p < end; p++)
+	{
+		const char *start;
+
+		if (*p != '"')
+			continue;
+		start = ++p;
+		while (p < end && *p != '"')
+			p += (*p == '\\') ? 2 : 1;
+		if (p >= end)
+			return NULL;
+		if ((size_t) (p - start) == keylen && memcmp(start, key, keylen) == 0)
+		{
+			const char *v = p + 1;
+
+			while (v < end && (*v == ' ' || *v == '\t' || *v == '\r' || *v == '\n'))
+				v++;
+			if (v < end && *v == ':')
+			{
+				v++;
+				while (v < end && (*v == ' ' || *v == '\t' || *v == '\r' || *v == '\n'))
+					v++;
+				return v < end ? v : NULL;
+			}
+		}
+	}
+	return NULL;
+}
+
+/*
+ * json_string_copy
+ *		Copy the JSON string value at v (as json_member returns it) into buf,
+ *		undoing the simple escapes; false when v is not a string.  Plain C.
+ */
+static bool
+json_string_copy(const char *v, const char *end, char *buf, size_t size)
+{
+	size_t		n = 0;
+
+	if (v == NULL || v >= end || *v != '"')
+		return false;
+	for (v++; v < end && *v != '"'; v++)
+	{
+		char		c = *v;
+
+		if (c == '\\' && v + 1 < end)
+		{
+			c = *++v;
+			if (c == 'n')
+				c = '\n';
+			else if (c == 't')
+				c = '\t';
+			else if (c == 'u')
+			{
+				/* \uXXXX: only the server's error texts have them; keep a mark */
+				c = '?';
+				v += Min(4, end - v - 1);
+			}
+		}
+		if (n + 1 < size)
+			buf[n++] = c;
+	}
+	if (size > 0)
+		buf[n] = '\0';
+	return true;
+}
+
+/*
+ * api_error
+ *		If a JetStream API reply is an error ({"error": {"code", "err_code",
+ *		"description"}}), fill *err from it and return true.  Plain C.
+ */
+static bool
+api_error(const char *json, int len, AgogError *err)
+{
+	const char *end = json + len;
+	const char *e = json_member(json, len, "error");
+	const char *v;
+	jsErrCode	jerr = 0;
+
+	if (e == NULL || *e != '{')
+		return false;
+	if ((v = json_member(e, (int) (end - e), "err_code")) != NULL)
+		jerr = (jsErrCode) strtol(v, NULL, 10);
+	memset(err, 0, sizeof(*err));
+	err->status = (int) NATS_ERR;
+	err->js_code = (int) jerr;
+	err->sqlstate = map_status(NATS_ERR, jerr, &err->not_found);
+	if (!json_string_copy(json_member(e, (int) (end - e), "description"), end,
+						  err->text, sizeof(err->text)) || err->text[0] == '\0')
+		strlcpy(err->text, "JetStream API error", sizeof(err->text));
+	return true;
+}
+
+/* ----------------------------------------------------------------
  * Publish
  * ----------------------------------------------------------------
  */
@@ -1040,25 +1357,41 @@ publish_attempt(AgogConn *conn, int64 wait_ms, void *arg, AgogError *err)
 {
 	PublishArgs *a = (PublishArgs *) arg;
 	sigset_t	saved;
-	jsPubOptions popts;
-	jsPubAck   *pa = NULL;
-	jsErrCode	jerr = 0;
+	natsMsg    *reply = NULL;
+	uint64		token = 0;
 	natsStatus	s;
 
 	NATS_BEGIN(saved);
-	jsPubOptions_Init(&popts);
-	popts.MsgId = a->msg_id;
-	popts.MaxWait = wait_ms;
-	s = js_Publish(&pa, conn->js, a->subject, a->data, a->len, &popts, &jerr);
+	s = request_send(conn, a->subject, a->msg_id, a->data, a->len, &token);
+	if (s == NATS_OK)
+		s = request_wait(conn, token, wait_ms, &reply);
 	if (s == NATS_OK)
 	{
-		strlcpy(a->stream, pa->Stream ? pa->Stream : "", sizeof(a->stream));
-		a->seq = pa->Sequence;
-		a->duplicate = pa->Duplicate;
+		const char *json = natsMsg_GetData(reply);
+		int			len = natsMsg_GetDataLength(reply);
+		const char *end = json + len;
+		const char *v;
+
+		if (api_error(json, len, err))
+			s = NATS_ERR;
+		else if (!json_string_copy(json_member(json, len, "stream"), end,
+								   a->stream, sizeof(a->stream)) ||
+				 (v = json_member(json, len, "seq")) == NULL)
+		{
+			s = NATS_ERR;
+			set_error(err, ERRCODE_EXTERNAL_ROUTINE_EXCEPTION,
+					  "the server's answer to a publish is not a PubAck");
+		}
+		else
+		{
+			a->seq = strtoull(v, NULL, 10);
+			v = json_member(json, len, "duplicate");
+			a->duplicate = (v != NULL && end - v >= 4 && memcmp(v, "true", 4) == 0);
+		}
 	}
 	else if (s != NATS_TIMEOUT)
-		capture_error(err, s, jerr);
-	jsPubAck_Destroy(pa);
+		capture_error(err, s, 0);
+	natsMsg_Destroy(reply);
 	NATS_END(saved);
 	return s;
 }
@@ -1321,43 +1654,108 @@ typedef struct GetArgs
 	const char *subject;		/* last on this subject, or NULL */
 	uint64		seq;			/* else this sequence */
 	bool		from_leader;
+	AgogSentGet *sent;			/* a direct get already sent, or NULL */
 	AgogMsg    *msg;
 	bool		copied;
 	char		time_text[64];
 } GetArgs;
+
+/*
+ * direct_get_send
+ *		Send a direct get ($JS.API.DIRECT.GET.<stream>) of the last message on
+ *		subject, or of sequence seq.  The subject's tokens were checked, so it
+ *		needs no JSON escaping.  Runs inside a signal-blocked section.
+ */
+static natsStatus
+direct_get_send(AgogConn *conn, const char *stream, const char *subject,
+				uint64 seq, uint64 *token)
+{
+	char		api[AGOG_SERVER_LEN + 32];
+	char		payload[AGOG_SERVER_LEN + 32];
+
+	snprintf(api, sizeof(api), "$JS.API.DIRECT.GET.%s", stream);
+	if (subject != NULL)
+		snprintf(payload, sizeof(payload), "{\"last_by_subj\":\"%s\"}", subject);
+	else
+		snprintf(payload, sizeof(payload), "{\"seq\":" UINT64_FORMAT "}", seq);
+	return request_send(conn, api, NULL, payload, (int) strlen(payload), token);
+}
+
+/*
+ * direct_get_wait
+ *		Wait for a direct get's reply: the message, NATS_TIMEOUT, or a failure
+ *		described in *err (a status 404 is NATS_NOT_FOUND, another status
+ *		NATS_ERR with its description).  Runs inside a signal-blocked section.
+ */
+static natsStatus
+direct_get_wait(AgogConn *conn, uint64 token, int64 wait_ms, natsMsg **m,
+				AgogError *err)
+{
+	natsStatus	s = request_wait(conn, token, wait_ms, m);
+	const char *status = NULL;
+	const char *text = NULL;
+
+	if (s == NATS_OK && (status = request_status(*m, &text)) != NULL)
+		s = strcmp(status, "404") == 0 ? NATS_NOT_FOUND : NATS_ERR;
+	if (s != NATS_OK && s != NATS_TIMEOUT)
+	{
+		capture_error(err, s, 0);
+		if (text != NULL && text[0] != '\0')
+			strlcpy(err->text, text, sizeof(err->text));
+	}
+	if (s != NATS_OK)
+	{
+		natsMsg_Destroy(*m);
+		*m = NULL;
+	}
+	return s;
+}
 
 static natsStatus
 get_attempt(AgogConn *conn, int64 wait_ms, void *arg, AgogError *err)
 {
 	GetArgs    *a = (GetArgs *) arg;
 	sigset_t	saved;
-	jsOptions	jopts;
 	natsMsg    *m = NULL;
-	jsErrCode	jerr = 0;
 	natsStatus	s;
 
 	NATS_BEGIN(saved);
-	jsOptions_Init(&jopts);
-	jopts.Wait = wait_ms;
-	if (a->from_leader && a->subject != NULL)
-		s = js_GetLastMsg(&m, conn->js, a->stream, a->subject, &jopts, &jerr);
-	else if (a->from_leader)
-		s = js_GetMsg(&m, conn->js, a->stream, a->seq, &jopts, &jerr);
+	if (a->from_leader)
+	{
+		jsOptions	jopts;
+		jsErrCode	jerr = 0;
+
+		jsOptions_Init(&jopts);
+		jopts.Wait = wait_ms;
+		if (a->subject != NULL)
+			s = js_GetLastMsg(&m, conn->js, a->stream, a->subject, &jopts, &jerr);
+		else
+			s = js_GetMsg(&m, conn->js, a->stream, a->seq, &jopts, &jerr);
+		if (s != NATS_OK && s != NATS_TIMEOUT)
+			capture_error(err, s, jerr);
+	}
 	else
 	{
-		jsDirectGetMsgOptions dg;
+		uint64		token = 0;
 
-		jsDirectGetMsgOptions_Init(&dg);
-		if (a->subject != NULL)
-			dg.LastBySubject = a->subject;
+		if (a->sent != NULL)
+		{
+			/* the first attempt waits for the request sent before */
+			s = NATS_OK;
+			token = a->sent->token;
+			if (conn->unsettled == token)
+				conn->unsettled = 0;
+			a->sent = NULL;
+		}
 		else
-			dg.Sequence = a->seq;
-		s = js_DirectGetMsg(&m, conn->js, a->stream, &jopts, &dg);
+			s = direct_get_send(conn, a->stream, a->subject, a->seq, &token);
+		if (s == NATS_OK)
+			s = direct_get_wait(conn, token, wait_ms, &m, err);
+		else if (s != NATS_TIMEOUT)
+			capture_error(err, s, 0);
 	}
 	if (s == NATS_OK)
 		a->copied = copy_msg(m, a->stream, a->msg, a->time_text, sizeof(a->time_text));
-	else if (s != NATS_TIMEOUT)
-		capture_error(err, s, jerr);
 	natsMsg_Destroy(m);
 	NATS_END(saved);
 	return s;
@@ -1368,12 +1766,13 @@ get_attempt(AgogConn *conn, int64 wait_ms, void *arg, AgogError *err)
  *		Read one stored message, by last-on-subject or by sequence, within
  *		agog_nats.timeout_ms.  from_leader uses the JSON API through the
  *		stream leader (never stale on a replicated stream); otherwise a
- *		direct get that any replica may serve.  A missing message or stream
- *		returns false with err->not_found set.
+ *		direct get that any replica may serve, whose first request may have
+ *		been sent already (sent).  A missing message or stream returns false
+ *		with err->not_found set.
  */
 static bool
 get_msg(AgogConn *conn, const char *stream, const char *subject, uint64 seq,
-		bool from_leader, AgogMsg *msg, AgogError *err)
+		bool from_leader, AgogSentGet *sent, AgogMsg *msg, AgogError *err)
 {
 	GetArgs		a;
 
@@ -1382,6 +1781,7 @@ get_msg(AgogConn *conn, const char *stream, const char *subject, uint64 seq,
 	a.subject = subject;
 	a.seq = seq;
 	a.from_leader = from_leader;
+	a.sent = (sent != NULL && sent->token != 0) ? sent : NULL;
 	a.msg = msg;
 	if (run_sliced(conn, get_attempt, &a, err) != NATS_OK)
 		return false;
@@ -1398,18 +1798,47 @@ get_msg(AgogConn *conn, const char *stream, const char *subject, uint64 seq,
 	return true;
 }
 
+/*
+ * agog_conn_get_last_send
+ *		Send the direct get of the last message on subject and return without
+ *		waiting, so the caller can do other work during the round trip;
+ *		agog_conn_get_last with the same *sent collects the reply.  A caller
+ *		that no longer wants it just does not collect it: the next wait on the
+ *		connection drops it.  Never throws: after a failure to send,
+ *		*sent names nothing, and the collecting call sends again.
+ */
+void
+agog_conn_get_last_send(AgogConn *conn, const char *stream, const char *subject,
+						AgogSentGet *sent)
+{
+	sigset_t	saved;
+	uint64		token = 0;
+	natsStatus	s;
+
+	NATS_BEGIN(saved);
+	s = direct_get_send(conn, stream, subject, 0, &token);
+	if (s == NATS_OK)
+	{
+		/* dropped by the next request if the caller does not collect it */
+		conn->unsettled = token;
+	}
+	NATS_END(saved);
+	sent->token = (s == NATS_OK) ? token : 0;
+}
+
 bool
 agog_conn_get_last(AgogConn *conn, const char *stream, const char *subject,
-				   bool from_leader, AgogMsg *msg, AgogError *err)
+				   bool from_leader, AgogSentGet *sent, AgogMsg *msg,
+				   AgogError *err)
 {
-	return get_msg(conn, stream, subject, 0, from_leader, msg, err);
+	return get_msg(conn, stream, subject, 0, from_leader, sent, msg, err);
 }
 
 bool
 agog_conn_get_seq(AgogConn *conn, const char *stream, uint64 seq,
 				  bool from_leader, AgogMsg *msg, AgogError *err)
 {
-	return get_msg(conn, stream, NULL, seq, from_leader, msg, err);
+	return get_msg(conn, stream, NULL, seq, from_leader, NULL, msg, err);
 }
 
 typedef struct NextArgs
@@ -1523,11 +1952,15 @@ api_attempt(AgogConn *conn, int64 wait_ms, void *arg, AgogError *err)
 	ApiArgs    *a = (ApiArgs *) arg;
 	sigset_t	saved;
 	natsMsg    *reply = NULL;
+	uint64		token = 0;
 	natsStatus	s;
 
 	a->copied = true;
 	NATS_BEGIN(saved);
-	s = natsConnection_RequestString(&reply, conn->nc, a->subject, a->payload, wait_ms);
+	s = request_send(conn, a->subject, NULL, a->payload, (int) strlen(a->payload),
+					 &token);
+	if (s == NATS_OK)
+		s = request_wait(conn, token, wait_ms, &reply);
 	if (s == NATS_OK)
 	{
 		a->len = natsMsg_GetDataLength(reply);

@@ -173,9 +173,18 @@ extern bool agog_conn_publish_wait(AgogConn *conn, AgogPubItem *items,
 extern bool agog_conn_find_msg_id(AgogConn *conn, const char *stream,
 								  const char *subject, const char *msg_id,
 								  uint64 *seq, AgogError *err);
+/* A direct get sent ahead of its wait (agog_conn_get_last_send). */
+typedef struct AgogSentGet
+{
+	uint64		token;			/* names the reply; 0 when nothing was sent */
+} AgogSentGet;
+
+extern void agog_conn_get_last_send(AgogConn *conn, const char *stream,
+									const char *subject, AgogSentGet *sent);
 extern bool agog_conn_get_last(AgogConn *conn, const char *stream,
 							   const char *subject, bool from_leader,
-							   AgogMsg *msg, AgogError *err);
+							   AgogSentGet *sent, AgogMsg *msg,
+							   AgogError *err);
 extern bool agog_conn_get_seq(AgogConn *conn, const char *stream, uint64 seq,
 							  bool from_leader, AgogMsg *msg, AgogError *err);
 extern char *agog_conn_api_request(AgogConn *conn, const char *api,
@@ -206,6 +215,7 @@ pg_attribute_noreturn() extern void agog_raise(const AgogError *err,
 
 /* The backend's cached connection (agog_conn.c). */
 extern AgogConn *agog_backend_conn(void);
+extern AgogConn *agog_backend_conn_if_open(void);
 
 /* ----------------------------------------------------------------
  * Subjects and tokens (agog_subject.c)

@@ -528,6 +528,8 @@ agog_fetch_report(PG_FUNCTION_ARGS)
 	char	   *stream;
 	char	   *subject;
 	char	   *pending;
+	AgogConn   *conn;
+	AgogSentGet sent = {0};
 	AgogMsg		msg;
 	AgogError	err;
 
@@ -538,6 +540,18 @@ agog_fetch_report(PG_FUNCTION_ARGS)
 	subject = agog_report_subject(agent, task_type, feature);
 
 	InitMaterializedSRF(fcinfo, 0);
+
+	/*
+	 * With the connection open, the direct get goes out first and the outbox
+	 * is read during its round trip.  The order does not change the answer:
+	 * the outbox is read in the statement's snapshot, taken before the get
+	 * was sent, so a report it does not show as pending was in JetStream
+	 * before the get reached the server.  A closed connection is not opened
+	 * here: a pending report is served without NATS.
+	 */
+	conn = (agog_stream_replicas > 1) ? NULL : agog_backend_conn_if_open();
+	if (conn != NULL)
+		agog_conn_get_last_send(conn, stream, subject, &sent);
 	pending = agog_outbox_latest_pending(subject);
 	if (pending != NULL)
 	{
@@ -548,8 +562,8 @@ agog_fetch_report(PG_FUNCTION_ARGS)
 		msg.len = strlen(pending);
 		put_report_row(rsinfo, &msg);
 	}
-	else if (agog_conn_get_last(agog_backend_conn(), stream, subject,
-								agog_stream_replicas > 1, &msg, &err))
+	else if (agog_conn_get_last(conn ? conn : agog_backend_conn(), stream, subject,
+								agog_stream_replicas > 1, &sent, &msg, &err))
 		put_report_row(rsinfo, &msg);
 	else if (!err.not_found)
 		agog_raise(&err, "fetch the report from NATS JetStream");
