@@ -1051,29 +1051,25 @@ run_sliced(AgogConn *conn, AttemptFn attempt, void *arg, AgogError *err)
 }
 
 /* ----------------------------------------------------------------
- * Requests
+ * Requests by hand
  *
- * A backend's requests (publish-now, fetch, the stream list) are sent by
- * hand, not through nats.c's request helpers.  Those deliver each reply
- * through a shared reply subscription that has a thread of its own, so a
- * reply wakes nats.c's reader, then that delivery thread, then the caller.
- * Here each connection has one synchronous subscription on <inbox>.*, and
- * the caller takes its reply from it directly: one thread wake less per
- * call.  The connection is opened with SendAsap, so a request is written to
- * the socket by the caller and not left for nats.c's flusher.
+ * A backend's direct gets are sent by hand, not through js_DirectGetMsg, so
+ * that agog_fetch_report can send one, read the outbox during its round
+ * trip, and only then wait for the answer.  Each connection has one
+ * synchronous subscription on <inbox>.*, and every request a reply subject
+ * of its own, <inbox>.<n>; the caller takes its reply from that
+ * subscription itself, and drops the replies that name another n (a slice
+ * ran out, or a fetch did not wait).  The connection is opened with
+ * SendAsap, so a request is written to the socket by the caller and not
+ * left for nats.c's flusher thread, which waits about a millisecond.
  *
- * Every request gets its own reply subject, <inbox>.<n>, and a wait drops
- * the replies that name another n.  Only a "no responders" status cannot be
- * told apart: nats.c's natsSubscription_NextMsg consumes it and answers
- * NATS_NO_RESPONDERS, without the subject.  So before a request is sent, the
- * replies already queued are dropped, and a "no responders" among them is
- * taken as the answer to the request nobody waited for.  The server sends
- * that status as it reads a request, so it is usually queued by then; one
- * that comes later still would be taken for the next request's.  Only a
- * publish to a subject no stream captures gets that status (a direct get
- * of a stream that does not exist gets no answer at all), and a backend
- * always waits for its publishes: the window is a publish whose wait ran
- * out and whose "no responders" came later than one slice.
+ * A "no responders" status is the one reply that cannot be told apart:
+ * natsSubscription_NextMsg consumes it and answers NATS_NO_RESPONDERS,
+ * without the subject.  So before a request is sent after one nobody
+ * waited for, the replies already queued are dropped, a "no responders"
+ * among them included.  A direct get only gets that status when JetStream is
+ * off altogether (a stream that does not exist gives no answer at all),
+ * and then the next request gets it as well.
  * ----------------------------------------------------------------
  */
 
@@ -1107,13 +1103,12 @@ request_settle(AgogConn *conn)
 /*
  * request_send
  *		Send one request with a reply subject of its own; *token names the
- *		reply for request_wait.  msg_id, when set, goes out as the
- *		Nats-Msg-Id header.  Runs inside a signal-blocked section: nats.c and
- *		plain C only.
+ *		reply for request_wait.  Runs inside a signal-blocked section: nats.c
+ *		and plain C only.
  */
 static natsStatus
-request_send(AgogConn *conn, const char *subject, const char *msg_id,
-			 const char *data, int len, uint64 *token)
+request_send(AgogConn *conn, const char *subject, const char *data, int len,
+			 uint64 *token)
 {
 	natsStatus	s = NATS_OK;
 	char		reply[96];
@@ -1144,20 +1139,7 @@ request_send(AgogConn *conn, const char *subject, const char *msg_id,
 		return s;
 	*token = ++conn->reply_seq;
 	snprintf(reply, sizeof(reply), "%s." UINT64_FORMAT, conn->reply_prefix, *token);
-	if (msg_id == NULL)
-		return natsConnection_PublishRequest(conn->nc, subject, reply, data, len);
-	else
-	{
-		natsMsg    *m = NULL;
-
-		s = natsMsg_Create(&m, subject, reply, data, len);
-		if (s == NATS_OK)
-			s = natsMsgHeader_Set(m, "Nats-Msg-Id", msg_id);
-		if (s == NATS_OK)
-			s = natsConnection_PublishMsg(conn->nc, m);
-		natsMsg_Destroy(m);
-		return s;
-	}
+	return natsConnection_PublishRequest(conn->nc, subject, reply, data, len);
 }
 
 /*
@@ -1230,112 +1212,6 @@ request_status(natsMsg *m, const char **text)
 	return status;
 }
 
-/*
- * json_member
- *		In a JSON text from the server, the value of the first member named
- *		key, at any depth (the replies read with it have no name twice), or
- *		NULL.  Plain C: runs inside a signal-blocked section.
- */
-static const char *
-json_member(const char *json, int len, const char *key)
-{
-	const char *end = json + len;
-	size_t		keylen = strlen(key);
-
-	for (const char *p = json; p < end; p++)
-	{
-		const char *start;
-
-		if (*p != '"')
-			continue;
-		start = ++p;
-		while (p < end && *p != '"')
-			p += (*p == '\\') ? 2 : 1;
-		if (p >= end)
-			return NULL;
-		if ((size_t) (p - start) == keylen && memcmp(start, key, keylen) == 0)
-		{
-			const char *v = p + 1;
-
-			while (v < end && (*v == ' ' || *v == '\t' || *v == '\r' || *v == '\n'))
-				v++;
-			if (v < end && *v == ':')
-			{
-				v++;
-				while (v < end && (*v == ' ' || *v == '\t' || *v == '\r' || *v == '\n'))
-					v++;
-				return v < end ? v : NULL;
-			}
-		}
-	}
-	return NULL;
-}
-
-/*
- * json_string_copy
- *		Copy the JSON string value at v (as json_member returns it) into buf,
- *		undoing the simple escapes; false when v is not a string.  Plain C.
- */
-static bool
-json_string_copy(const char *v, const char *end, char *buf, size_t size)
-{
-	size_t		n = 0;
-
-	if (v == NULL || v >= end || *v != '"')
-		return false;
-	for (v++; v < end && *v != '"'; v++)
-	{
-		char		c = *v;
-
-		if (c == '\\' && v + 1 < end)
-		{
-			c = *++v;
-			if (c == 'n')
-				c = '\n';
-			else if (c == 't')
-				c = '\t';
-			else if (c == 'u')
-			{
-				/* \uXXXX: only the server's error texts have them; keep a mark */
-				c = '?';
-				v += Min(4, end - v - 1);
-			}
-		}
-		if (n + 1 < size)
-			buf[n++] = c;
-	}
-	if (size > 0)
-		buf[n] = '\0';
-	return true;
-}
-
-/*
- * api_error
- *		If a JetStream API reply is an error ({"error": {"code", "err_code",
- *		"description"}}), fill *err from it and return true.  Plain C.
- */
-static bool
-api_error(const char *json, int len, AgogError *err)
-{
-	const char *end = json + len;
-	const char *e = json_member(json, len, "error");
-	const char *v;
-	jsErrCode	jerr = 0;
-
-	if (e == NULL || *e != '{')
-		return false;
-	if ((v = json_member(e, (int) (end - e), "err_code")) != NULL)
-		jerr = (jsErrCode) strtol(v, NULL, 10);
-	memset(err, 0, sizeof(*err));
-	err->status = (int) NATS_ERR;
-	err->js_code = (int) jerr;
-	err->sqlstate = map_status(NATS_ERR, jerr, &err->not_found);
-	if (!json_string_copy(json_member(e, (int) (end - e), "description"), end,
-						  err->text, sizeof(err->text)) || err->text[0] == '\0')
-		strlcpy(err->text, "JetStream API error", sizeof(err->text));
-	return true;
-}
-
 /* ----------------------------------------------------------------
  * Publish
  * ----------------------------------------------------------------
@@ -1357,41 +1233,25 @@ publish_attempt(AgogConn *conn, int64 wait_ms, void *arg, AgogError *err)
 {
 	PublishArgs *a = (PublishArgs *) arg;
 	sigset_t	saved;
-	natsMsg    *reply = NULL;
-	uint64		token = 0;
+	jsPubOptions popts;
+	jsPubAck   *pa = NULL;
+	jsErrCode	jerr = 0;
 	natsStatus	s;
 
 	NATS_BEGIN(saved);
-	s = request_send(conn, a->subject, a->msg_id, a->data, a->len, &token);
-	if (s == NATS_OK)
-		s = request_wait(conn, token, wait_ms, &reply);
+	jsPubOptions_Init(&popts);
+	popts.MsgId = a->msg_id;
+	popts.MaxWait = wait_ms;
+	s = js_Publish(&pa, conn->js, a->subject, a->data, a->len, &popts, &jerr);
 	if (s == NATS_OK)
 	{
-		const char *json = natsMsg_GetData(reply);
-		int			len = natsMsg_GetDataLength(reply);
-		const char *end = json + len;
-		const char *v;
-
-		if (api_error(json, len, err))
-			s = NATS_ERR;
-		else if (!json_string_copy(json_member(json, len, "stream"), end,
-								   a->stream, sizeof(a->stream)) ||
-				 (v = json_member(json, len, "seq")) == NULL)
-		{
-			s = NATS_ERR;
-			set_error(err, ERRCODE_EXTERNAL_ROUTINE_EXCEPTION,
-					  "the server's answer to a publish is not a PubAck");
-		}
-		else
-		{
-			a->seq = strtoull(v, NULL, 10);
-			v = json_member(json, len, "duplicate");
-			a->duplicate = (v != NULL && end - v >= 4 && memcmp(v, "true", 4) == 0);
-		}
+		strlcpy(a->stream, pa->Stream ? pa->Stream : "", sizeof(a->stream));
+		a->seq = pa->Sequence;
+		a->duplicate = pa->Duplicate;
 	}
 	else if (s != NATS_TIMEOUT)
-		capture_error(err, s, 0);
-	natsMsg_Destroy(reply);
+		capture_error(err, s, jerr);
+	jsPubAck_Destroy(pa);
 	NATS_END(saved);
 	return s;
 }
@@ -1678,7 +1538,7 @@ direct_get_send(AgogConn *conn, const char *stream, const char *subject,
 		snprintf(payload, sizeof(payload), "{\"last_by_subj\":\"%s\"}", subject);
 	else
 		snprintf(payload, sizeof(payload), "{\"seq\":" UINT64_FORMAT "}", seq);
-	return request_send(conn, api, NULL, payload, (int) strlen(payload), token);
+	return request_send(conn, api, payload, (int) strlen(payload), token);
 }
 
 /*
@@ -1952,15 +1812,11 @@ api_attempt(AgogConn *conn, int64 wait_ms, void *arg, AgogError *err)
 	ApiArgs    *a = (ApiArgs *) arg;
 	sigset_t	saved;
 	natsMsg    *reply = NULL;
-	uint64		token = 0;
 	natsStatus	s;
 
 	a->copied = true;
 	NATS_BEGIN(saved);
-	s = request_send(conn, a->subject, NULL, a->payload, (int) strlen(a->payload),
-					 &token);
-	if (s == NATS_OK)
-		s = request_wait(conn, token, wait_ms, &reply);
+	s = natsConnection_RequestString(&reply, conn->nc, a->subject, a->payload, wait_ms);
 	if (s == NATS_OK)
 	{
 		a->len = natsMsg_GetDataLength(reply);

@@ -738,22 +738,18 @@ round_raw_get(int n, bool drain, Fig *p50, Fig *p99)
 }
 
 /*
- * One request by hand on hand_nc: publish m (its reply subject set here) and
- * wait for the reply on hand_sub, dropping stale ones.  The reply is the
- * caller's.
+ * One request by hand on hand_nc, with a reply subject of its own, and its
+ * reply taken from hand_sub (stale ones dropped), as the extension's backends
+ * send their direct gets.  The reply is the caller's.
  */
 static natsMsg *
-hand_request(const char *subject, const char *msg_id, const char *data, int len)
+hand_request(const char *subject, const char *data, int len)
 {
 	char		reply[96];
-	natsMsg    *m = NULL;
 
 	snprintf(reply, sizeof(reply), "%s.%" PRIu64, hand_prefix, ++hand_seq);
-	nats_check(natsMsg_Create(&m, subject, reply, data, len), "natsMsg_Create");
-	if (msg_id)
-		nats_check(natsMsgHeader_Set(m, "Nats-Msg-Id", msg_id), "natsMsgHeader_Set");
-	nats_check(natsConnection_PublishMsg(hand_nc, m), "natsConnection_PublishMsg");
-	natsMsg_Destroy(m);
+	nats_check(natsConnection_PublishRequest(hand_nc, subject, reply, data, len),
+			   "natsConnection_PublishRequest");
 	for (;;)
 	{
 		natsMsg    *r = NULL;
@@ -763,31 +759,6 @@ hand_request(const char *subject, const char *msg_id, const char *data, int len)
 			return r;
 		natsMsg_Destroy(r);
 	}
-}
-
-/* A publish by hand, one at a time (the PubAck is checked, not parsed): p50. */
-static void
-round_hand_pub(int n, const char *body, int len, Fig *p50)
-{
-	double	   *lat = malloc(sizeof(double) * n);
-	char		id[64];
-
-	for (int i = 0; i < n; i++)
-	{
-		natsMsg    *r;
-		double		a;
-
-		snprintf(id, sizeof(id), "bench-hand-%d-%d", (int) getpid(), ++msg_counter);
-		a = now_us();
-		r = hand_request("agog.deliverables.roy.backend.rawhand", id, body, len);
-		lat[i] = now_us() - a;
-		if (natsMsg_GetDataLength(r) == 0 || strstr(natsMsg_GetData(r), "\"seq\"") == NULL)
-			die("publish by hand: no PubAck: %.*s", natsMsg_GetDataLength(r), natsMsg_GetData(r));
-		natsMsg_Destroy(r);
-	}
-	if (p50)
-		fig_add(p50, quantile(lat, n, 0.5) / 1000.0);
-	free(lat);
 }
 
 /* A direct get by hand, last by subject, over the fetch stream's subjects. */
@@ -807,7 +778,7 @@ round_hand_get(int n, Fig *p50)
 		snprintf(payload, sizeof(payload),
 				 "{\"last_by_subj\":\"agog.deliverables.cynthia.research.f%04d\"}", k);
 		a = now_us();
-		r = hand_request("$JS.API.DIRECT.GET.agog_features_research", NULL, payload,
+		r = hand_request("$JS.API.DIRECT.GET.agog_features_research", payload,
 						 (int) strlen(payload));
 		lat[i] = now_us() - a;
 		if (natsMsg_GetDataLength(r) < REPORT_BYTES - 100)
@@ -1713,7 +1684,7 @@ main(int argc, char **argv)
 	Fig			get_p50 = {0}, get_p99 = {0}, info_p50 = {0}, sel_p50 = {0};
 	Fig			ins1 = {0}, ins4 = {0};
 	Fig			now_p50 = {0}, now_rate = {0}, carry_in_p50 = {0}, carry_out_p50 = {0};
-	Fig			hand_pub_p50 = {0}, hand_get_p50 = {0};
+	Fig			hand_get_p50 = {0};
 	Fig			e2e1 = {0}, e2e4 = {0}, e2e1_client = {0}, e2e4_client = {0};
 	Fig			drain_rate = {0}, drain_wcpu = {0}, drain_ncpu = {0};
 	Fig			dsync_rate = {0}, dasync_rate = {0}, dasync_ncpu = {0};
@@ -1928,7 +1899,6 @@ main(int argc, char **argv)
 	for (int r = 0; r < rounds; r++)
 	{
 		round_raw_sync(scaled(1000), 0, raw_body, raw_len, &sync_rate, &sync_p50);
-		round_hand_pub(scaled(500), raw_body, raw_len, &hand_pub_p50);
 		round_sql(c, SQL_SELECT1, scaled(1000), &sel_p50, NULL, NULL);
 		round_sql(c, SQL_PUBLISH_NOW, scaled(500), &now_p50, NULL, &now_rate);
 		round_sql(c, SQL_CARRY_IN, scaled(500), &carry_in_p50, NULL, NULL);
@@ -2111,11 +2081,6 @@ main(int argc, char **argv)
 		latency_row("(`agog_publish_report_now` against sync publish + carry-in)", &now_p50,
 					"sync publish p50 + carry-in p50", fig_med(&sync_p50) + fig_med(&carry_in_p50),
 					"", 0);
-		fmt_fig(m, sizeof(m), &hand_pub_p50, "ms", 3);
-		row("(raw nats.c publish by hand, as the extension sends it: `natsConnection_PublishMsg` "
-			"with a reply subject, reply from a synchronous subscription, p50)", m, "", "", "", "info");
-		latency_row("(`agog_publish_report_now` against publish by hand + SELECT 1)", &now_p50,
-					"publish by hand p50 + SELECT 1 p50", fig_med(&hand_pub_p50) + sel, "", 0);
 
 		fmt_fig(m, sizeof(m), &e2e1, "reports/s", 0);
 		snprintf(b, sizeof(b), "plain INSERT, 1 client: %.0f rows/s", fig_med(&ins1));
@@ -2179,7 +2144,8 @@ main(int argc, char **argv)
 					"direct get p50 + carry-out p50", fig_med(&get_p50) + fig_med(&carry_out_p50),
 					"", 0);
 		fmt_fig(m, sizeof(m), &hand_get_p50, "ms", 3);
-		row("(raw nats.c direct get by hand, as the extension sends it, p50)", m, "", "", "", "info");
+		row("(raw nats.c direct get by hand, as the extension sends it: `natsConnection_PublishRequest`, "
+			"reply from a synchronous subscription, p50)", m, "", "", "", "info");
 		latency_row("(`agog_fetch_report` against direct get by hand + SELECT 1)", &fetch_p50,
 					"direct get by hand p50 + SELECT 1 p50", fig_med(&hand_get_p50) + sel, "", 0);
 		fmt_fig(m, sizeof(m), &fetch_p99, "ms", 3);

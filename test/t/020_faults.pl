@@ -94,6 +94,14 @@ like($err, qr/ERROR:  08006: could not connect to NATS/, 'unreachable: SQLSTATE 
   or diag($err);
 cmp_ok($elapsed, '<', 0.5,
 	sprintf('unreachable: fails at once, well under timeout_ms = 1000 (%.3f s)', $elapsed));
+# A report not yet drained is read from the outbox without NATS.
+is( $node->safe_psql(
+		'postgres', "BEGIN;\n"
+		  . "SELECT agog_publish_report('cynthia', 'research', 'f', 'queued') > 0;\n"
+		  . "SELECT content || '|' || (message_id IS NULL) FROM agog_fetch_report('cynthia', 'research', 'f');\n"
+		  . "ROLLBACK;"),
+	"t\nqueued|true",
+	'unreachable: a fetch returns the pending report of the outbox');
 
 # --- a live server for the rest ----------------------------------------------------
 my $nats = AgogNatsTest::NatsServer->new(name => 'nats');
@@ -234,6 +242,21 @@ for my $case (@cases)
 	$bg2->{stderr} = '';
 	$bg2->quit;
 }
+
+# Frozen server, cached connection: a fetch sends its direct get before it
+# reads the outbox, and returns a pending report without waiting for the
+# answer.  That answer comes after the thaw, and must not be taken for the
+# answer to a later request of the session (checked below).
+$bg->query_safe('BEGIN');
+$bg->query_safe(
+	"SELECT agog_publish_report('cynthia', 'research', 'cancel', 'pending while frozen') > 0");
+$t0 = Time::HiRes::time();
+is($bg->query_safe("SELECT content FROM agog_fetch_report('cynthia', 'research', 'cancel')"),
+	'pending while frozen', 'frozen server: a fetch returns the pending report of the outbox');
+$elapsed = Time::HiRes::time() - $t0;
+cmp_ok($elapsed, '<', 0.5,
+	sprintf('... without waiting for the frozen server (%.3f s)', $elapsed));
+$bg->query_safe('ROLLBACK');
 
 $nats->thaw;
 is($bg->query_safe('SELECT pg_backend_pid()'), $bpid, 'after the cancels: same backend process');
