@@ -1170,9 +1170,12 @@ request_wait(AgogConn *conn, uint64 token, int64 wait_ms, natsMsg **reply)
 			s = NATS_TIMEOUT;
 		else
 			s = natsSubscription_NextMsg(&m, conn->reply_sub, remaining);
-		if (s == NATS_TIMEOUT)
+		if (s == NATS_TIMEOUT || s == NATS_NO_RESPONDERS)
 		{
-			/* its reply may still come: drop it before the next request */
+			/*
+			 * Its reply may still come (or, when the status was an earlier
+			 * request's, may be queued): drop it before the next request.
+			 */
 			conn->unsettled = token;
 		}
 		if (s != NATS_OK)
@@ -1499,8 +1502,9 @@ copy_msg(natsMsg *m, const char *stream, AgogMsg *out, char *time_text,
 
 	if (natsMsg_GetTime(m) > 0)
 		out->time = unix_nanos_to_timestamptz(natsMsg_GetTime(m));
-	else if (natsMsgHeader_Get(m, "Nats-Time-Stamp", &v) == NATS_OK && v)
-		strlcpy(time_text, v, time_len);
+	else if (natsMsgHeader_Get(m, "Nats-Time-Stamp", &v) == NATS_OK && v &&
+			 !agog_parse_nats_time(v, (int) strlen(v), &out->time))
+		strlcpy(time_text, v, time_len);	/* parsed after the section */
 
 	if (natsMsgHeader_Get(m, "Nats-Msg-Id", &v) == NATS_OK && v)
 		out->msg_id = copy_bytes_noerror(v, strlen(v));
@@ -1557,6 +1561,12 @@ direct_get_wait(AgogConn *conn, uint64 token, int64 wait_ms, natsMsg **m,
 
 	if (s == NATS_OK && (status = request_status(*m, &text)) != NULL)
 		s = strcmp(status, "404") == 0 ? NATS_NOT_FOUND : NATS_ERR;
+	else if (s == NATS_OK &&
+			 (natsMsgHeader_Get(*m, "Nats-Sequence", &text) != NATS_OK || text == NULL))
+	{
+		s = NATS_ERR;
+		text = "a direct get returned a message without its sequence";
+	}
 	if (s != NATS_OK && s != NATS_TIMEOUT)
 	{
 		capture_error(err, s, 0);
@@ -1627,8 +1637,9 @@ get_attempt(AgogConn *conn, int64 wait_ms, void *arg, AgogError *err)
  *		agog_nats.timeout_ms.  from_leader uses the JSON API through the
  *		stream leader (never stale on a replicated stream); otherwise a
  *		direct get that any replica may serve, whose first request may have
- *		been sent already (sent).  A missing message or stream returns false
- *		with err->not_found set.
+ *		been sent already (sent).  A missing message returns false with
+ *		err->not_found set; so does a missing stream through the leader, while
+ *		a direct get of a missing stream gets no answer and times out.
  */
 static bool
 get_msg(AgogConn *conn, const char *stream, const char *subject, uint64 seq,

@@ -544,10 +544,11 @@ agog_fetch_report(PG_FUNCTION_ARGS)
 	/*
 	 * With the connection open, the direct get goes out first and the outbox
 	 * is read during its round trip.  The order does not change the answer:
-	 * the outbox is read in the statement's snapshot, taken before the get
-	 * was sent, so a report it does not show as pending was in JetStream
-	 * before the get reached the server.  A closed connection is not opened
-	 * here: a pending report is served without NATS.
+	 * the outbox is read in the caller's active snapshot (the statement's,
+	 * or an older one), taken before the get was sent, so a report it does
+	 * not show as pending was in JetStream before the get reached the
+	 * server.  A closed connection is not opened here: a pending report is
+	 * served without NATS.
 	 */
 	conn = (agog_stream_replicas > 1) ? NULL : agog_backend_conn_if_open();
 	if (conn != NULL)
@@ -562,7 +563,7 @@ agog_fetch_report(PG_FUNCTION_ARGS)
 		msg.len = strlen(pending);
 		put_report_row(rsinfo, &msg);
 	}
-	else if (agog_conn_get_last(conn ? conn : agog_backend_conn(), stream, subject,
+	else if (agog_conn_get_last(sent.token != 0 ? conn : agog_backend_conn(), stream, subject,
 								agog_stream_replicas > 1, &sent, &msg, &err))
 		put_report_row(rsinfo, &msg);
 	else if (!err.not_found)

@@ -334,12 +334,89 @@ copy_text(char *dst, int size, const char *v, int len)
 	dst[len] = '\0';
 }
 
-/* An RFC 3339 time of JetStream (nanosecond digits allowed), len bytes at v. */
+/*
+ * agog_parse_nats_time
+ *		A time as JetStream writes it, RFC 3339 in UTC with up to nine
+ *		fraction digits ("2026-11-28T01:23:45.123456789Z"), len bytes at v.
+ *		Digits past the microsecond are cut off, as nats.c's own parsing of
+ *		message times does, so a time reads the same whichever path read it.
+ *		Returns false for any other form.  Plain C: also runs inside a
+ *		signal-blocked section of agog_conn.c.
+ */
+bool
+agog_parse_nats_time(const char *v, int len, TimestampTz *out)
+{
+	static const int mdays[] = {31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31};
+	int			f[6];
+	static const int pos[] = {0, 5, 8, 11, 14, 17};
+	static const int width[] = {4, 2, 2, 2, 2, 2};
+	int64		y;
+	int64		era;
+	int64		yoe;
+	int64		doy;
+	int64		days;
+	int64		usec = 0;
+	int			i;
+
+	if (len < 20 || v[4] != '-' || v[7] != '-' || v[10] != 'T' || v[13] != ':' ||
+		v[16] != ':' || v[len - 1] != 'Z')
+		return false;
+	for (i = 0; i < 6; i++)
+	{
+		f[i] = 0;
+		for (int k = pos[i]; k < pos[i] + width[i]; k++)
+		{
+			if (v[k] < '0' || v[k] > '9')
+				return false;
+			f[i] = f[i] * 10 + (v[k] - '0');
+		}
+	}
+	if (len > 20)
+	{
+		int			digits = len - 21;
+
+		if (v[19] != '.' || digits < 1 || digits > 9)
+			return false;
+		for (i = 0; i < digits; i++)
+		{
+			char		c = v[20 + i];
+
+			if (c < '0' || c > '9')
+				return false;
+			if (i < 6)
+				usec = usec * 10 + (c - '0');
+		}
+		for (i = digits; i < 6; i++)
+			usec *= 10;
+	}
+	if (f[0] < 1 || f[1] < 1 || f[1] > 12 || f[2] < 1 || f[3] > 23 || f[4] > 59 ||
+		f[5] > 59)
+		return false;
+	if (f[2] > mdays[f[1] - 1] +
+		(f[1] == 2 && f[0] % 4 == 0 && (f[0] % 100 != 0 || f[0] % 400 == 0)))
+		return false;
+
+	/* days since 1970-01-01 in the proleptic Gregorian calendar */
+	y = f[0] - (f[1] <= 2);
+	era = y / 400;				/* years are positive here */
+	yoe = y - era * 400;
+	doy = (153 * (f[1] + (f[1] > 2 ? -3 : 9)) + 2) / 5 + f[2] - 1;
+	days = era * 146097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719468;
+
+	*out = ((days * 24 + f[3]) * 60 + f[4]) * 60 * USECS_PER_SEC + f[5] * USECS_PER_SEC +
+		usec - (int64) (POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE) * USECS_PER_DAY;
+	return true;
+}
+
+/* A time of the list reply, len bytes at v; an unusual form goes through timestamptz_in. */
 static TimestampTz
 list_time(const char *v, int len)
 {
 	char		text[48];
+	TimestampTz ts;
 
+	if (agog_parse_nats_time(v, len, &ts))
+		return ts;
 	copy_text(text, sizeof(text), v, len);
 	return DatumGetTimestampTz(DirectFunctionCall3(timestamptz_in, CStringGetDatum(text),
 												   ObjectIdGetDatum(InvalidOid),

@@ -269,6 +269,30 @@ my ($seq_after)  = ($id_after // '') =~ /\.(\d+)$/;
 cmp_ok($seq_after // 0, '>', $seq_before, '... a later message');
 is($bg->query_safe("SELECT content FROM agog_fetch_report('cynthia', 'research', 'cancel')"),
 	'after the thaw', '... and reads it back');
+
+# With its connection open, a fetch sends its direct get before it reads the
+# outbox, even when the outbox has the report: the server counts one message
+# in from the backend's connection per fetch.
+sub backend_in_msgs
+{
+	my $connz = $nats->monitor_get('/connz?limit=1024');
+	my ($c) = grep { ($_->{name} // '') eq "agog_nats backend $bpid" } @{ $connz->{connections} };
+	return $c ? $c->{in_msgs} : undef;
+}
+$bg->query_safe('BEGIN');
+$bg->query_safe("SELECT agog_publish_report('cynthia', 'research', 'cancel', 'pending again') > 0");
+my $in_before = backend_in_msgs();
+is($bg->query_safe("SELECT content FROM agog_fetch_report('cynthia', 'research', 'cancel')"),
+	'pending again', 'open connection: a fetch returns the pending report');
+# (the server may count the message a moment after the fetch returned)
+my $in_after;
+AgogNatsTest::wait_for(sub { $in_after = backend_in_msgs(); ($in_after // 0) > ($in_before // 0) }, 2);
+$bg->query_safe('ROLLBACK');
+ok(defined $in_before, "the backend's connection is in the server's connz");
+is(($in_after // 0) - ($in_before // 0), 1,
+	'... and sent its direct get before the look-up found it');
+is($bg->query_safe("SELECT content FROM agog_fetch_report('cynthia', 'research', 'cancel')"),
+	'after the thaw', '... whose late answer the next fetch does not take for its own');
 # Not an assertion: what became of the calls that timed out or were
 # cancelled while the server was frozen (their bytes were already sent, so
 # the server may store them once it runs again).
@@ -369,6 +393,31 @@ is_deeply(
 	'body: metadata agent, taskType, feature and the caller\'s field');
 like($doc->{metadata}{timestamp} // '', qr/^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$/,
 	'body: metadata.timestamp is ISO 8601 UTC with milliseconds');
+
+# The extension reads message times itself (RFC 3339 from Nats-Time-Stamp and
+# the stream list): the server's time, cut to the microsecond as nats.c cuts
+# it.  PostgreSQL's own parser, given the cut text, is the reference.
+my $ts = ($msg && $msg->{headers}{'Nats-Time-Stamp'}) // '';
+like($ts, qr/^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?Z$/,
+	"direct get: Nats-Time-Stamp is RFC 3339 in UTC ($ts)");
+(my $ts_us = $ts) =~ s/(\.\d{6})\d*Z$/$1Z/;
+is( $node->safe_psql(
+		'postgres',
+		"SELECT published_at = '$ts_us'::timestamptz FROM agog_fetch_report('cynthia', 'research', 'interop-back')"
+	),
+	't',
+	'agog_fetch_report: published_at is the stored time, to the microsecond');
+is( $node->safe_psql(
+		'postgres',
+		"SELECT published_at = '$ts_us'::timestamptz FROM agog_fetch_report_by_seq('cynthia', $seq)"),
+	't',
+	'agog_fetch_report_by_seq: the same');
+is( $node->safe_psql(
+		'postgres',
+		"SELECT last_time = '$ts_us'::timestamptz FROM agog_stream_status() WHERE name = 'agog_features_research'"
+	),
+	't',
+	'agog_stream_status: last_time is the last message\'s time, to the microsecond');
 
 # --- end -----------------------------------------------------------------------------
 $log = AgogNatsTest::log_since($node);
