@@ -38,7 +38,6 @@
 #include "miscadmin.h"
 #include "storage/fd.h"
 #include "storage/ipc.h"
-#include "utils/builtins.h"
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
 
@@ -897,6 +896,18 @@ agog_conn_take_events(AgogConn *conn, AgogConnEvents *events)
 }
 
 /*
+ * backend_conn_current
+ *		Whether the cached connection (not NULL) was opened with these
+ *		settings and is still usable.
+ */
+static bool
+backend_conn_current(const char *settings)
+{
+	return strcmp(backend_conn_url, settings) == 0 &&
+		agog_conn_is_usable(backend_conn);
+}
+
+/*
  * agog_backend_conn
  *		The backend's cached connection, opened on first use and opened again
  *		when it was lost or its settings changed (a SIGHUP).  Throws when the
@@ -912,9 +923,7 @@ agog_backend_conn(void)
 	/* the settings exist only when the library was preloaded */
 	agog_shmem_attach();
 	settings = agog_conn_settings();
-	if (backend_conn != NULL &&
-		(strcmp(backend_conn_url, settings) != 0 ||
-		 !agog_conn_is_usable(backend_conn)))
+	if (backend_conn != NULL && !backend_conn_current(settings))
 	{
 		agog_conn_close(backend_conn);
 		backend_conn = NULL;
@@ -943,14 +952,14 @@ AgogConn *
 agog_backend_conn_if_open(void)
 {
 	char	   *settings;
-	bool		same;
+	bool		current;
 
 	if (backend_conn == NULL)
 		return NULL;
 	settings = agog_conn_settings();
-	same = strcmp(backend_conn_url, settings) == 0;
+	current = backend_conn_current(settings);
 	pfree(settings);
-	return (same && agog_conn_is_usable(backend_conn)) ? backend_conn : NULL;
+	return current ? backend_conn : NULL;
 }
 
 /* ----------------------------------------------------------------
@@ -1662,10 +1671,7 @@ get_msg(AgogConn *conn, const char *stream, const char *subject, uint64 seq,
 				 errmsg("out of memory"),
 				 errdetail("Failed to copy a message of %d bytes read from NATS.", msg->len)));
 	if (msg->time == 0 && a.time_text[0] != '\0')
-		msg->time = DatumGetTimestampTz(DirectFunctionCall3(timestamptz_in,
-															CStringGetDatum(a.time_text),
-															ObjectIdGetDatum(InvalidOid),
-															Int32GetDatum(-1)));
+		msg->time = agog_nats_time(a.time_text, (int) strlen(a.time_text));
 	return true;
 }
 

@@ -332,6 +332,7 @@ extern bool agog_reconcile_streams(AgogConn *conn, int *ok, int *failed,
 								   AgogError *first_err);
 extern bool agog_stream_in_place(const char *name);
 extern bool agog_parse_nats_time(const char *v, int len, TimestampTz *out);
+extern TimestampTz agog_nats_time(const char *v, int len);
 extern bool agog_stream_absent(const char *name, uint64 generation);
 extern void agog_stream_note_absent(const char *name, uint64 generation);
 

@@ -408,9 +408,14 @@ agog_parse_nats_time(const char *v, int len, TimestampTz *out)
 	return true;
 }
 
-/* A time of the list reply, len bytes at v; an unusual form goes through timestamptz_in. */
-static TimestampTz
-list_time(const char *v, int len)
+/*
+ * agog_nats_time
+ *		A time JetStream wrote, len bytes at v: agog_parse_nats_time, and
+ *		timestamptz_in for any other form (which throws if it is no time).
+ *		Runs in a backend, outside signal-blocked sections.
+ */
+TimestampTz
+agog_nats_time(const char *v, int len)
 {
 	char		text[48];
 	TimestampTz ts;
@@ -495,9 +500,9 @@ list_keep(ListScan *s, ListSection sec, const char *key, int klen,
 			else if (KEY_IS(key, klen, "consumer_count"))
 				st->consumers = x;
 			else if (KEY_IS(key, klen, "first_ts") && is_string)
-				st->first_time = list_time(v, len);
+				st->first_time = agog_nats_time(v, len);
 			else if (KEY_IS(key, klen, "last_ts") && is_string)
-				st->last_time = list_time(v, len);
+				st->last_time = agog_nats_time(v, len);
 			break;
 		default:
 			break;

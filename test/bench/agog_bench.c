@@ -698,46 +698,6 @@ round_raw_async(int n, int nsubj, const char *body, int len, Fig *rate, Fig *nat
 }
 
 /*
- * js_DirectGetMsg last by subject over the fetch stream's subjects, or
- * (drain) over the drain's subjects of agog_features_backend.
- */
-static void
-round_raw_get(int n, bool drain, Fig *p50, Fig *p99)
-{
-	double	   *lat = malloc(sizeof(double) * n);
-	uint64_t	st = 7;
-	char		subj[128];
-
-	for (int i = 0; i < n; i++)
-	{
-		jsDirectGetMsgOptions dg;
-		natsMsg    *m = NULL;
-		double		a;
-		natsStatus	s;
-		int			k = (int) (lcg_next(&st) % FETCH_SUBJECTS);
-
-		if (drain)
-			raw_subject(subj, sizeof(subj), NULL, DRAIN_SUBJECTS, k);
-		else
-			snprintf(subj, sizeof(subj), "agog.deliverables.cynthia.research.f%04d", k);
-		jsDirectGetMsgOptions_Init(&dg);
-		dg.LastBySubject = subj;
-		a = now_us();
-		s = js_DirectGetMsg(&m, js, drain ? "agog_features_backend" : "agog_features_research",
-							NULL, &dg);
-		lat[i] = now_us() - a;
-		if (s != NATS_OK || natsMsg_GetDataLength(m) < REPORT_BYTES - 100)
-			die("js_DirectGetMsg %s: %s", subj, natsStatus_GetText(s));
-		natsMsg_Destroy(m);
-	}
-	if (p99)
-		fig_add(p99, quantile(lat, n, 0.99) / 1000.0);
-	if (p50)
-		fig_add(p50, quantile(lat, n, 0.5) / 1000.0);
-	free(lat);
-}
-
-/*
  * One request by hand on hand_nc, with a reply subject of its own, and its
  * reply taken from hand_sub (stale ones dropped), as the extension's backends
  * send their direct gets.  The reply is the caller's.
@@ -761,30 +721,55 @@ hand_request(const char *subject, const char *data, int len)
 	}
 }
 
-/* A direct get by hand, last by subject, over the fetch stream's subjects. */
+/*
+ * Direct gets, last by subject, over the fetch stream's subjects, or (drain)
+ * over the drain's subjects of agog_features_backend: with js_DirectGetMsg,
+ * or (by_hand) sent as the extension's backends send them.
+ */
 static void
-round_hand_get(int n, Fig *p50)
+round_raw_get(int n, bool drain, bool by_hand, Fig *p50, Fig *p99)
 {
 	double	   *lat = malloc(sizeof(double) * n);
 	uint64_t	st = 7;
-	char		payload[160];
+	char		subj[128];
+	char		payload[192];
+	const char *stream = drain ? "agog_features_backend" : "agog_features_research";
+	char		api[64];
 
+	snprintf(api, sizeof(api), "$JS.API.DIRECT.GET.%s", stream);
 	for (int i = 0; i < n; i++)
 	{
-		natsMsg    *r;
+		natsMsg    *m = NULL;
 		double		a;
+		natsStatus	s = NATS_OK;
 		int			k = (int) (lcg_next(&st) % FETCH_SUBJECTS);
 
-		snprintf(payload, sizeof(payload),
-				 "{\"last_by_subj\":\"agog.deliverables.cynthia.research.f%04d\"}", k);
-		a = now_us();
-		r = hand_request("$JS.API.DIRECT.GET.agog_features_research", payload,
-						 (int) strlen(payload));
+		if (drain)
+			raw_subject(subj, sizeof(subj), NULL, DRAIN_SUBJECTS, k);
+		else
+			snprintf(subj, sizeof(subj), "agog.deliverables.cynthia.research.f%04d", k);
+		if (by_hand)
+		{
+			snprintf(payload, sizeof(payload), "{\"last_by_subj\":\"%s\"}", subj);
+			a = now_us();
+			m = hand_request(api, payload, (int) strlen(payload));
+		}
+		else
+		{
+			jsDirectGetMsgOptions dg;
+
+			jsDirectGetMsgOptions_Init(&dg);
+			dg.LastBySubject = subj;
+			a = now_us();
+			s = js_DirectGetMsg(&m, js, stream, NULL, &dg);
+		}
 		lat[i] = now_us() - a;
-		if (natsMsg_GetDataLength(r) < REPORT_BYTES - 100)
-			die("direct get by hand f%04d: %d bytes", k, natsMsg_GetDataLength(r));
-		natsMsg_Destroy(r);
+		if (s != NATS_OK || natsMsg_GetDataLength(m) < REPORT_BYTES - 100)
+			die("direct get%s %s: %s", by_hand ? " by hand" : "", subj, natsStatus_GetText(s));
+		natsMsg_Destroy(m);
 	}
+	if (p99)
+		fig_add(p99, quantile(lat, n, 0.99) / 1000.0);
 	if (p50)
 		fig_add(p50, quantile(lat, n, 0.5) / 1000.0);
 	free(lat);
@@ -1810,7 +1795,7 @@ main(int argc, char **argv)
 	note("warm-up");
 	round_raw_sync(scaled(500), 0, raw_body, raw_len, NULL, NULL);
 	round_raw_async(scaled(1000), 0, raw_body, raw_len, NULL, NULL);
-	round_raw_get(scaled(500), false, NULL, NULL);
+	round_raw_get(scaled(500), false, false, NULL, NULL);
 	round_raw_info(scaled(200), NULL);
 	round_sql(c, SQL_SELECT1, scaled(500), NULL, NULL, NULL);
 	round_sql(c, SQL_PUBLISH_NOW, scaled(300), NULL, NULL, NULL);
@@ -1849,7 +1834,7 @@ main(int argc, char **argv)
 			}
 			else if (strcmp(only, "fetch") == 0)
 			{
-				round_raw_get(1000, false, &f3, NULL);
+				round_raw_get(1000, false, false, &f3, NULL);
 				round_sql(c, SQL_SELECT1, 1000, &f4, NULL, NULL);
 				round_sql(c, SQL_FETCH, 1000, &f1, NULL, NULL);
 			}
@@ -1909,8 +1894,8 @@ main(int argc, char **argv)
 	note("fetch: js_DirectGetMsg, SELECT 1, agog_fetch_report");
 	for (int r = 0; r < rounds; r++)
 	{
-		round_raw_get(scaled(1000), false, &get_p50, &get_p99);
-		round_hand_get(scaled(1000), &hand_get_p50);
+		round_raw_get(scaled(1000), false, false, &get_p50, &get_p99);
+		round_raw_get(scaled(1000), false, true, &hand_get_p50, NULL);
 		round_sql(c, SQL_SELECT1, scaled(1000), &sel_p50, NULL, NULL);
 		round_sql(c, SQL_FETCH, scaled(1000), &fetch_p50, &fetch_p99, NULL);
 		round_sql(c, SQL_CARRY_OUT, scaled(1000), &carry_out_p50, NULL, NULL);
@@ -1956,7 +1941,7 @@ main(int argc, char **argv)
 		 DRAIN_SUBJECTS, hist_rows);
 	for (int r = 0; r < rounds; r++)
 	{
-		round_raw_get(scaled(1000), true, &hget_p50, NULL);
+		round_raw_get(scaled(1000), true, false, &hget_p50, NULL);
 		round_sql(c, SQL_SELECT1, scaled(1000), &hsel_p50, NULL, NULL);
 		round_sql(c, SQL_FETCH_DRAIN, scaled(1000), &hfetch_p50, NULL, NULL);
 	}
