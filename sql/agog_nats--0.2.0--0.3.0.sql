@@ -599,7 +599,9 @@ BEGIN
             UNION ALL
             SELECT min(least(deadline, lease_until)) FROM agog_nats.tasks
              WHERE state IN ('dispatched', 'running')) m;
-    RETURN greatest(next_ms, 0);
+    -- NULL when nothing is scheduled: the worker then sleeps until its poll.
+    -- (greatest() skips a NULL: greatest(NULL, 0) would say "due now".)
+    RETURN CASE WHEN next_ms IS NULL THEN NULL ELSE greatest(next_ms, 0) END;
 END
 $$;
 REVOKE ALL ON FUNCTION agog_nats.check_pipeline(text) FROM PUBLIC;

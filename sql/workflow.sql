@@ -1,6 +1,10 @@
 -- The workflow engine: pipelines as data, tasks claimed and completed from
 -- SQL, the worker dispatching, timing out and retrying.
 
+-- With no task scheduled the worker's step names no deadline (NULL, not 0),
+-- so the worker sleeps until its poll instead of stepping again at once.
+SELECT agog_nats.orchestrate() IS NULL AS nothing_scheduled;
+
 -- A SQL agent for the tests: wait (bounded) for the worker to dispatch a
 -- task to the agent, claim it, publish its report and complete it, all in
 -- the caller's transaction.

@@ -84,6 +84,35 @@ is_deeply(\@names, [ sort(AgogNatsTest::builtin_streams(), 'agog_notices', 'agog
 is_deeply($nats1->stream_info('agog_features_research')->{config}{subjects},
 	['agog.deliverables.cynthia.>'], 'research stream captures agog.deliverables.cynthia.>');
 
+# --- an idle worker sleeps -----------------------------------------------------
+# With no task scheduled the orchestration step runs about once a second (its
+# poll), and a claim of the outbox about as often.  The step once answered "due
+# now" when no task was scheduled, and the worker then woke every 10 ms to run
+# it and claim twice: about 100 steps and 200 claims a second, at rest.
+$node->safe_psql('postgres', "ALTER SYSTEM SET track_functions = 'pl'; SELECT pg_reload_conf();");
+sub idle_calls
+{
+	return $node->safe_psql('postgres',
+		"SELECT coalesce(sum(calls) FILTER (WHERE funcname = 'orchestrate'), 0) || ' ' || "
+		  . "coalesce(sum(calls) FILTER (WHERE funcname = 'claim_outbox'), 0) "
+		  . "FROM pg_stat_user_functions WHERE schemaname = 'agog_nats'");
+}
+# the worker flushes its function counts at most once a second: settle first
+usleep(2_500_000);
+my ($steps0, $claims0) = split / /, idle_calls();
+my $t_idle = Time::HiRes::time();
+usleep(4_000_000);
+my ($steps1, $claims1) = split / /, idle_calls();
+my $idle_s = Time::HiRes::time() - $t_idle;
+note(sprintf('idle worker over %.1f s: %d orchestration steps, %d claims',
+		$idle_s, $steps1 - $steps0, $claims1 - $claims0));
+cmp_ok($steps1 - $steps0, '>=', 1, 'an idle worker still runs its orchestration step (its poll)');
+cmp_ok($steps1 - $steps0, '<=', 3 * $idle_s + 3,
+	'an idle worker runs the orchestration step about once a second, not every 10 ms');
+cmp_ok($claims1 - $claims0, '<=', 3 * $idle_s + 3,
+	'an idle worker claims from the outbox about once a second, not every 10 ms');
+$node->safe_psql('postgres', "ALTER SYSTEM RESET track_functions; SELECT pg_reload_conf();");
+
 # --- duplicate_window follows a reload -----------------------------------------
 $node->safe_psql('postgres',
 	"ALTER SYSTEM SET agog_nats.duplicate_window = '5s'; SELECT pg_reload_conf();");
