@@ -42,6 +42,7 @@
 #include "miscadmin.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/guc.h"
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
@@ -98,15 +99,14 @@ static SPIPlanPtr next_id_plan = NULL;
 static SPIPlanPtr insert_plan = NULL;
 static SPIPlanPtr pending_plan = NULL;
 static SPIPlanPtr claim_plan = NULL;
+static SPIPlanPtr seq_last_plan = NULL;
 static SPIPlanPtr record_plan = NULL;
 
 /*
  * keep_plan
  *		Prepare a statement once and keep it.  Runs inside SPI.
- *		cursor_options: 0, or CURSOR_OPT_CUSTOM_PLAN for a statement that
- *		must be planned for its arguments and the table as it is now (a
- *		generic plan made while the outbox was small is kept for the
- *		process's life: see flush_outcomes).
+ *		cursor_options: 0, or CURSOR_OPT_GENERIC_PLAN for a statement
+ *		planned once whatever its arguments (see flush_outcomes).
  */
 static SPIPlanPtr
 keep_plan(SPIPlanPtr *slot, const char *sql, int nargs, Oid *argtypes,
@@ -584,8 +584,11 @@ claim_batch(Claimed *rows, MemoryContext cxt)
 	 */
 	if (n < AGOG_DRAIN_BATCH)
 	{
-		ret = SPI_execute("SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END"
-						  "  FROM agog_nats.outbox_id_seq", true, 1);
+		ret = SPI_execute_plan(keep_plan(&seq_last_plan,
+										 "SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END"
+										 "  FROM agog_nats.outbox_id_seq",
+										 0, NULL, 0),
+							   NULL, NULL, true, 1);
 		if (ret != SPI_OK_SELECT || SPI_processed != 1)
 			elog(ERROR, "could not read the outbox id sequence: %s", SPI_result_code_string(ret));
 		seq_last = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
@@ -676,6 +679,18 @@ record_outcome(Outcomes *o, int64 id, const char *state, const char *stream,
 }
 
 /*
+ * set_local
+ *		A setting for the rest of the worker's transaction, as SET LOCAL
+ *		does, without parsing a statement.
+ */
+static void
+set_local(const char *name, const char *value)
+{
+	(void) set_config_option(name, value, PGC_USERSET, PGC_S_SESSION,
+							 GUC_ACTION_LOCAL, true, 0, false);
+}
+
+/*
  * flush_outcomes
  *		Transaction 2: record every outcome of the batch.  Only rows still
  *		pending are changed.  Runs inside the worker's transaction, with SPI.
@@ -697,9 +712,7 @@ flush_outcomes(Outcomes *o)
 	 * rows are still pending and their resend is deduplicated or found by
 	 * its message id.  (The claim's commit, before sending, is synchronous.)
 	 */
-	ret = SPI_execute("SET LOCAL synchronous_commit = off", false, 0);
-	if (ret != SPI_OK_UTILITY)
-		elog(ERROR, "could not set synchronous_commit: %s", SPI_result_code_string(ret));
+	set_local("synchronous_commit", "off");
 	values[0] = makeArrayResult(o->ids, cxt);
 	values[1] = makeArrayResult(o->states, cxt);
 	values[2] = makeArrayResult(o->streams, cxt);
@@ -714,13 +727,22 @@ flush_outcomes(Outcomes *o)
 	 * serve the outbox side of the join: its statistics say little about
 	 * how many rows are pending right now, and a plan that hashed all of
 	 * them (or rescanned the batch for each) cost more than the rest of the
-	 * drain.  And it is planned on every call (CURSOR_OPT_CUSTOM_PLAN): the
-	 * planner then sees the batch's size and the table's, and looks up
-	 * each row of the batch by primary key.  A generic plan made at the
-	 * worker's start, when the outbox was small, was a sequential scan of
-	 * it, kept until an autovacuum happened to invalidate it: 20 ms per
-	 * batch after 100,000 reports.
+	 * drain.  The plan must look up each row of the batch by primary key
+	 * however large the outbox is: a generic plan made at the worker's
+	 * start, when the outbox was small, was a sequential scan of it, kept
+	 * until an autovacuum happened to invalidate it (20 ms per batch after
+	 * 100,000 reports).  Planning it on every call for the batch's and the
+	 * table's sizes fixed that, at the price of the planner on every batch,
+	 * the largest share of the worker's CPU when reports trickle in a few
+	 * per batch.  So the plan is generic, made once, and made (and remade
+	 * after an invalidation) in this transaction with every other way to
+	 * join or scan the outbox turned off: a nested loop over the batch,
+	 * one primary-key probe per row, whatever the statistics say.
 	 */
+	set_local("enable_seqscan", "off");
+	set_local("enable_bitmapscan", "off");
+	set_local("enable_hashjoin", "off");
+	set_local("enable_mergejoin", "off");
 	ret = SPI_execute_plan(keep_plan(&record_plan,
 									 "UPDATE agog_nats.outbox o"
 									 "   SET state = r.state, stream = r.stream, seq = r.seq,"
@@ -733,7 +755,7 @@ flush_outcomes(Outcomes *o)
 									 "  FROM unnest($1, $2, $3, $4, $5, $6, $7)"
 									 "       AS r(id, state, stream, seq, dup, err, delay)"
 									 " WHERE o.id = r.id AND o.state <> 'published' AND o.state <> 'dead'",
-									 7, argtypes, CURSOR_OPT_CUSTOM_PLAN),
+									 7, argtypes, CURSOR_OPT_GENERIC_PLAN),
 						   values, NULL, false, 0);
 	if (ret != SPI_OK_UPDATE)
 		elog(ERROR, "could not record outbox outcomes: %s", SPI_result_code_string(ret));
