@@ -96,6 +96,19 @@ END
 $$;
 SQL
 
+# WAL in its steady state: a server that has run a while writes its WAL into
+# recycled segment files, while a fresh cluster creates and zero-fills a new
+# 16 MB file (with an fsync) every second or so under this load, and every
+# commit waits behind that for 25-60 ms. Write 2 GB of WAL (messages only, no
+# table) and checkpoint, so the segments the run needs exist and are recycled.
+echo "== WAL warm-up: 2 GB of WAL messages, then CHECKPOINT (segments recycled)"
+runuser -u postgres -- "$PGBIN/psql" -X -q -h "$WORK" -p "$PG_PORT" -d postgres \
+    -v ON_ERROR_STOP=1 <<'SQL'
+SELECT count(pg_logical_emit_message(false, 'agog_bench_wal_warmup', repeat('x', 1048576)))
+  FROM generate_series(1, 2048);
+CHECKPOINT;
+SQL
+
 echo "== build agog_bench"
 gcc -O2 -Wall -Wextra -Werror -I"$("$PG_CONFIG" --includedir)" \
     -o "$WORK/agog_bench" "$REPO/test/bench/agog_bench.c" -lnats -lpq -lpthread -lm
