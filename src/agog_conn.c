@@ -1531,6 +1531,8 @@ typedef struct GetArgs
 	AgogMsg    *msg;
 	bool		copied;
 	char		time_text[64];
+	int			unanswered;		/* direct gets that got no answer in their slice */
+	bool		stream_seen;	/* the stream is known to exist */
 } GetArgs;
 
 /*
@@ -1613,6 +1615,33 @@ get_attempt(AgogConn *conn, int64 wait_ms, void *arg, AgogError *err)
 		if (s != NATS_OK && s != NATS_TIMEOUT)
 			capture_error(err, s, jerr);
 	}
+	else if (a->unanswered == 1 && !a->stream_seen)
+	{
+		/*
+		 * JetStream takes a direct get of a stream that does not exist and
+		 * never answers it, so a get that went unanswered for a slice asks,
+		 * once, whether the stream exists.  Not found ends the wait as a
+		 * missing message does (no report); found, the next slice sends the
+		 * get again.
+		 */
+		jsOptions	jopts;
+		jsErrCode	jerr = 0;
+		jsStreamInfo *si = NULL;
+
+		jsOptions_Init(&jopts);
+		jopts.Wait = wait_ms;
+		s = js_GetStreamInfo(&si, conn->js, a->stream, &jopts, &jerr);
+		jsStreamInfo_Destroy(si);
+		if (s == NATS_OK)
+		{
+			a->stream_seen = true;
+			s = NATS_TIMEOUT;	/* the get itself is still unanswered */
+		}
+		else if (s != NATS_TIMEOUT)
+			capture_error(err, s, jerr);
+		else
+			a->unanswered++;	/* no answer either: do not ask again */
+	}
 	else
 	{
 		uint64		token = 0;
@@ -1632,6 +1661,10 @@ get_attempt(AgogConn *conn, int64 wait_ms, void *arg, AgogError *err)
 			s = direct_get_wait(conn, token, wait_ms, &m, err);
 		else if (s != NATS_TIMEOUT)
 			capture_error(err, s, 0);
+		if (s == NATS_TIMEOUT)
+			a->unanswered++;
+		else
+			a->stream_seen = true;	/* answered, message or not */
 	}
 	if (s == NATS_OK)
 		a->copied = copy_msg(m, a->stream, a->msg, a->time_text, sizeof(a->time_text));
@@ -1647,8 +1680,8 @@ get_attempt(AgogConn *conn, int64 wait_ms, void *arg, AgogError *err)
  *		stream leader (never stale on a replicated stream); otherwise a
  *		direct get that any replica may serve, whose first request may have
  *		been sent already (sent).  A missing message returns false with
- *		err->not_found set; so does a missing stream through the leader, while
- *		a direct get of a missing stream gets no answer and times out.
+ *		err->not_found set; so does a missing stream, through the leader at
+ *		once, and with a direct get after one slice (see get_attempt).
  */
 static bool
 get_msg(AgogConn *conn, const char *stream, const char *subject, uint64 seq,

@@ -9,6 +9,7 @@ use strict;
 use warnings;
 
 use JSON::PP;
+use Time::HiRes ();
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
@@ -62,6 +63,25 @@ is(q1(qq{SELECT concat_ws(' ', messages, bytes, first_seq, last_seq, consumer_co
 	"roy: messages, bytes, sequences, consumers, times and limits as STREAM.INFO says ($st->{messages} messages, 1 consumer)");
 is(q1(q{SELECT concat_ws(' ', messages, first_time IS NULL, last_time IS NULL, oldest_age IS NULL) FROM agog_stream_status() WHERE agent = 'zzz'}),
 	'0 t t t', 'an empty stream: no times');
+
+# --- a fetch from a stream that does not exist -------------------------------------------
+# JetStream takes a direct get of a stream that does not exist and never
+# answers it.  After one slice without an answer the backend asks whether the
+# stream exists, and a missing stream means no report: no row, at once,
+# instead of an error after agog_nats.timeout_ms (2 s here).  The worker puts
+# the stream back at its next check (every 30 s), not before.
+my $del = $nats->js_api('STREAM.DELETE.agog_features_zzz');
+ok($del && $del->{success}, "agog_features_zzz deleted behind the worker's back");
+for my $call (q{agog_fetch_report('zzz', 'zzz', 'nothing')}, q{agog_fetch_report_by_seq('zzz', 1)})
+{
+	my $t0 = Time::HiRes::time();
+	my ($rc, $out, $err) = $node->psql('postgres', "SELECT count(*) FROM $call");
+	my $took = Time::HiRes::time() - $t0;
+	is("$rc $out", '0 0', "$call on a missing stream: no row, no error") or diag($err);
+	cmp_ok($took, '<', 1.5, sprintf('... answered before agog_nats.timeout_ms ran out (%.2f s)', $took));
+}
+my $gone = $nats->js_api('STREAM.INFO.agog_features_zzz');
+is($gone && $gone->{error} && $gone->{error}{code}, 404, 'the stream was still missing when they ran');
 $node->stop;
 $nats->stop;
 
