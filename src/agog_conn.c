@@ -548,6 +548,7 @@ read_secret(const char *setting, const char *path)
 {
 	FILE	   *f;
 	char		buf[4096];
+	char	   *secret;
 	size_t		len;
 
 	if (path == NULL || path[0] == '\0')
@@ -566,7 +567,23 @@ read_secret(const char *setting, const char *path)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("file \"%s\" named by %s is empty", path, setting)));
-	return pstrdup(buf);
+	secret = pstrdup(buf);
+	explicit_bzero(buf, sizeof(buf));
+	return secret;
+}
+
+/*
+ * forget_secret
+ *		Overwrite and free a secret read by read_secret.  Safe on NULL.
+ */
+static void
+forget_secret(char *secret)
+{
+	if (secret != NULL)
+	{
+		explicit_bzero(secret, strlen(secret));
+		pfree(secret);
+	}
 }
 
 static bool
@@ -585,8 +602,9 @@ char *
 agog_conn_settings(void)
 {
 #define S(x) ((x) ? (x) : "")
-	return psprintf("%s|%s|%s|%s|%s|%s|%s", agog_url, S(agog_user),
-					S(agog_password_file), S(agog_token_file), S(agog_tls_ca_file),
+	return psprintf("%s|%s|%s|%s|%s|%s|%s|%s|%s", agog_url, S(agog_user),
+					S(agog_password_file), S(agog_token_file), S(agog_nkey),
+					S(agog_nkey_seed_file), S(agog_tls_ca_file),
 					S(agog_tls_cert_file), S(agog_tls_key_file));
 #undef S
 }
@@ -619,6 +637,13 @@ agog_conn_open(const char *url, const char *name, bool keep_reconnecting,
 	char	   *token;
 
 	memset(err, 0, sizeof(*err));
+	if (has_setting(agog_nkey) != has_setting(agog_nkey_seed_file))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("agog_nats.nkey and agog_nats.nkey_seed_file must be set together"),
+				 errhint("Set agog_nats.nkey to the public key (U...) and agog_nats.nkey_seed_file to the file that holds its seed (SU...).")));
+	/* nats.c reads the seed file itself at each connect; fail early and clearly */
+	forget_secret(read_secret("agog_nats.nkey_seed_file", agog_nkey_seed_file));
 	password = read_secret("agog_nats.password_file", agog_password_file);
 	token = read_secret("agog_nats.token_file", agog_token_file);
 	servers = split_servers(url, &nservers);
@@ -682,6 +707,8 @@ agog_conn_open(const char *url, const char *name, bool keep_reconnecting,
 			s = natsOptions_SetUserInfo(opts, agog_user, password ? password : "");
 		if (s == NATS_OK && token != NULL)
 			s = natsOptions_SetToken(opts, token);
+		if (s == NATS_OK && has_setting(agog_nkey))
+			s = natsOptions_SetNKeyFromSeed(opts, agog_nkey, agog_nkey_seed_file);
 		if (s == NATS_OK && (has_setting(agog_tls_ca_file) || has_setting(agog_tls_cert_file)))
 		{
 			tls_used = true;
@@ -742,6 +769,8 @@ agog_conn_open(const char *url, const char *name, bool keep_reconnecting,
 			!TimestampDifferenceExceeds(started, GetCurrentTimestamp(), (int) (slice / 2)))
 			break;
 	}
+	forget_secret(password);
+	forget_secret(token);
 
 	if (s != NATS_OK)
 	{

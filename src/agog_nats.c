@@ -30,6 +30,8 @@ char	   *agog_url = NULL;
 char	   *agog_user = NULL;
 char	   *agog_password_file = NULL;
 char	   *agog_token_file = NULL;
+char	   *agog_nkey = NULL;
+char	   *agog_nkey_seed_file = NULL;
 char	   *agog_tls_ca_file = NULL;
 char	   *agog_tls_cert_file = NULL;
 char	   *agog_tls_key_file = NULL;
@@ -97,6 +99,24 @@ define_settings(void)
 							   "File holding a NATS authentication token.",
 							   NULL,
 							   &agog_token_file,
+							   "",
+							   PGC_SIGHUP,
+							   GUC_SUPERUSER_ONLY,
+							   NULL, NULL, NULL);
+
+	DefineCustomStringVariable("agog_nats.nkey",
+							   "Public NKey (U...) for NATS NKey authentication.",
+							   "Its seed is read from agog_nats.nkey_seed_file; set both or neither.",
+							   &agog_nkey,
+							   "",
+							   PGC_SIGHUP,
+							   GUC_SUPERUSER_ONLY,
+							   NULL, NULL, NULL);
+
+	DefineCustomStringVariable("agog_nats.nkey_seed_file",
+							   "File holding the seed (SU...) of agog_nats.nkey.",
+							   "The seed signs the server's nonce at every connect; it never leaves the file otherwise.",
+							   &agog_nkey_seed_file,
 							   "",
 							   PGC_SIGHUP,
 							   GUC_SUPERUSER_ONLY,

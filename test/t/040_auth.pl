@@ -1,6 +1,7 @@
 
-# NATS authentication: user/password and token, with the secrets in files
-# that only superusers can name (agog_nats.password_file, .token_file).
+# NATS authentication: user/password, token and NKey, with the secrets in
+# files that only superusers can name (agog_nats.password_file, .token_file,
+# .nkey_seed_file).
 # The worker and backends connect with them; a wrong password is refused
 # with SQLSTATE 28000; a file that cannot be read is a clear error; a
 # changed secret file (SIGHUP) makes the worker reconnect.
@@ -115,7 +116,76 @@ like($node2->safe_psql('postgres',
 		q{SELECT agog_publish_report_now('roy', 'backend', 'auth', 'with a token')}),
 	qr/^agog_features_backend\.\d+$/, 'a backend publishes with a token');
 
-for my $n ($node, $node2)
+# --- NKey ------------------------------------------------------------------
+# The NATS documentation's example user NKey: its public key, and the seed
+# it was made from.  A second seed of the right shape (prefix and checksum)
+# for another key stands for a wrong one.
+my $nkey_pub   = 'UDXU4RCSJNZOIQHZNWXHXORDPRTGNJAHAHFRGZNEEJCPQTT2M7NLCNF4';
+my $nkey_seed  = secret_file('nkey.seed', 'SUACSSL3UAHUDXKFSNVUZRF5UHPMWZ6BFDTJ7M6USDXIEDNPPQYYYCU3VY');
+my $other_seed = secret_file('other.seed', 'SUAGIZLGM5UGS2TLNRWW433QOFZHG5DVOZ3XQ6L2PN6H27T7QCAYFA2FG4');
+my $nats3 = AgogNatsTest::NatsServer->new(
+	name => 'natsnkey',
+	extra_conf => "authorization {\n  users = [ { nkey: $nkey_pub } ]\n}\n");
+$nats3->start;
+my $node3 = AgogNatsTest::new_node('nkey', $nats3,
+	'agog_nats.nkey' => $nkey_pub,
+	'agog_nats.nkey_seed_file' => $nkey_seed);
+$node3->start;
+$node3->safe_psql('postgres', 'CREATE EXTENSION agog_nats');
+ok(AgogNatsTest::wait_for(
+		sub { $node3->safe_psql('postgres', 'SELECT connected AND streams_ok = 6 FROM agog_worker_status()') eq 't' },
+		20),
+	'the worker connects with an NKey and puts the six streams in place');
+like($node3->safe_psql('postgres',
+		q{SELECT agog_publish_report_now('jen', 'frontend', 'nkey', 'signed in')}),
+	qr/^agog_features_frontend\.\d+$/, 'a backend publishes with an NKey');
+is($node3->safe_psql('postgres', q{SELECT content FROM agog_fetch_report('jen', 'frontend', 'nkey')}),
+	'signed in', 'and fetches');
+$node3->safe_psql('postgres', 'CREATE ROLE peeker LOGIN IN ROLE agog_nats_reader');
+($ret, $out, $err) = $node3->psql('postgres', 'SHOW agog_nats.nkey_seed_file',
+	extra_params => [ '-U', 'peeker' ]);
+like($err, qr/must be superuser or have privileges of pg_read_all_settings/,
+	'a non-superuser cannot read agog_nats.nkey_seed_file');
+
+# The seed of another key: the server refuses the signature, 28000.
+$node3->append_conf('postgresql.conf', "agog_nats.nkey_seed_file = '$other_seed'\n");
+$off = AgogNatsTest::log_offset($node3);
+$node3->reload;
+ok(AgogNatsTest::wait_for(
+		sub { AgogNatsTest::log_since($node3, $off) =~ /agog_nats authentication settings changed, reconnecting to NATS/ },
+		20),
+	'a changed seed file makes the worker reconnect');
+($ret, $out, $err) = $node3->psql('postgres',
+	q{SELECT agog_publish_report_now('jen', 'frontend', 'nkey2', 'x')},
+	extra_params => [ '-v', 'VERBOSITY=verbose' ]);
+isnt($ret, 0, 'with the seed of another key the call fails');
+like($err, qr/ERROR:\s+28000: could not connect to NATS/, 'with SQLSTATE 28000 (invalid authorization)');
+ok(AgogNatsTest::wait_for(
+		sub { $node3->safe_psql('postgres', 'SELECT NOT connected FROM agog_worker_status()') eq 't' },
+		20),
+	'the worker is not connected with the wrong seed');
+
+# One of the pair without the other is a clear error naming both settings.
+$node3->append_conf('postgresql.conf', "agog_nats.nkey_seed_file = ''\n");
+$node3->reload;
+ok(AgogNatsTest::wait_for(
+		sub { $node3->safe_psql('postgres', 'SHOW agog_nats.nkey_seed_file') eq '' }, 10),
+	'the reload clears agog_nats.nkey_seed_file');
+($ret, $out, $err) = $node3->psql('postgres',
+	q{SELECT agog_publish_report_now('jen', 'frontend', 'nkey3', 'x')},
+	extra_params => [ '-v', 'VERBOSITY=verbose' ]);
+like($err, qr/ERROR:\s+22023: agog_nats\.nkey and agog_nats\.nkey_seed_file must be set together/,
+	'agog_nats.nkey without a seed file: 22023 naming both settings');
+
+# Back to the right seed: connected again.
+$node3->append_conf('postgresql.conf', "agog_nats.nkey_seed_file = '$nkey_seed'\n");
+$node3->reload;
+ok(AgogNatsTest::wait_for(
+		sub { $node3->safe_psql('postgres', 'SELECT connected FROM agog_worker_status()') eq 't' },
+		30),
+	'with the right seed again the worker reconnects');
+
+for my $n ($node, $node2, $node3)
 {
 	unlike(AgogNatsTest::log_since($n), qr/terminated by signal|server process .* was terminated/,
 		'no crash on ' . $n->name);
@@ -123,4 +193,5 @@ for my $n ($node, $node2)
 }
 $nats->stop;
 $nats2->stop;
+$nats3->stop;
 done_testing();
