@@ -104,6 +104,60 @@ sub new_node
 	return $node;
 }
 
+# A node that connects to $nats with the settings %conf (credentials, TLS):
+# started, with the extension, and checked (Test::More assertions) to get its
+# worker connected with the six streams, and a backend to publish a report
+# and fetch it back.  $report is [agent, task type, the agent's stream,
+# feature, text]; $how says how it connects, for the test names.  Returns
+# the node.
+sub start_secured_node
+{
+	my ($name, $nats, $how, $report, %conf) = @_;
+	my ($agent, $task_type, $stream, $feature, $text) = @$report;
+	my $node = new_node($name, $nats, %conf);
+	$node->start;
+	$node->safe_psql('postgres', 'CREATE EXTENSION agog_nats');
+	Test::More::ok(wait_for(
+			sub { $node->safe_psql('postgres', 'SELECT connected AND streams_ok = 6 FROM agog_worker_status()') eq 't' },
+			20),
+		"the worker connects $how and puts the six streams in place");
+	Test::More::like($node->safe_psql('postgres',
+			"SELECT agog_publish_report_now('$agent', '$task_type', '$feature', '$text')"),
+		qr/^\Q$stream\E\.\d+$/, "a backend publishes $how");
+	Test::More::is($node->safe_psql('postgres',
+			"SELECT content FROM agog_fetch_report('$agent', '$task_type', '$feature')"),
+		$text, '... and fetches');
+	return $node;
+}
+
+# A backend's $call must fail to connect with SQLSTATE $sqlstate, and the
+# worker must be disconnected too (Test::More assertions); $what names the
+# cause for the test names.
+sub refused
+{
+	my ($node, $call, $sqlstate, $what) = @_;
+	my ($rc, $stdout, $stderr) = $node->psql('postgres', $call, extra_params => [ '-v', 'VERBOSITY=verbose' ]);
+	Test::More::isnt($rc, 0, "$what: the call fails");
+	Test::More::like($stderr, qr/ERROR:\s+\Q$sqlstate\E: could not connect to NATS/, "... with SQLSTATE $sqlstate");
+	Test::More::ok(wait_for(
+			sub { $node->safe_psql('postgres', 'SELECT NOT connected FROM agog_worker_status()') eq 't' },
+			20),
+		"$what: the worker is refused too");
+}
+
+# Append $conf (setting lines) to the node's configuration, reload, and
+# check (a Test::More assertion) that the worker is connected again.
+sub reconnects_with
+{
+	my ($node, $conf, $what) = @_;
+	$node->append_conf('postgresql.conf', $conf);
+	$node->reload;
+	Test::More::ok(wait_for(
+			sub { $node->safe_psql('postgres', 'SELECT connected FROM agog_worker_status()') eq 't' },
+			30),
+		"with $what again the worker reconnects");
+}
+
 
 package AgogNatsTest::NatsServer;
 

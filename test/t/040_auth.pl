@@ -26,6 +26,23 @@ sub secret_file
 	return $path;
 }
 
+# Point $setting at $file (a wrong secret) and reload: the worker reconnects
+# and stays disconnected, and a backend's call fails with 28000.  Returns
+# the log offset taken before the reload.
+sub refused_after_reload
+{
+	my ($n, $setting, $file, $what, $call) = @_;
+	$n->append_conf('postgresql.conf', "$setting = '$file'\n");
+	my $from = AgogNatsTest::log_offset($n);
+	$n->reload;
+	ok(AgogNatsTest::wait_for(
+			sub { AgogNatsTest::log_since($n, $from) =~ /agog_nats authentication settings changed, reconnecting to NATS/ },
+			20),
+		"a changed $setting makes the worker reconnect");
+	AgogNatsTest::refused($n, $call, '28000', "with $what");
+	return $from;
+}
+
 # --- user and password ---------------------------------------------------
 my $nats = AgogNatsTest::NatsServer->new(
 	name => 'natsuser',
@@ -34,20 +51,10 @@ $nats->start;
 my $good = secret_file('password', 's3cret-pw');
 my $bad = secret_file('wrong', 'not-the-password');
 
-my $node = AgogNatsTest::new_node('auth', $nats,
+my $node = AgogNatsTest::start_secured_node('auth', $nats, 'with user and password',
+	[ 'cynthia', 'research', 'agog_features_research', 'auth', 'secured' ],
 	'agog_nats.user' => 'agog',
 	'agog_nats.password_file' => $good);
-$node->start;
-$node->safe_psql('postgres', 'CREATE EXTENSION agog_nats');
-ok(AgogNatsTest::wait_for(
-		sub { $node->safe_psql('postgres', 'SELECT connected AND streams_ok = 6 FROM agog_worker_status()') eq 't' },
-		20),
-	'the worker connects with user and password and puts the six streams in place');
-like($node->safe_psql('postgres',
-		q{SELECT agog_publish_report_now('cynthia', 'research', 'auth', 'secured')}),
-	qr/^agog_features_research\.\d+$/, 'a backend publishes with user and password');
-is($node->safe_psql('postgres', q{SELECT content FROM agog_fetch_report('cynthia', 'research', 'auth')}),
-	'secured', 'and fetches');
 
 # Only superusers see where the secrets are.
 $node->safe_psql('postgres', 'CREATE ROLE peeker LOGIN IN ROLE agog_nats_reader');
@@ -58,32 +65,13 @@ like($err, qr/must be superuser or have privileges of pg_read_all_settings/,
 
 # A wrong password (after a reload: connections are opened again when their
 # settings change): refused with 28000, nothing crashes.
-$node->append_conf('postgresql.conf', "agog_nats.password_file = '$bad'\n");
-my $off = AgogNatsTest::log_offset($node);
-$node->reload;
-ok(AgogNatsTest::wait_for(
-		sub { AgogNatsTest::log_since($node, $off) =~ /agog_nats authentication settings changed, reconnecting to NATS/ },
-		20),
-	'a changed password file makes the worker reconnect');
-($ret, $out, $err) = $node->psql('postgres',
-	q{SELECT agog_publish_report_now('cynthia', 'research', 'auth2', 'x')},
-	extra_params => [ '-v', 'VERBOSITY=verbose' ]);
-isnt($ret, 0, 'with the wrong password the call fails');
-like($err, qr/ERROR:\s+28000: could not connect to NATS/, 'with SQLSTATE 28000 (invalid authorization)');
-ok(AgogNatsTest::wait_for(
-		sub { $node->safe_psql('postgres', 'SELECT NOT connected FROM agog_worker_status()') eq 't' },
-		20),
-	'the worker is not connected with the wrong password');
+my $off = refused_after_reload($node, 'agog_nats.password_file', $bad, 'the wrong password',
+	q{SELECT agog_publish_report_now('cynthia', 'research', 'auth2', 'x')});
 like(AgogNatsTest::log_since($node, $off), qr/agog_nats worker could not connect to NATS, retrying/,
 	'and says so in the log');
 
 # Back to the right password: the worker connects again.
-$node->append_conf('postgresql.conf', "agog_nats.password_file = '$good'\n");
-$node->reload;
-ok(AgogNatsTest::wait_for(
-		sub { $node->safe_psql('postgres', 'SELECT connected FROM agog_worker_status()') eq 't' },
-		20),
-	'with the right password again the worker reconnects');
+AgogNatsTest::reconnects_with($node, "agog_nats.password_file = '$good'\n", 'the right password');
 
 # A file that cannot be read is a clear error, not a crash.
 $node->append_conf('postgresql.conf', "agog_nats.password_file = '$dir/missing'\n");
@@ -127,20 +115,10 @@ my $nats3 = AgogNatsTest::NatsServer->new(
 	name => 'natsnkey',
 	extra_conf => "authorization {\n  users = [ { nkey: $nkey_pub } ]\n}\n");
 $nats3->start;
-my $node3 = AgogNatsTest::new_node('nkey', $nats3,
+my $node3 = AgogNatsTest::start_secured_node('nkey', $nats3, 'with an NKey',
+	[ 'jen', 'frontend', 'agog_features_frontend', 'nkey', 'signed in' ],
 	'agog_nats.nkey' => $nkey_pub,
 	'agog_nats.nkey_seed_file' => $nkey_seed);
-$node3->start;
-$node3->safe_psql('postgres', 'CREATE EXTENSION agog_nats');
-ok(AgogNatsTest::wait_for(
-		sub { $node3->safe_psql('postgres', 'SELECT connected AND streams_ok = 6 FROM agog_worker_status()') eq 't' },
-		20),
-	'the worker connects with an NKey and puts the six streams in place');
-like($node3->safe_psql('postgres',
-		q{SELECT agog_publish_report_now('jen', 'frontend', 'nkey', 'signed in')}),
-	qr/^agog_features_frontend\.\d+$/, 'a backend publishes with an NKey');
-is($node3->safe_psql('postgres', q{SELECT content FROM agog_fetch_report('jen', 'frontend', 'nkey')}),
-	'signed in', 'and fetches');
 $node3->safe_psql('postgres', 'CREATE ROLE peeker LOGIN IN ROLE agog_nats_reader');
 ($ret, $out, $err) = $node3->psql('postgres', 'SHOW agog_nats.nkey_seed_file',
 	extra_params => [ '-U', 'peeker' ]);
@@ -148,22 +126,8 @@ like($err, qr/must be superuser or have privileges of pg_read_all_settings/,
 	'a non-superuser cannot read agog_nats.nkey_seed_file');
 
 # The seed of another key: the server refuses the signature, 28000.
-$node3->append_conf('postgresql.conf', "agog_nats.nkey_seed_file = '$other_seed'\n");
-$off = AgogNatsTest::log_offset($node3);
-$node3->reload;
-ok(AgogNatsTest::wait_for(
-		sub { AgogNatsTest::log_since($node3, $off) =~ /agog_nats authentication settings changed, reconnecting to NATS/ },
-		20),
-	'a changed seed file makes the worker reconnect');
-($ret, $out, $err) = $node3->psql('postgres',
-	q{SELECT agog_publish_report_now('jen', 'frontend', 'nkey2', 'x')},
-	extra_params => [ '-v', 'VERBOSITY=verbose' ]);
-isnt($ret, 0, 'with the seed of another key the call fails');
-like($err, qr/ERROR:\s+28000: could not connect to NATS/, 'with SQLSTATE 28000 (invalid authorization)');
-ok(AgogNatsTest::wait_for(
-		sub { $node3->safe_psql('postgres', 'SELECT NOT connected FROM agog_worker_status()') eq 't' },
-		20),
-	'the worker is not connected with the wrong seed');
+refused_after_reload($node3, 'agog_nats.nkey_seed_file', $other_seed, 'the seed of another key',
+	q{SELECT agog_publish_report_now('jen', 'frontend', 'nkey2', 'x')});
 
 # One of the pair without the other is a clear error naming both settings.
 $node3->append_conf('postgresql.conf', "agog_nats.nkey_seed_file = ''\n");
@@ -178,12 +142,7 @@ like($err, qr/ERROR:\s+22023: agog_nats\.nkey and agog_nats\.nkey_seed_file must
 	'agog_nats.nkey without a seed file: 22023 naming both settings');
 
 # Back to the right seed: connected again.
-$node3->append_conf('postgresql.conf', "agog_nats.nkey_seed_file = '$nkey_seed'\n");
-$node3->reload;
-ok(AgogNatsTest::wait_for(
-		sub { $node3->safe_psql('postgres', 'SELECT connected FROM agog_worker_status()') eq 't' },
-		30),
-	'with the right seed again the worker reconnects');
+AgogNatsTest::reconnects_with($node3, "agog_nats.nkey_seed_file = '$nkey_seed'\n", 'the right seed');
 
 for my $n ($node, $node2, $node3)
 {

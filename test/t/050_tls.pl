@@ -42,21 +42,11 @@ my $nats = AgogNatsTest::NatsServer->new(
 	  . "  ca_file: \"$dir/ca.pem\"\n  verify: true\n  timeout: 2\n}\n");
 $nats->start;
 
-my $node = AgogNatsTest::new_node('tls', $nats,
+my $node = AgogNatsTest::start_secured_node('tls', $nats, 'over TLS with a client certificate',
+	[ 'cynthia', 'research', 'agog_features_research', 'tls', 'over TLS' ],
 	'agog_nats.tls_ca_file' => "$dir/ca.pem",
 	'agog_nats.tls_cert_file' => "$dir/client.pem",
 	'agog_nats.tls_key_file' => "$dir/client-key.pem");
-$node->start;
-$node->safe_psql('postgres', 'CREATE EXTENSION agog_nats');
-ok(AgogNatsTest::wait_for(
-		sub { $node->safe_psql('postgres', 'SELECT connected AND streams_ok = 6 FROM agog_worker_status()') eq 't' },
-		20),
-	'the worker connects over TLS with a client certificate and puts the six streams in place');
-like($node->safe_psql('postgres',
-		q{SELECT agog_publish_report_now('cynthia', 'research', 'tls', 'over TLS')}),
-	qr/^agog_features_research\.\d+$/, 'a backend publishes over TLS');
-is($node->safe_psql('postgres', q{SELECT content FROM agog_fetch_report('cynthia', 'research', 'tls')}),
-	'over TLS', 'and fetches');
 my $id = $node->safe_psql('postgres', q{SELECT agog_publish_report('roy', 'backend', 'tls', 'queued')});
 ok(AgogNatsTest::wait_for(
 		sub { $node->safe_psql('postgres', "SELECT state FROM agog_nats.outbox WHERE id = $id") eq 'published' },
@@ -70,24 +60,13 @@ ok(AgogNatsTest::wait_for(
 		sub { $node->safe_psql('postgres', q{SELECT current_setting('agog_nats.tls_cert_file') = ''}) eq 't' },
 		10),
 	'the reload drops the client certificate');
-my ($ret, $out, $err) = $node->psql('postgres',
-	q{SELECT agog_publish_report_now('cynthia', 'research', 'tls2', 'x')},
-	extra_params => [ '-v', 'VERBOSITY=verbose' ]);
-isnt($ret, 0, 'without a client certificate the call fails');
-like($err, qr/ERROR:\s+08006: could not connect to NATS/, 'with SQLSTATE 08006');
-ok(AgogNatsTest::wait_for(
-		sub { $node->safe_psql('postgres', 'SELECT NOT connected FROM agog_worker_status()') eq 't' },
-		20),
-	'the worker is refused too');
+AgogNatsTest::refused($node, q{SELECT agog_publish_report_now('cynthia', 'research', 'tls2', 'x')},
+	'08006', 'without a client certificate');
 
 # With it again, the worker is back.
-$node->append_conf('postgresql.conf',
-	"agog_nats.tls_cert_file = '$dir/client.pem'\nagog_nats.tls_key_file = '$dir/client-key.pem'\n");
-$node->reload;
-ok(AgogNatsTest::wait_for(
-		sub { $node->safe_psql('postgres', 'SELECT connected FROM agog_worker_status()') eq 't' },
-		20),
-	'with the client certificate again the worker reconnects');
+AgogNatsTest::reconnects_with($node,
+	"agog_nats.tls_cert_file = '$dir/client.pem'\nagog_nats.tls_key_file = '$dir/client-key.pem'\n",
+	'the client certificate');
 
 unlike(AgogNatsTest::log_since($node), qr/terminated by signal|server process .* was terminated/,
 	'no crash');
