@@ -150,3 +150,36 @@ SELECT pid IS NOT NULL AS running, connected, outbox_depth >= 0 AS depth_ok,
        reports_published > 0 AS has_published, last_drain_at IS NOT NULL AS drained
   FROM agog_nats.worker_health;
 SELECT max_payload FROM agog_outbox_stats();
+
+-- The outbox's rows keep their subject's shape, whoever writes them: the
+-- subject is the one its kind, agent, task type and feature make, and each
+-- token is 1 to 64 of [A-Za-z0-9_-] (checked in C: the CHECK runs on every
+-- row the worker claims or records).
+SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint
+ WHERE conrelid = 'agog_nats.outbox'::regclass AND contype = 'c' ORDER BY conname;
+BEGIN;
+SELECT try($$INSERT INTO agog_nats.outbox (msg_id, agent, task_type, feature, subject, target_stream, body)
+             VALUES ('c1', 'roy', 'backend', 'f', 'agog.deliverables.roy.backend.g', 'agog_features_backend', 'x')$$);
+SELECT try($$INSERT INTO agog_nats.outbox (msg_id, agent, task_type, feature, subject, target_stream, body)
+             VALUES ('c2', 'roy', 'backend', 'f.g', 'agog.deliverables.roy.backend.f.g', 'agog_features_backend', 'x')$$);
+SELECT try($$INSERT INTO agog_nats.outbox (msg_id, agent, task_type, feature, subject, target_stream, body)
+             VALUES ('c3', 'roy', 'back end', 'f', 'agog.deliverables.roy.back end.f', 'agog_features_backend', 'x')$$);
+SELECT try($$INSERT INTO agog_nats.outbox (msg_id, agent, task_type, feature, subject, target_stream, body)
+             VALUES ('c4', 'roy', 'backend', '', 'agog.deliverables.roy.backend.', 'agog_features_backend', 'x')$$);
+SELECT try($$INSERT INTO agog_nats.outbox (msg_id, agent, task_type, feature, subject, target_stream, body)
+             VALUES ('c5', 'roy', 'backend', repeat('f', 65), 'agog.deliverables.roy.backend.' || repeat('f', 65),
+                     'agog_features_backend', 'x')$$);
+SELECT try($$INSERT INTO agog_nats.outbox (msg_id, kind, agent, task_type, feature, subject, target_stream, body)
+             VALUES ('c6', 'task', 'roy', 'backend', 'f', 'agog.deliverables.roy.backend.f', 'agog_tasks', 'x')$$);
+SELECT try($$INSERT INTO agog_nats.outbox (msg_id, kind, agent, task_type, feature, subject, target_stream, body)
+             VALUES ('c7', 'report', 'roy', 'backend', 'f', 'agog.tasks.roy.f', 'agog_features_backend', 'x')$$);
+SELECT try($$INSERT INTO agog_nats.outbox (msg_id, agent, task_type, feature, subject, target_stream, body)
+             VALUES ('c8', 'roy', 'backend', 'f', 'agog.deliverables.roy.backend.f.', 'agog_features_backend', 'x')$$);
+-- the good shapes of both kinds, the longest tokens included
+INSERT INTO agog_nats.outbox (msg_id, kind, agent, task_type, feature, subject, target_stream, body)
+VALUES ('c9', 'report', 'roy', 'back_end-2', repeat('F', 64),
+        'agog.deliverables.roy.back_end-2.' || repeat('F', 64), 'agog_features_back_end-2', 'x'),
+       ('c10', 'task', 'roy', 'backend', 'f-1', 'agog.tasks.roy.f-1', 'agog_tasks', 'x');
+-- an update of a good row is checked again
+SELECT try($$UPDATE agog_nats.outbox SET feature = 'other' WHERE msg_id = 'c10'$$);
+ROLLBACK;

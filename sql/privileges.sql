@@ -56,6 +56,19 @@ RESET ROLE;
 SET ROLE agog_test_admin;
 SELECT try('UPDATE agog_nats.agents SET description = description WHERE agent = ''nobody''');
 SELECT agog_retry_dead(ARRAY[-1]::bigint[]) AS requeued;
+RESET ROLE;
+-- An admin requeues a real dead row: the update runs the outbox's CHECKs as
+-- the admin (rolled back, so the worker never sees the row).
+BEGIN;
+INSERT INTO agog_nats.outbox (id, msg_id, agent, task_type, feature, subject, target_stream, body, state)
+VALUES (-7, 'privileges-dead', 'roy', 'backend', 'dead-one', 'agog.deliverables.roy.backend.dead-one',
+        'agog_features_backend', 'x', 'dead');
+SET ROLE agog_test_admin;
+SELECT agog_retry_dead(ARRAY[-7]::bigint[]) AS requeued;
+RESET ROLE;
+SELECT state, attempts FROM agog_nats.outbox WHERE id = -7;
+ROLLBACK;
+SET ROLE agog_test_admin;
 -- Admins run workflows and define pipelines.
 SELECT agog_start_workflow('by-admin', 'slow') AS admin_wf \gset
 SELECT agog_cancel_workflow(:admin_wf, 'privileges test');

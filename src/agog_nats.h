@@ -33,6 +33,7 @@
 
 #define AGOG_TOKEN_MAX_LEN		64
 #define AGOG_SUBJECT_PREFIX		"agog.deliverables"
+#define AGOG_TASKS_SUBJECT_PREFIX	"agog.tasks"
 #define AGOG_STREAM_PREFIX		"agog_features_"
 #define AGOG_SERVER_LEN			256
 #define AGOG_ERROR_LEN			512

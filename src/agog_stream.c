@@ -46,7 +46,7 @@ static const struct
 	const char *description;
 }			system_streams[] =
 {
-	{"agog_tasks", "agog.tasks.>", "agog_nats: tiny task notices to agents"},
+	{"agog_tasks", AGOG_TASKS_SUBJECT_PREFIX ".>", "agog_nats: tiny task notices to agents"},
 	{"agog_notices", "agog.notices.>", "agog_nats: completion notices from agents"},
 };
 

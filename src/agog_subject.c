@@ -15,8 +15,19 @@
  */
 #include "agog_nats.h"
 
+#include "fmgr.h"
 #include "miscadmin.h"
 #include "utils/timestamp.h"
+
+PG_FUNCTION_INFO_V1(agog_outbox_subject_ok);
+
+/* A byte allowed in a subject token: [A-Za-z0-9_-]. */
+static inline bool
+token_byte_ok(unsigned char c)
+{
+	return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+		(c >= '0' && c <= '9') || c == '_' || c == '-';
+}
 
 /*
  * agog_check_token
@@ -43,8 +54,7 @@ agog_check_token(const char *argname, const char *value)
 	{
 		unsigned char c = (unsigned char) value[i];
 
-		if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
-			  (c >= '0' && c <= '9') || c == '_' || c == '-'))
+		if (!token_byte_ok(c))
 			ereport(ERROR,
 					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 					 errmsg("%s contains a character that is not allowed in a subject token", argname),
@@ -98,4 +108,100 @@ agog_unique_msg_id(const char *kind)
 
 	return psprintf("agog-%s-" INT64_FORMAT "-%d-" UINT64_FORMAT,
 					kind, (int64) MyStartTimestamp, MyProcPid, ++counter);
+}
+
+/*
+ * token_matches
+ *		True when the subject at *p goes on with the token (1 to
+ *		AGOG_TOKEN_MAX_LEN allowed bytes) and then the byte sep (none when
+ *		sep is 0, the subject's end); moves *p past them.
+ */
+static bool
+token_matches(const char **p, const char *end, const text *token, char sep)
+{
+	const char *t = VARDATA_ANY(token);
+	size_t		len = VARSIZE_ANY_EXHDR(token);
+
+	if (len == 0 || len > AGOG_TOKEN_MAX_LEN || (size_t) (end - *p) < len ||
+		memcmp(*p, t, len) != 0)
+		return false;
+	for (size_t i = 0; i < len; i++)
+	{
+		if (!token_byte_ok((unsigned char) t[i]))
+			return false;
+	}
+	*p += len;
+	if (sep == '\0')
+		return *p == end;
+	if (*p == end || **p != sep)
+		return false;
+	(*p)++;
+	return true;
+}
+
+/*
+ * agog_outbox_subject_ok
+ *		The CHECK of agog_nats.outbox's subject (kind, subject, agent,
+ *		task_type, feature): a report's subject is
+ *		agog.deliverables.<agent>.<taskType>.<feature>, a task notice's
+ *		agog.tasks.<agent>.<feature>, and every token, the task type
+ *		included, is 1 to AGOG_TOKEN_MAX_LEN of [A-Za-z0-9_-].
+ *
+ *		Runs in any process that writes an outbox row, once a row: in the
+ *		writer's INSERT, and in the worker's claim and record, which update
+ *		every row they touch.  It must not throw (a false is the
+ *		constraint's error) nor read anything but its arguments.  Written
+ *		in C because PostgreSQL reads a CHECK back from its stored text at
+ *		the start of every statement: the same test as an SQL expression was
+ *		a few times larger to read, and built the subject anew on each row.
+ */
+Datum
+agog_outbox_subject_ok(PG_FUNCTION_ARGS)
+{
+	text	   *kind = PG_GETARG_TEXT_PP(0);
+	text	   *subject = PG_GETARG_TEXT_PP(1);
+	text	   *agent = PG_GETARG_TEXT_PP(2);
+	text	   *task_type = PG_GETARG_TEXT_PP(3);
+	text	   *feature = PG_GETARG_TEXT_PP(4);
+	const char *k = VARDATA_ANY(kind);
+	size_t		klen = VARSIZE_ANY_EXHDR(kind);
+	const char *p = VARDATA_ANY(subject);
+	const char *end = p + VARSIZE_ANY_EXHDR(subject);
+	const char *t = VARDATA_ANY(task_type);
+	size_t		tlen = VARSIZE_ANY_EXHDR(task_type);
+	const char *prefix;
+	size_t		plen;
+	bool		report;
+
+	if (klen == 6 && memcmp(k, "report", 6) == 0)
+	{
+		report = true;
+		prefix = AGOG_SUBJECT_PREFIX ".";
+	}
+	else if (klen == 4 && memcmp(k, "task", 4) == 0)
+	{
+		report = false;
+		prefix = AGOG_TASKS_SUBJECT_PREFIX ".";
+	}
+	else
+		PG_RETURN_BOOL(false);
+
+	/* the task type, which a task notice's subject does not hold */
+	if (tlen == 0 || tlen > AGOG_TOKEN_MAX_LEN)
+		PG_RETURN_BOOL(false);
+	for (size_t i = 0; i < tlen; i++)
+	{
+		if (!token_byte_ok((unsigned char) t[i]))
+			PG_RETURN_BOOL(false);
+	}
+
+	plen = strlen(prefix);
+	if ((size_t) (end - p) < plen || memcmp(p, prefix, plen) != 0)
+		PG_RETURN_BOOL(false);
+	p += plen;
+	if (!token_matches(&p, end, agent, '.'))
+		PG_RETURN_BOOL(false);
+	if (report && !token_matches(&p, end, task_type, '.'))
+		PG_RETURN_BOOL(false);
+	PG_RETURN_BOOL(token_matches(&p, end, feature, '\0'));
 }
