@@ -538,12 +538,6 @@ agog_worker_main(Datum main_arg)
 						notices_applied = true;
 					}
 				}
-				if (has_outbox)
-				{
-					bool		more;
-
-					(void) agog_outbox_drain(conn, 1, &more);
-				}
 			}
 
 			/*
@@ -565,6 +559,19 @@ agog_worker_main(Datum main_arg)
 			{
 				long		due;
 
+				/*
+				 * Publish what is queued first, so that a notice dispatched
+				 * now can name the message id of a report its upstream stage
+				 * just committed.  Only before a step: on every wake-up it
+				 * was a second claim for each report committed, which the
+				 * outbox's own drain below then found nothing for.
+				 */
+				if (has_outbox && conn != NULL && agog_shared->connected && streams.tried)
+				{
+					bool		more;
+
+					(void) agog_outbox_drain(conn, 1, &more);
+				}
 				seen_wgen = wgen;
 				stepped_at = now;
 				due = agog_workflow_step();

@@ -111,6 +111,35 @@ cmp_ok($steps1 - $steps0, '<=', 3 * $idle_s + 3,
 	'an idle worker runs the orchestration step about once a second, not every 10 ms');
 cmp_ok($claims1 - $claims0, '<=', 3 * $idle_s + 3,
 	'an idle worker claims from the outbox about once a second, not every 10 ms');
+
+# --- a trickle: one claim a report, not two -------------------------------------
+# Reports committed one at a time, each waking the worker on its own: each wake-up
+# claims once.  The worker once drained before the orchestration check on every
+# wake-up, and then again in the outbox's own drain, which found nothing: two
+# claims (two transactions) for each report that trickled in.
+my $trickle = 40;
+usleep(1_500_000);
+my (undef, $claims_t0) = split / /, idle_calls();
+for my $i (1 .. $trickle)
+{
+	$node->safe_psql('postgres',
+		"SELECT agog_publish_report('roy', 'backend', 'trickle', 'report $i')");
+	usleep(30_000);
+}
+ok(AgogNatsTest::wait_for(
+		sub {
+			$node->safe_psql('postgres',
+				"SELECT count(*) FROM agog_nats.outbox WHERE feature = 'trickle' AND state = 'published'"
+			) == $trickle;
+		},
+		20),
+	"the $trickle trickled reports are published");
+usleep(1_500_000);
+my (undef, $claims_t1) = split / /, idle_calls();
+note(sprintf('%d reports committed one at a time: %d claims',
+		$trickle, $claims_t1 - $claims_t0));
+cmp_ok($claims_t1 - $claims_t0, '<=', 1.5 * $trickle,
+	'a report that trickles in costs the worker one claim, not two');
 $node->safe_psql('postgres', "ALTER SYSTEM RESET track_functions; SELECT pg_reload_conf();");
 
 # --- duplicate_window follows a reload -----------------------------------------
