@@ -1089,13 +1089,14 @@ DROP INDEX agog_nats.outbox_pending_due;
 ALTER TABLE agog_nats.outbox SET (fillfactor = 50);
 
 -- The subject's CHECK, in C.  PostgreSQL reads a table's CHECK constraints
--- back from their stored text at the start of every statement that writes
--- it, and evaluates them on every row it writes: the worker's claim and
--- record update every row they touch.  As an expression, the subject's CHECK
--- was 3.9 KB of stored node text (60 % of the outbox's constraints) and built
--- the subject anew on each row.  The function tests the same shape with
--- nothing built, and the tokens themselves too: 1 to 64 of [A-Za-z0-9_-],
--- as every function that writes the outbox already checks them.  The
+-- back from their stored text in every statement that writes a row to it
+-- (at its first row), and evaluates them on every row it writes: the
+-- worker's claim and record update every row they touch.  As an expression,
+-- the subject's CHECK was 3.9 KB of stored node text (60 % of the outbox's
+-- constraints) and built the subject anew on each row.  The function tests
+-- the same shape with nothing built, and the tokens themselves too: 1 to 64
+-- of [A-Za-z0-9_-], the rule agog_publish_report checks and the workflow
+-- tables' CHECKs hold for task notices.  The
 -- administrator's agog_retry_dead updates rows as the caller, so the
 -- admin role may run it.
 CREATE FUNCTION agog_nats.outbox_subject_ok(kind text, subject text, agent text,

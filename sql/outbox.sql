@@ -175,10 +175,23 @@ SELECT try($$INSERT INTO agog_nats.outbox (msg_id, kind, agent, task_type, featu
              VALUES ('c7', 'report', 'roy', 'backend', 'f', 'agog.tasks.roy.f', 'agog_features_backend', 'x')$$);
 SELECT try($$INSERT INTO agog_nats.outbox (msg_id, agent, task_type, feature, subject, target_stream, body)
              VALUES ('c8', 'roy', 'backend', 'f', 'agog.deliverables.roy.backend.f.', 'agog_features_backend', 'x')$$);
+SELECT try($$INSERT INTO agog_nats.outbox (msg_id, kind, agent, task_type, feature, subject, target_stream, body)
+             VALUES ('c11', 'task', 'roy', 'a.b', 'f', 'agog.tasks.roy.f', 'agog_tasks', 'x')$$);
+SELECT try($$INSERT INTO agog_nats.outbox (msg_id, kind, agent, task_type, feature, subject, target_stream, body)
+             VALUES ('c12', 'task', 'roy', '', 'f', 'agog.tasks.roy.f', 'agog_tasks', 'x')$$);
+SELECT try($$INSERT INTO agog_nats.outbox (msg_id, agent, task_type, feature, subject, target_stream, body)
+             VALUES ('c13', repeat('r', 65), 'backend', 'f', 'agog.deliverables.' || repeat('r', 65) || '.backend.f',
+                     'agog_features_backend', 'x')$$);
+SELECT try($$INSERT INTO agog_nats.outbox (msg_id, agent, task_type, feature, subject, target_stream, body)
+             VALUES ('c14', 'roy', repeat('t', 65), 'f', 'agog.deliverables.roy.' || repeat('t', 65) || '.f',
+                     'agog_features_backend', 'x')$$);
+SELECT try($$INSERT INTO agog_nats.outbox (msg_id, agent, task_type, feature, subject, target_stream, body)
+             VALUES ('c15', 'roy', 'backend', 'f', 'agog.deliverables.', 'agog_features_backend', 'x')$$);
 -- the good shapes of both kinds, the longest tokens included
 INSERT INTO agog_nats.outbox (msg_id, kind, agent, task_type, feature, subject, target_stream, body)
-VALUES ('c9', 'report', 'roy', 'back_end-2', repeat('F', 64),
-        'agog.deliverables.roy.back_end-2.' || repeat('F', 64), 'agog_features_back_end-2', 'x'),
+VALUES ('c9', 'report', repeat('R', 64), repeat('T', 64), repeat('F', 64),
+        'agog.deliverables.' || repeat('R', 64) || '.' || repeat('T', 64) || '.' || repeat('F', 64),
+        'agog_features_' || repeat('T', 64), 'x'),
        ('c10', 'task', 'roy', 'backend', 'f-1', 'agog.tasks.roy.f-1', 'agog_tasks', 'x');
 -- an update of a good row is checked again
 SELECT try($$UPDATE agog_nats.outbox SET feature = 'other' WHERE msg_id = 'c10'$$);

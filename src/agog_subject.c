@@ -5,7 +5,9 @@
  *
  * nats.c does not check subjects, so a token that holds a dot, a wildcard,
  * white space or a line break would change the subject, or inject protocol
- * text.  Every user-supplied token goes through agog_check_token first.
+ * text.  Every user-supplied token goes through agog_check_token first (or,
+ * for the workflow tables' tokens, through their own CHECKs), and every row
+ * of agog_nats.outbox through agog_outbox_subject_ok, its subject's CHECK.
  *
  * Copyright (c) 2026, agog_nats developers
  *
@@ -21,7 +23,10 @@
 
 PG_FUNCTION_INFO_V1(agog_outbox_subject_ok);
 
-/* A byte allowed in a subject token: [A-Za-z0-9_-]. */
+/*
+ * A byte allowed in a subject token: [A-Za-z0-9_-].  Pure: runs in
+ * agog_check_token and inside the outbox's CHECK.
+ */
 static inline bool
 token_byte_ok(unsigned char c)
 {
@@ -114,7 +119,8 @@ agog_unique_msg_id(const char *kind)
  * token_matches
  *		True when the subject at *p goes on with the token (1 to
  *		AGOG_TOKEN_MAX_LEN allowed bytes) and then the byte sep (none when
- *		sep is 0, the subject's end); moves *p past them.
+ *		sep is 0, the subject's end); moves *p past them.  Runs inside the
+ *		outbox's CHECK: must not throw nor allocate.
  */
 static bool
 token_matches(const char **p, const char *end, const text *token, char sep)
@@ -151,9 +157,10 @@ token_matches(const char **p, const char *end, const text *token, char sep)
  *		writer's INSERT, and in the worker's claim and record, which update
  *		every row they touch.  It must not throw (a false is the
  *		constraint's error) nor read anything but its arguments.  Written
- *		in C because PostgreSQL reads a CHECK back from its stored text at
- *		the start of every statement: the same test as an SQL expression was
- *		a few times larger to read, and built the subject anew on each row.
+ *		in C because PostgreSQL reads a CHECK back from its stored text in
+ *		every statement that writes a row (at its first row): the same test
+ *		as an SQL expression was a few times larger to read, and built the
+ *		subject anew on each row.
  */
 Datum
 agog_outbox_subject_ok(PG_FUNCTION_ARGS)

@@ -504,11 +504,7 @@ agog_worker_main(Datum main_arg)
 				put_streams_in_place(conn, generation);
 		}
 
-		/*
-		 * Time out, retry and dispatch workflow tasks, connected or not.
-		 * Publish what is queued first, so a notice dispatched now can name
-		 * the message id of a report its upstream stage just committed.
-		 */
+		/* Time out, retry and dispatch workflow tasks, connected or not. */
 		if (has_workflows)
 		{
 			bool		notices_applied = false;
@@ -571,6 +567,7 @@ agog_worker_main(Datum main_arg)
 					bool		more;
 
 					(void) agog_outbox_drain(conn, 1, &more);
+					now = GetCurrentTimestamp();	/* it may have waited for acks */
 				}
 				seen_wgen = wgen;
 				stepped_at = now;
