@@ -116,11 +116,29 @@ agog_unique_msg_id(const char *kind)
 }
 
 /*
+ * token_ok
+ *		True when len bytes at t are a token: 1 to AGOG_TOKEN_MAX_LEN allowed
+ *		bytes.  Runs inside the outbox's CHECK: must not throw nor allocate.
+ */
+static bool
+token_ok(const char *t, size_t len)
+{
+	if (len == 0 || len > AGOG_TOKEN_MAX_LEN)
+		return false;
+	for (size_t i = 0; i < len; i++)
+	{
+		if (!token_byte_ok((unsigned char) t[i]))
+			return false;
+	}
+	return true;
+}
+
+/*
  * token_matches
- *		True when the subject at *p goes on with the token (1 to
- *		AGOG_TOKEN_MAX_LEN allowed bytes) and then the byte sep (none when
- *		sep is 0, the subject's end); moves *p past them.  Runs inside the
- *		outbox's CHECK: must not throw nor allocate.
+ *		True when the subject at *p goes on with the token (see token_ok)
+ *		and then the byte sep (none when sep is 0, the subject's end); moves
+ *		*p past them.  Runs inside the outbox's CHECK: must not throw nor
+ *		allocate.
  */
 static bool
 token_matches(const char **p, const char *end, const text *token, char sep)
@@ -128,14 +146,8 @@ token_matches(const char **p, const char *end, const text *token, char sep)
 	const char *t = VARDATA_ANY(token);
 	size_t		len = VARSIZE_ANY_EXHDR(token);
 
-	if (len == 0 || len > AGOG_TOKEN_MAX_LEN || (size_t) (end - *p) < len ||
-		memcmp(*p, t, len) != 0)
+	if (!token_ok(t, len) || (size_t) (end - *p) < len || memcmp(*p, t, len) != 0)
 		return false;
-	for (size_t i = 0; i < len; i++)
-	{
-		if (!token_byte_ok((unsigned char) t[i]))
-			return false;
-	}
 	*p += len;
 	if (sep == '\0')
 		return *p == end;
@@ -174,8 +186,6 @@ agog_outbox_subject_ok(PG_FUNCTION_ARGS)
 	size_t		klen = VARSIZE_ANY_EXHDR(kind);
 	const char *p = VARDATA_ANY(subject);
 	const char *end = p + VARSIZE_ANY_EXHDR(subject);
-	const char *t = VARDATA_ANY(task_type);
-	size_t		tlen = VARSIZE_ANY_EXHDR(task_type);
 	const char *prefix;
 	size_t		plen;
 	bool		report;
@@ -193,22 +203,15 @@ agog_outbox_subject_ok(PG_FUNCTION_ARGS)
 	else
 		PG_RETURN_BOOL(false);
 
-	/* the task type, which a task notice's subject does not hold */
-	if (tlen == 0 || tlen > AGOG_TOKEN_MAX_LEN)
-		PG_RETURN_BOOL(false);
-	for (size_t i = 0; i < tlen; i++)
-	{
-		if (!token_byte_ok((unsigned char) t[i]))
-			PG_RETURN_BOOL(false);
-	}
-
 	plen = strlen(prefix);
 	if ((size_t) (end - p) < plen || memcmp(p, prefix, plen) != 0)
 		PG_RETURN_BOOL(false);
 	p += plen;
 	if (!token_matches(&p, end, agent, '.'))
 		PG_RETURN_BOOL(false);
-	if (report && !token_matches(&p, end, task_type, '.'))
+	/* a task notice's subject does not hold the task type: check it alone */
+	if (report ? !token_matches(&p, end, task_type, '.') :
+		!token_ok(VARDATA_ANY(task_type), VARSIZE_ANY_EXHDR(task_type)))
 		PG_RETURN_BOOL(false);
 	PG_RETURN_BOOL(token_matches(&p, end, feature, '\0'));
 }
