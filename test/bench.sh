@@ -109,9 +109,24 @@ SELECT count(pg_logical_emit_message(false, 'agog_bench_wal_warmup', repeat('x',
 CHECKPOINT;
 SQL
 
-echo "== build agog_bench"
+echo "== build agog_bench and the floor functions"
 gcc -O2 -Wall -Wextra -Werror -I"$("$PG_CONFIG" --includedir)" \
     -o "$WORK/agog_bench" "$REPO/test/bench/agog_bench.c" -lnats -lpq -lpthread -lm
+# The floor (test/bench/agog_bench_floor.c): two bare C functions that do in a
+# backend what the raw baselines do, and nothing else. Built into the work
+# directory and loaded from there by path; nothing is installed.
+# shellcheck disable=SC2046  # pg_config's flags are meant to split
+gcc $("$PG_CONFIG" --cflags) $("$PG_CONFIG" --cflags_sl) -Wall -Wextra -Werror \
+    -Wno-unused-parameter -shared -I"$("$PG_CONFIG" --includedir-server)" \
+    -o "$WORK/agog_bench_floor.so" "$REPO/test/bench/agog_bench_floor.c" -lnats
+chmod 755 "$WORK/agog_bench_floor.so"
+runuser -u postgres -- "$PGBIN/psql" -X -q -h "$WORK" -p "$PG_PORT" -d postgres \
+    -v ON_ERROR_STOP=1 -v so="$WORK/agog_bench_floor.so" <<'SQL'
+CREATE FUNCTION agog_bench_floor_publish(text, text, text) RETURNS bigint
+    LANGUAGE C STRICT AS :'so', 'agog_bench_floor_publish';
+CREATE FUNCTION agog_bench_floor_get(text, text, text) RETURNS text
+    LANGUAGE C STRICT AS :'so', 'agog_bench_floor_get';
+SQL
 
 echo "== run agog_bench (progress on stderr; the table at the end)"
 AGOG_BENCH_PGLOG="$WORK/postgresql.log" AGOG_BENCH_NATS_PID="$NATS_PID" \

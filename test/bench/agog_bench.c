@@ -77,6 +77,7 @@ static int	nats_pid;
 static char *content;			/* markdown of a report */
 static char *insert_body;		/* its seed JSON, for the plain INSERT */
 static const char *metadata_json = "{\"files_analyzed\": 15}";
+static const char *floor_body;	/* the encoded report, for the floor's publish */
 
 /* ----------------------------------------------------------------
  * Utilities
@@ -458,6 +459,9 @@ prepare_all(PGconn *c)
 			   "SELECT octet_length($1) + octet_length($2) + octet_length($3) + octet_length($4) "
 			   "       + octet_length($5::jsonb::text)", 5);
 	pg_prepare(c, "carry_out", "SELECT content FROM bench_carry", 0);
+	pg_prepare(c, "floor_publish", "SELECT agog_bench_floor_publish($1, $2, $3)", 3);
+	pg_prepare(c, "floor_get",
+			   "SELECT agog_bench_floor_get($1, 'agog_features_research', $2)", 2);
 	pg_prepare(c, "insert_plain",
 			   "INSERT INTO bench_plain (subject, body) VALUES ($1, $2)", 2);
 	pg_prepare(c, "publish_now",
@@ -807,6 +811,8 @@ typedef enum SqlKind
 	SQL_SELECT1,
 	SQL_CARRY_IN,				/* the report's bytes to the server, nothing else */
 	SQL_CARRY_OUT,				/* the content's bytes to the client, nothing else */
+	SQL_FLOOR_PUBLISH,			/* a bare C function: js_Publish of its argument */
+	SQL_FLOOR_GET,				/* a bare C function: js_DirectGetMsg's data as text */
 	SQL_PUBLISH_NOW,
 	SQL_FETCH,
 	SQL_FETCH_DRAIN,			/* agog_fetch_report on the drain's subjects */
@@ -844,6 +850,26 @@ sql_call(PGconn *c, SqlKind kind, int seq, const char *feature)
 			if (PQntuples(r) != 1 || PQgetlength(r, 0, 0) < 20000)
 				die("the carry-out statement returned no content");
 			break;
+		case SQL_FLOOR_PUBLISH:
+			{
+				const char *p[3] = {nats_url, "agog.deliverables.roy.backend.floorbench", floor_body};
+
+				r = pg_run(c, "floor_publish", 3, p);
+				if (PQntuples(r) != 1 || PQgetisnull(r, 0, 0))
+					die("agog_bench_floor_publish returned no sequence");
+				break;
+			}
+		case SQL_FLOOR_GET:
+			{
+				const char *p[2] = {nats_url, feat};
+
+				snprintf(feat, sizeof(feat), "agog.deliverables.cynthia.research.f%04d",
+						 seq % FETCH_SUBJECTS);
+				r = pg_run(c, "floor_get", 2, p);
+				if (PQntuples(r) != 1 || PQgetlength(r, 0, 0) < REPORT_BYTES - 100)
+					die("agog_bench_floor_get(%s) returned no report", feat);
+				break;
+			}
 		case SQL_PUBLISH_NOW:
 			{
 				const char *p[5] = {"roy", "backend", feature, content, metadata_json};
@@ -1669,6 +1695,7 @@ main(int argc, char **argv)
 	Fig			get_p50 = {0}, get_p99 = {0}, info_p50 = {0}, sel_p50 = {0};
 	Fig			ins1 = {0}, ins4 = {0};
 	Fig			now_p50 = {0}, now_rate = {0}, carry_in_p50 = {0}, carry_out_p50 = {0};
+	Fig			floor_pub_p50 = {0}, floor_get_p50 = {0};
 	Fig			hand_get_p50 = {0};
 	Fig			e2e1 = {0}, e2e4 = {0}, e2e1_client = {0}, e2e4_client = {0};
 	Fig			drain_rate = {0}, drain_wcpu = {0}, drain_ncpu = {0};
@@ -1701,6 +1728,7 @@ main(int argc, char **argv)
 
 	make_content();
 	raw_body = seed_json("roy", "backend", "rawbench", &raw_len);
+	floor_body = raw_body;
 	{
 		int			ilen;
 
@@ -1800,6 +1828,8 @@ main(int argc, char **argv)
 	round_sql(c, SQL_SELECT1, scaled(500), NULL, NULL, NULL);
 	round_sql(c, SQL_PUBLISH_NOW, scaled(300), NULL, NULL, NULL);
 	round_sql(c, SQL_FETCH, scaled(300), NULL, NULL, NULL);
+	round_sql(c, SQL_FLOOR_PUBLISH, scaled(300), NULL, NULL, NULL);
+	round_sql(c, SQL_FLOOR_GET, scaled(300), NULL, NULL, NULL);
 	round_sql(c, SQL_STATUS, scaled(100), NULL, NULL, NULL);
 	round_insert(cls, 4, scaled(200), NULL);
 	round_e2e(mon, cls, 4, scaled(200), NULL, NULL);
@@ -1831,12 +1861,14 @@ main(int argc, char **argv)
 				round_raw_sync(500, 0, raw_body, raw_len, NULL, &f3);
 				round_sql(c, SQL_SELECT1, 500, &f4, NULL, NULL);
 				round_sql(c, SQL_PUBLISH_NOW, 500, &f1, NULL, NULL);
+				round_sql(c, SQL_FLOOR_PUBLISH, 500, &f5, NULL, NULL);
 			}
 			else if (strcmp(only, "fetch") == 0)
 			{
 				round_raw_get(1000, false, false, &f3, NULL);
 				round_sql(c, SQL_SELECT1, 1000, &f4, NULL, NULL);
 				round_sql(c, SQL_FETCH, 1000, &f1, NULL, NULL);
+				round_sql(c, SQL_FLOOR_GET, 1000, &f5, NULL, NULL);
 			}
 			else if (strcmp(only, "status") == 0)
 			{
@@ -1865,6 +1897,11 @@ main(int argc, char **argv)
 				note("  %s: %.0f msgs/s; CPU ms per 1,000: worker %.0f, nats-server %.0f",
 					 only, f1.v[f1.n - 1], f2.n ? f2.v[f2.n - 1] : NAN,
 					 f3.n ? f3.v[f3.n - 1] : NAN);
+			else if (strcmp(only, "publish_now") == 0 || strcmp(only, "fetch") == 0)
+				note("  %s: %.3f (baseline %.3f, ratio %.2f; floor %.3f, ratio %.2f to the "
+					 "baseline; %.2f to the floor)", only, f1.v[f1.n - 1], base,
+					 f1.v[f1.n - 1] / base, f5.v[f5.n - 1], f5.v[f5.n - 1] / base,
+					 f1.v[f1.n - 1] / f5.v[f5.n - 1]);
 			else
 				note("  %s: %.3f (p99 / lag p99: %.3f; baseline %.3f, ratio %.2f)", only,
 					 f1.v[f1.n - 1], f2.n ? f2.v[f2.n - 1] : NAN, base, f1.v[f1.n - 1] / base);
@@ -1887,6 +1924,7 @@ main(int argc, char **argv)
 		round_sql(c, SQL_SELECT1, scaled(1000), &sel_p50, NULL, NULL);
 		round_sql(c, SQL_PUBLISH_NOW, scaled(500), &now_p50, NULL, &now_rate);
 		round_sql(c, SQL_CARRY_IN, scaled(500), &carry_in_p50, NULL, NULL);
+		round_sql(c, SQL_FLOOR_PUBLISH, scaled(500), &floor_pub_p50, NULL, NULL);
 		round_raw_async(scaled(2000), 0, raw_body, raw_len, &async_rate, &async_ncpu);
 	}
 
@@ -1899,6 +1937,7 @@ main(int argc, char **argv)
 		round_sql(c, SQL_SELECT1, scaled(1000), &sel_p50, NULL, NULL);
 		round_sql(c, SQL_FETCH, scaled(1000), &fetch_p50, &fetch_p99, NULL);
 		round_sql(c, SQL_CARRY_OUT, scaled(1000), &carry_out_p50, NULL, NULL);
+		round_sql(c, SQL_FLOOR_GET, scaled(1000), &floor_get_p50, NULL, NULL);
 	}
 
 	/* ---- status: raw stream info, SELECT 1, agog_stream_status ---- */
@@ -2066,6 +2105,11 @@ main(int argc, char **argv)
 		latency_row("(`agog_publish_report_now` against sync publish + carry-in)", &now_p50,
 					"sync publish p50 + carry-in p50", fig_med(&sync_p50) + fig_med(&carry_in_p50),
 					"", 0);
+		latency_row("(floor: a bare C function in the backend that `js_Publish`-es the encoded "
+					"report it is given, p50)", &floor_pub_p50,
+					"sync publish p50 + SELECT 1 p50", fig_med(&sync_p50) + sel, "", 0);
+		latency_row("(`agog_publish_report_now` against the floor)", &now_p50,
+					"floor p50", fig_med(&floor_pub_p50), "", 0);
 
 		fmt_fig(m, sizeof(m), &e2e1, "reports/s", 0);
 		snprintf(b, sizeof(b), "plain INSERT, 1 client: %.0f rows/s", fig_med(&ins1));
@@ -2128,6 +2172,11 @@ main(int argc, char **argv)
 		latency_row("(`agog_fetch_report` against direct get + carry-out)", &fetch_p50,
 					"direct get p50 + carry-out p50", fig_med(&get_p50) + fig_med(&carry_out_p50),
 					"", 0);
+		latency_row("(floor: a bare C function in the backend that returns `js_DirectGetMsg`'s "
+					"data as text, p50)", &floor_get_p50,
+					"direct get p50 + SELECT 1 p50", fig_med(&get_p50) + sel, "", 0);
+		latency_row("(`agog_fetch_report` against the floor)", &fetch_p50,
+					"floor p50", fig_med(&floor_get_p50), "", 0);
 		fmt_fig(m, sizeof(m), &hand_get_p50, "ms", 3);
 		row("(raw nats.c direct get by hand, as the extension sends it: `natsConnection_PublishRequest`, "
 			"reply from a synchronous subscription, p50)", m, "", "", "", "info");

@@ -1,0 +1,213 @@
+/*-------------------------------------------------------------------------
+ *
+ * agog_bench_floor.c
+ *		The floor of a bridge, for the benchmarks only: two bare C functions
+ *		that do in a backend what the raw nats.c baselines do in the bench's
+ *		own process, and nothing else.
+ *
+ * agog_bench_floor_publish(url, subject, data) publishes data as it is with
+ * js_Publish (a unique Nats-Msg-Id, as the raw baseline and the extension
+ * send) and returns the stream sequence; agog_bench_floor_get(url, stream,
+ * subject) returns the data of the subject's last message (js_DirectGetMsg,
+ * last by subject) as text.  No validation, no JSON, no outbox: what any
+ * function in a backend pays to carry a report from its client to
+ * JetStream or back, over the same client path as the SQL figures.  The
+ * benchmark sets agog_publish_report_now and agog_fetch_report against
+ * them, which separates what the extension adds from what a bridge in a
+ * backend costs on the machine at all.
+ *
+ * Not part of the extension and not installed: test/bench.sh builds it into
+ * its work directory and creates the two functions from that file in the
+ * throwaway cluster.  agog_bench_floor_get returns the message's bytes
+ * unverified, which is fine for the benchmark's own reports and nowhere else.
+ *
+ * Copyright (c) 2026, the agog_nats authors
+ *
+ * IDENTIFICATION
+ *		test/bench/agog_bench_floor.c
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include <pthread.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <nats/nats.h>
+
+#include "fmgr.h"
+#include "utils/builtins.h"
+
+PG_MODULE_MAGIC;
+
+PG_FUNCTION_INFO_V1(agog_bench_floor_publish);
+PG_FUNCTION_INFO_V1(agog_bench_floor_get);
+
+/* The backend's one connection, opened by the first call. */
+static natsConnection *floor_nc;
+static jsCtx *floor_js;
+static uint64 floor_counter;
+
+/*
+ * floor_block / floor_unblock
+ *		Every signal blocked while nats.c runs in this backend, so that the
+ *		threads it starts never take PostgreSQL's signals.
+ */
+static void
+floor_block(sigset_t *saved)
+{
+	sigset_t	all;
+
+	sigfillset(&all);
+	pthread_sigmask(SIG_SETMASK, &all, saved);
+}
+
+static void
+floor_unblock(const sigset_t *saved)
+{
+	pthread_sigmask(SIG_SETMASK, saved, NULL);
+}
+
+/*
+ * floor_connect
+ *		Open the connection and JetStream context on the first call of the
+ *		backend.  Runs inside a signal-blocked section; returns the status and
+ *		leaves nothing open on failure.
+ */
+static natsStatus
+floor_connect(const char *url)
+{
+	natsOptions *opts = NULL;
+	jsOptions	jo;
+	natsStatus	s;
+
+	if (floor_js != NULL)
+		return NATS_OK;
+	s = natsOptions_Create(&opts);
+	if (s == NATS_OK)
+		s = natsOptions_SetURL(opts, url);
+	if (s == NATS_OK)
+		s = natsOptions_SetTimeout(opts, 5000);
+	if (s == NATS_OK)
+		s = natsConnection_Connect(&floor_nc, opts);
+	natsOptions_Destroy(opts);
+	if (s == NATS_OK)
+	{
+		jsOptions_Init(&jo);
+		jo.Wait = 5000;
+		s = natsConnection_JetStream(&floor_js, floor_nc, &jo);
+	}
+	if (s != NATS_OK)
+	{
+		natsConnection_Destroy(floor_nc);
+		floor_nc = NULL;
+		floor_js = NULL;
+	}
+	return s;
+}
+
+/*
+ * floor_fail
+ *		Report a nats.c failure after the signal-blocked section.
+ */
+static void
+floor_fail(const char *what, natsStatus s, const char *last)
+{
+	ereport(ERROR,
+			(errcode(ERRCODE_CONNECTION_FAILURE),
+			 errmsg_internal("agog_bench_floor: %s: %s", what, natsStatus_GetText(s)),
+			 errdetail_internal("%s", last)));
+}
+
+/*
+ * agog_bench_floor_publish(url text, subject text, data text) returns bigint
+ *		js_Publish of data as it is, with a unique message id; waits for the
+ *		PubAck (at most 5 s) and returns its sequence.
+ */
+Datum
+agog_bench_floor_publish(PG_FUNCTION_ARGS)
+{
+	char	   *url = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	char	   *subject = text_to_cstring(PG_GETARG_TEXT_PP(1));
+	text	   *data = PG_GETARG_TEXT_PP(2);
+	char		id[64];
+	char		last[256] = "";
+	jsPubOptions po;
+	jsPubAck   *pa = NULL;
+	jsErrCode	jerr = 0;
+	uint64		seq = 0;
+	sigset_t	saved;
+	natsStatus	s;
+
+	snprintf(id, sizeof(id), "bench-floor-%d-" UINT64_FORMAT, (int) getpid(), ++floor_counter);
+	floor_block(&saved);
+	s = floor_connect(url);
+	if (s == NATS_OK)
+	{
+		jsPubOptions_Init(&po);
+		po.MsgId = id;
+		s = js_Publish(&pa, floor_js, subject, VARDATA_ANY(data),
+					   (int) VARSIZE_ANY_EXHDR(data), &po, &jerr);
+		if (s == NATS_OK)
+			seq = pa->Sequence;
+		jsPubAck_Destroy(pa);
+	}
+	if (s != NATS_OK)
+		strlcpy(last, nats_GetLastError(NULL) ? nats_GetLastError(NULL) : "", sizeof(last));
+	floor_unblock(&saved);
+	if (s != NATS_OK)
+		floor_fail("js_Publish", s, last);
+	PG_RETURN_INT64((int64) seq);
+}
+
+/*
+ * agog_bench_floor_get(url text, stream text, subject text) returns text
+ *		The data of the subject's last message, as it is (NULL when there is
+ *		none); js_DirectGetMsg, waiting at most 5 s.
+ */
+Datum
+agog_bench_floor_get(PG_FUNCTION_ARGS)
+{
+	char	   *url = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	char	   *stream = text_to_cstring(PG_GETARG_TEXT_PP(1));
+	char	   *subject = text_to_cstring(PG_GETARG_TEXT_PP(2));
+	char		last[256] = "";
+	jsDirectGetMsgOptions dg;
+	natsMsg    *m = NULL;
+	text	   *result = NULL;
+	sigset_t	saved;
+	natsStatus	s;
+
+	floor_block(&saved);
+	s = floor_connect(url);
+	if (s == NATS_OK)
+	{
+		jsDirectGetMsgOptions_Init(&dg);
+		dg.LastBySubject = subject;
+		s = js_DirectGetMsg(&m, floor_js, stream, NULL, &dg);
+	}
+	if (s != NATS_OK && s != NATS_NOT_FOUND)
+		strlcpy(last, nats_GetLastError(NULL) ? nats_GetLastError(NULL) : "", sizeof(last));
+	floor_unblock(&saved);
+	if (s == NATS_NOT_FOUND)
+		PG_RETURN_NULL();
+	if (s != NATS_OK)
+		floor_fail("js_DirectGetMsg", s, last);
+
+	/* palloc outside the signal-blocked section; the message is freed either way */
+	PG_TRY();
+	{
+		result = (text *) palloc(VARHDRSZ + natsMsg_GetDataLength(m));
+		SET_VARSIZE(result, VARHDRSZ + natsMsg_GetDataLength(m));
+		memcpy(VARDATA(result), natsMsg_GetData(m), natsMsg_GetDataLength(m));
+	}
+	PG_FINALLY();
+	{
+		floor_block(&saved);
+		natsMsg_Destroy(m);
+		floor_unblock(&saved);
+	}
+	PG_END_TRY();
+	PG_RETURN_TEXT_P(result);
+}
