@@ -586,6 +586,49 @@ forget_secret(char *secret)
 	}
 }
 
+/*
+ * check_credentials_file
+ *		Throw unless the file named by agog_nats.credentials_file can be read
+ *		and has both parts of NATS user credentials on lines of their own: a
+ *		user JWT (its encoded header starts "eyJ") and an NKey user seed
+ *		("SU...").  nats.c reads the file again at every connect; this only
+ *		turns a wrong file into a clear error before any signal-blocked
+ *		section.  The buffer that held the seed is cleared on every path.
+ */
+static void
+check_credentials_file(const char *path)
+{
+	FILE	   *f;
+	char		line[4096];
+	bool		has_jwt = false;
+	bool		has_seed = false;
+
+	f = AllocateFile(path, "r");
+	if (f == NULL)
+		ereport(ERROR,
+				(errcode_for_file_access(),
+				 errmsg("could not open file \"%s\" named by %s: %m",
+						path, "agog_nats.credentials_file")));
+	while (fgets(line, sizeof(line), f) != NULL)
+	{
+		const char *p = line + strspn(line, " \t");
+
+		if (strncmp(p, "eyJ", 3) == 0)
+			has_jwt = true;
+		else if (strncmp(p, "SU", 2) == 0)
+			has_seed = true;
+	}
+	explicit_bzero(line, sizeof(line));
+	FreeFile(f);
+	if (!has_jwt || !has_seed)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("file \"%s\" named by %s holds no NATS user credentials",
+						path, "agog_nats.credentials_file"),
+				 errdetail("A credentials file holds a user JWT (eyJ...) and that user's NKey seed (SU...) on lines of their own, as \"nsc generate creds\" writes them; this one has %s.",
+						   has_jwt ? "no seed" : has_seed ? "no JWT" : "neither")));
+}
+
 static bool
 has_setting(const char *v)
 {
@@ -602,9 +645,9 @@ char *
 agog_conn_settings(void)
 {
 #define S(x) ((x) ? (x) : "")
-	return psprintf("%s|%s|%s|%s|%s|%s|%s|%s|%s", agog_url, S(agog_user),
+	return psprintf("%s|%s|%s|%s|%s|%s|%s|%s|%s|%s", agog_url, S(agog_user),
 					S(agog_password_file), S(agog_token_file), S(agog_nkey),
-					S(agog_nkey_seed_file), S(agog_tls_ca_file),
+					S(agog_nkey_seed_file), S(agog_credentials_file), S(agog_tls_ca_file),
 					S(agog_tls_cert_file), S(agog_tls_key_file));
 #undef S
 }
@@ -637,13 +680,20 @@ agog_conn_open(const char *url, const char *name, bool keep_reconnecting,
 	char	   *token;
 
 	memset(err, 0, sizeof(*err));
+	if (has_setting(agog_credentials_file) && has_setting(agog_nkey))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("agog_nats.credentials_file and agog_nats.nkey cannot both be set"),
+				 errhint("A credentials file holds its own NKey seed: set agog_nats.credentials_file for a server in operator (JWT) mode, or agog_nats.nkey and agog_nats.nkey_seed_file for one that lists NKeys.")));
 	if (has_setting(agog_nkey) != has_setting(agog_nkey_seed_file))
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("agog_nats.nkey and agog_nats.nkey_seed_file must be set together"),
 				 errhint("Set agog_nats.nkey to the public key (U...) and agog_nats.nkey_seed_file to the file that holds its seed (SU...).")));
-	/* nats.c reads the seed file itself at each connect; fail early and clearly */
+	/* nats.c reads these files itself at each connect; fail early and clearly */
 	forget_secret(read_secret("agog_nats.nkey_seed_file", agog_nkey_seed_file));
+	if (has_setting(agog_credentials_file))
+		check_credentials_file(agog_credentials_file);
 	password = read_secret("agog_nats.password_file", agog_password_file);
 	token = read_secret("agog_nats.token_file", agog_token_file);
 	servers = split_servers(url, &nservers);
@@ -709,6 +759,8 @@ agog_conn_open(const char *url, const char *name, bool keep_reconnecting,
 			s = natsOptions_SetToken(opts, token);
 		if (s == NATS_OK && has_setting(agog_nkey))
 			s = natsOptions_SetNKeyFromSeed(opts, agog_nkey, agog_nkey_seed_file);
+		if (s == NATS_OK && has_setting(agog_credentials_file))
+			s = natsOptions_SetUserCredentialsFromFiles(opts, agog_credentials_file, NULL);
 		if (s == NATS_OK && (has_setting(agog_tls_ca_file) || has_setting(agog_tls_cert_file)))
 		{
 			tls_used = true;

@@ -32,6 +32,7 @@ char	   *agog_password_file = NULL;
 char	   *agog_token_file = NULL;
 char	   *agog_nkey = NULL;
 char	   *agog_nkey_seed_file = NULL;
+char	   *agog_credentials_file = NULL;
 char	   *agog_tls_ca_file = NULL;
 char	   *agog_tls_cert_file = NULL;
 char	   *agog_tls_key_file = NULL;
@@ -117,6 +118,15 @@ define_settings(void)
 							   "File holding the seed (SU...) of agog_nats.nkey.",
 							   "The seed signs the server's nonce at every connect; it never leaves the file otherwise.",
 							   &agog_nkey_seed_file,
+							   "",
+							   PGC_SIGHUP,
+							   GUC_SUPERUSER_ONLY,
+							   NULL, NULL, NULL);
+
+	DefineCustomStringVariable("agog_nats.credentials_file",
+							   "File of NATS user credentials (.creds: a user JWT and its NKey seed).",
+							   "For servers in operator (JWT) mode.  nats.c reads it at every connect; the seed signs the server's nonce and never leaves the file otherwise.",
+							   &agog_credentials_file,
 							   "",
 							   PGC_SIGHUP,
 							   GUC_SUPERUSER_ONLY,

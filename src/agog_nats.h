@@ -48,6 +48,7 @@ extern char *agog_password_file;
 extern char *agog_token_file;
 extern char *agog_nkey;
 extern char *agog_nkey_seed_file;
+extern char *agog_credentials_file;
 extern char *agog_tls_ca_file;
 extern char *agog_tls_cert_file;
 extern char *agog_tls_key_file;

@@ -19,7 +19,7 @@ PACKAGES=(
     iproute2                  # ss, used to find free ports
     util-linux                # runuser
     findutils coreutils
-    openssl                   # certificates for the TLS test (050_tls)
+    openssl                   # certificates (050_tls), Ed25519 keys for .creds (045_creds)
 )
 # shellcheck disable=SC2206
 PACKAGES+=(${AGOG_EXTRA_PACKAGES:-})

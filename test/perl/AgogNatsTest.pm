@@ -145,6 +145,23 @@ sub refused
 		"$what: the worker is refused too");
 }
 
+# Point $setting at $file (a wrong secret) and reload: the worker reconnects
+# and stays disconnected, and a backend's $call fails with 28000 (Test::More
+# assertions).  Returns the log offset taken before the reload.
+sub refused_after_reload
+{
+	my ($node, $setting, $file, $what, $call) = @_;
+	$node->append_conf('postgresql.conf', "$setting = '$file'\n");
+	my $from = log_offset($node);
+	$node->reload;
+	Test::More::ok(wait_for(
+			sub { log_since($node, $from) =~ /agog_nats authentication settings changed, reconnecting to NATS/ },
+			20),
+		"a changed $setting makes the worker reconnect");
+	refused($node, $call, '28000', "with $what");
+	return $from;
+}
+
 # Append $conf (setting lines) to the node's configuration, reload, and
 # check (a Test::More assertion) that the worker is connected again.
 sub reconnects_with

@@ -26,23 +26,6 @@ sub secret_file
 	return $path;
 }
 
-# Point $setting at $file (a wrong secret) and reload: the worker reconnects
-# and stays disconnected, and a backend's call fails with 28000.  Returns
-# the log offset taken before the reload.
-sub refused_after_reload
-{
-	my ($n, $setting, $file, $what, $call) = @_;
-	$n->append_conf('postgresql.conf', "$setting = '$file'\n");
-	my $from = AgogNatsTest::log_offset($n);
-	$n->reload;
-	ok(AgogNatsTest::wait_for(
-			sub { AgogNatsTest::log_since($n, $from) =~ /agog_nats authentication settings changed, reconnecting to NATS/ },
-			20),
-		"a changed $setting makes the worker reconnect");
-	AgogNatsTest::refused($n, $call, '28000', "with $what");
-	return $from;
-}
-
 # --- user and password ---------------------------------------------------
 my $nats = AgogNatsTest::NatsServer->new(
 	name => 'natsuser',
@@ -65,7 +48,7 @@ like($err, qr/must be superuser or have privileges of pg_read_all_settings/,
 
 # A wrong password (after a reload: connections are opened again when their
 # settings change): refused with 28000, nothing crashes.
-my $off = refused_after_reload($node, 'agog_nats.password_file', $bad, 'the wrong password',
+my $off = AgogNatsTest::refused_after_reload($node, 'agog_nats.password_file', $bad, 'the wrong password',
 	q{SELECT agog_publish_report_now('cynthia', 'research', 'auth2', 'x')});
 like(AgogNatsTest::log_since($node, $off), qr/agog_nats worker could not connect to NATS, retrying/,
 	'and says so in the log');
@@ -126,7 +109,7 @@ like($err, qr/must be superuser or have privileges of pg_read_all_settings/,
 	'a non-superuser cannot read agog_nats.nkey_seed_file');
 
 # The seed of another key: the server refuses the signature, 28000.
-refused_after_reload($node3, 'agog_nats.nkey_seed_file', $other_seed, 'the seed of another key',
+AgogNatsTest::refused_after_reload($node3, 'agog_nats.nkey_seed_file', $other_seed, 'the seed of another key',
 	q{SELECT agog_publish_report_now('jen', 'frontend', 'nkey2', 'x')});
 
 # One of the pair without the other is a clear error naming both settings.

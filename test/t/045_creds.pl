@@ -1,0 +1,115 @@
+
+# NATS user credentials for a server in operator (JWT) mode: a .creds file
+# (a user JWT and its NKey seed) named by agog_nats.credentials_file, a
+# setting only superusers can read.  The operator, the account (with
+# JetStream) and the users are made at test time (AgogNatsJwt).  Without
+# credentials the server refuses; with a user its operator signed the worker
+# and backends connect; a user of an account it does not know is refused
+# with 28000; a missing file is 58P01 naming the setting; the file together
+# with agog_nats.nkey is 22023; a reload onto the right file reconnects.
+
+use strict;
+use warnings;
+
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+use AgogNatsTest;
+use AgogNatsJwt;
+
+my $dir = PostgreSQL::Test::Utils::tempdir();
+my $op = AgogNatsJwt->new(dir => $dir);
+my $good = $op->user_creds('agog');
+my $stranger = $op->stranger_creds('mallory');
+
+my $nats = AgogNatsTest::NatsServer->new(
+	name => 'natsjwt',
+	extra_conf => $op->server_conf);
+$nats->start;
+
+# The server admits signed users only: without credentials a call fails.
+my $bare = AgogNatsTest::new_node('bare', $nats);
+$bare->start;
+$bare->safe_psql('postgres', 'CREATE EXTENSION agog_nats');
+AgogNatsTest::refused($bare, q{SELECT agog_publish_report_now('roy', 'backend', 'bare', 'x')},
+	'28000', 'without credentials');
+$bare->stop;
+
+my $node = AgogNatsTest::start_secured_node('creds', $nats, 'with a credentials file',
+	[ 'cynthia', 'research', 'agog_features_research', 'creds', 'signed by the operator' ],
+	'agog_nats.credentials_file' => $good);
+
+# Only superusers see where the credentials are.
+$node->safe_psql('postgres', 'CREATE ROLE peeker LOGIN IN ROLE agog_nats_reader');
+my ($ret, $out, $err) = $node->psql('postgres', 'SHOW agog_nats.credentials_file',
+	extra_params => [ '-U', 'peeker' ]);
+like($err, qr/must be superuser or have privileges of pg_read_all_settings/,
+	'a non-superuser cannot read agog_nats.credentials_file');
+
+# A user of an account the server does not know: 28000, the worker too.
+my $off = AgogNatsTest::refused_after_reload($node, 'agog_nats.credentials_file', $stranger,
+	'the credentials of an account the server does not know',
+	q{SELECT agog_publish_report_now('cynthia', 'research', 'creds2', 'x')});
+like(AgogNatsTest::log_since($node, $off), qr/agog_nats worker could not connect to NATS, retrying/,
+	'and says so in the log');
+
+# Back to the right credentials: the worker connects again.
+AgogNatsTest::reconnects_with($node, "agog_nats.credentials_file = '$good'\n",
+	'the right credentials');
+like($node->safe_psql('postgres',
+		q{SELECT agog_publish_report_now('cynthia', 'research', 'creds3', 'back')}),
+	qr/^agog_features_research\.\d+$/, 'a backend publishes again');
+
+# A file that cannot be read is a clear error naming the setting.
+$node->append_conf('postgresql.conf', "agog_nats.credentials_file = '$dir/missing.creds'\n");
+$node->reload;
+ok(AgogNatsTest::wait_for(
+		sub { $node->safe_psql('postgres', 'SHOW agog_nats.credentials_file') =~ /missing/ }, 10),
+	'the reload names a missing file');
+($ret, $out, $err) = $node->psql('postgres',
+	q{SELECT agog_publish_report_now('cynthia', 'research', 'creds4', 'x')},
+	extra_params => [ '-v', 'VERBOSITY=verbose' ]);
+like($err, qr/ERROR:\s+58P01: could not open file ".*missing\.creds" named by agog_nats\.credentials_file/,
+	'a missing credentials file: 58P01 naming the setting');
+
+# A file that is not a credentials file: 22023 before any connect.
+open(my $fh, '>', "$dir/garbage.creds") or die "cannot write $dir/garbage.creds: $!";
+print $fh "this is not a NATS credentials file\n";
+close $fh;
+$node->append_conf('postgresql.conf', "agog_nats.credentials_file = '$dir/garbage.creds'\n");
+$node->reload;
+ok(AgogNatsTest::wait_for(
+		sub { $node->safe_psql('postgres', 'SHOW agog_nats.credentials_file') =~ /garbage/ }, 10),
+	'the reload names a malformed file');
+($ret, $out, $err) = $node->psql('postgres',
+	q{SELECT agog_publish_report_now('cynthia', 'research', 'creds4', 'x')},
+	extra_params => [ '-v', 'VERBOSITY=verbose' ]);
+like($err, qr/ERROR:\s+22023: file ".*garbage\.creds" named by agog_nats\.credentials_file holds no NATS user credentials/,
+	'a file that is not a credentials file: 22023 naming the setting');
+like($err, qr/this one has neither/, '... and saying what it lacks');
+
+# A credentials file holds its own seed: with agog_nats.nkey as well, 22023.
+$node->append_conf('postgresql.conf',
+	"agog_nats.credentials_file = '$good'\n"
+	  . "agog_nats.nkey = 'UDXU4RCSJNZOIQHZNWXHXORDPRTGNJAHAHFRGZNEEJCPQTT2M7NLCNF4'\n");
+$node->reload;
+ok(AgogNatsTest::wait_for(
+		sub { $node->safe_psql('postgres', 'SHOW agog_nats.nkey') ne '' }, 10),
+	'the reload sets agog_nats.nkey');
+($ret, $out, $err) = $node->psql('postgres',
+	q{SELECT agog_publish_report_now('cynthia', 'research', 'creds5', 'x')},
+	extra_params => [ '-v', 'VERBOSITY=verbose' ]);
+like($err, qr/ERROR:\s+22023: agog_nats\.credentials_file and agog_nats\.nkey cannot both be set/,
+	'credentials file and NKey together: 22023 naming both settings');
+
+# Only the credentials file again: connected, and the reports are all there.
+AgogNatsTest::reconnects_with($node, "agog_nats.nkey = ''\n", 'the credentials file alone');
+is($node->safe_psql('postgres',
+		q{SELECT content FROM agog_fetch_report('cynthia', 'research', 'creds3')}),
+	'back', 'the report published after the reconnect is fetched');
+
+unlike(AgogNatsTest::log_since($node), qr/terminated by signal|server process .* was terminated/,
+	'no crash');
+$node->stop;
+$nats->stop;
+done_testing();
