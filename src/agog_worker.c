@@ -189,6 +189,20 @@ ms_until(TimestampTz when)
 }
 
 /*
+ * ready_to_publish
+ *		Whether the worker may send on conn: connected, and the streams have
+ *		been tried since the last (re)connect (a stream one agent cannot have
+ *		does not hold up the others).  Runs in the worker's main loop; the
+ *		worker is the only writer of agog_shared->connected, so it reads its
+ *		own value without the lock.
+ */
+static inline bool
+ready_to_publish(AgogConn *conn)
+{
+	return conn != NULL && agog_shared->connected && streams.tried;
+}
+
+/*
  * put_streams_in_place
  *		Create or update the agent streams to match agog_nats.agents as of
  *		generation (read before), and keep the outcome in the worker's state
@@ -510,7 +524,7 @@ agog_worker_main(Datum main_arg)
 			bool		notices_applied = false;
 			uint64		wgen;
 
-			if (conn != NULL && agog_shared->connected && streams.tried)
+			if (ready_to_publish(conn))
 			{
 				AgogConnEvents ev;
 
@@ -562,7 +576,7 @@ agog_worker_main(Datum main_arg)
 				 * was a second claim for each report committed, which the
 				 * outbox's own drain below then found nothing for.
 				 */
-				if (has_outbox && conn != NULL && agog_shared->connected && streams.tried)
+				if (has_outbox && ready_to_publish(conn))
 				{
 					bool		more;
 
@@ -593,7 +607,7 @@ agog_worker_main(Datum main_arg)
 			 * the last (re)connect; one agent whose stream cannot be created
 			 * must not hold up the others' reports.
 			 */
-			if (conn != NULL && agog_shared->connected && streams.tried)
+			if (ready_to_publish(conn))
 			{
 				TimestampTz start = GetCurrentTimestamp();
 
