@@ -635,7 +635,8 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     INSERT INTO agog_nats.pipelines AS p (pipeline, description) VALUES (pipeline, coalesce(description, ''))
-    ON CONFLICT ON CONSTRAINT pipelines_pkey DO UPDATE SET description = EXCLUDED.description;
+    ON CONFLICT ON CONSTRAINT pipelines_pkey
+        DO UPDATE SET description = EXCLUDED.description, customized = p.customized OR p.builtin;
     DELETE FROM agog_nats.stages st WHERE st.pipeline = agog_define_pipeline.pipeline;
     FOR s IN SELECT * FROM jsonb_array_elements(stages) LOOP
         n := n + 1;
@@ -1134,3 +1135,101 @@ ALTER TABLE agog_nats.outbox DROP CONSTRAINT outbox_msg_id_key;
 -- index (and sort every pending row by id).
 CREATE INDEX outbox_subject_pending ON agog_nats.outbox (subject, id)
     WHERE state NOT IN ('published', 'dead') AND kind = 'report';
+
+-- ---------------------------------------------------------------------------
+-- Built-in rows a user changes.  pg_dump left out the six built-in agents
+-- and the built-in pipeline (CREATE EXTENSION makes them), so a change to
+-- them was lost on restore: a raised stream limit came back as 10,000
+-- messages, and the worker of the restored database would have shrunk the
+-- stream to it (JetStream drops the rest); a redefined feature pipeline's
+-- stages were dumped next to the built-in ones, which CREATE EXTENSION had
+-- made again: a duplicate key failed the restore of every stage.  Now a
+-- changed built-in row is marked customized and dumped, and its restore
+-- (an insert of a built-in row whose key exists as a built-in row) puts the
+-- change onto the row CREATE EXTENSION made.  A built-in agent keeps its
+-- name and task type (the wire contract's subjects and streams), and no
+-- row's builtin mark changes.
+-- ---------------------------------------------------------------------------
+ALTER TABLE agog_nats.agents ADD COLUMN customized boolean NOT NULL DEFAULT false;
+ALTER TABLE agog_nats.pipelines ADD COLUMN customized boolean NOT NULL DEFAULT false;
+
+-- BEFORE UPDATE of an agent, as the updating role.
+CREATE FUNCTION agog_nats.agents_guard() RETURNS trigger
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+BEGIN
+    IF NEW.builtin IS DISTINCT FROM OLD.builtin THEN
+        RAISE EXCEPTION 'the builtin mark of agent "%" cannot be changed', OLD.agent
+            USING ERRCODE = 'feature_not_supported',
+                  HINT = 'It says which rows CREATE EXTENSION made; pg_dump leaves those out unless they were changed.';
+    END IF;
+    IF OLD.builtin AND (NEW.agent, NEW.task_type) IS DISTINCT FROM (OLD.agent, OLD.task_type) THEN
+        RAISE EXCEPTION 'built-in agent "%" keeps its name and task type', OLD.agent
+            USING ERRCODE = 'feature_not_supported',
+                  DETAIL = 'Its subjects and stream are the ones the seed''s agents use.',
+                  HINT = 'Add an agent of your own to agog_nats.agents for another name or task type.';
+    END IF;
+    IF OLD.builtin AND NOT NEW.customized
+       AND (NEW.description, NEW.max_msgs, NEW.max_bytes, NEW.max_age, NEW.max_msg_size)
+           IS DISTINCT FROM
+           (OLD.description, OLD.max_msgs, OLD.max_bytes, OLD.max_age, OLD.max_msg_size) THEN
+        NEW.customized := true;
+    END IF;
+    RETURN NEW;
+END
+$$;
+REVOKE ALL ON FUNCTION agog_nats.agents_guard() FROM PUBLIC;
+CREATE TRIGGER agents_guard BEFORE UPDATE ON agog_nats.agents
+    FOR EACH ROW EXECUTE FUNCTION agog_nats.agents_guard();
+
+-- BEFORE INSERT of an agent: a built-in row whose agent exists as a
+-- built-in row is a restore of a customized one; apply it to that row.
+CREATE FUNCTION agog_nats.agents_restore() RETURNS trigger
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+BEGIN
+    IF NEW.builtin THEN
+        UPDATE agog_nats.agents a
+           SET description = NEW.description, max_msgs = NEW.max_msgs,
+               max_bytes = NEW.max_bytes, max_age = NEW.max_age,
+               max_msg_size = NEW.max_msg_size, customized = NEW.customized
+         WHERE a.agent = NEW.agent AND a.builtin;
+        IF FOUND THEN
+            RETURN NULL;
+        END IF;
+    END IF;
+    RETURN NEW;
+END
+$$;
+REVOKE ALL ON FUNCTION agog_nats.agents_restore() FROM PUBLIC;
+CREATE TRIGGER agents_restore BEFORE INSERT ON agog_nats.agents
+    FOR EACH ROW EXECUTE FUNCTION agog_nats.agents_restore();
+
+-- BEFORE INSERT of a pipeline: the same for a customized built-in
+-- pipeline; its stages (not built-in) follow in the dump, so the built-in
+-- stages go.
+CREATE FUNCTION agog_nats.pipelines_restore() RETURNS trigger
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+BEGIN
+    IF NEW.builtin THEN
+        UPDATE agog_nats.pipelines p
+           SET description = NEW.description, customized = NEW.customized
+         WHERE p.pipeline = NEW.pipeline AND p.builtin;
+        IF FOUND THEN
+            DELETE FROM agog_nats.stages s WHERE s.pipeline = NEW.pipeline AND s.builtin;
+            RETURN NULL;
+        END IF;
+    END IF;
+    RETURN NEW;
+END
+$$;
+REVOKE ALL ON FUNCTION agog_nats.pipelines_restore() FROM PUBLIC;
+CREATE TRIGGER pipelines_restore BEFORE INSERT ON agog_nats.pipelines
+    FOR EACH ROW EXECUTE FUNCTION agog_nats.pipelines_restore();
+
+SELECT pg_catalog.pg_extension_config_dump('agog_nats.agents', 'WHERE NOT builtin OR customized');
+SELECT pg_catalog.pg_extension_config_dump('agog_nats.pipelines', 'WHERE NOT builtin OR customized');

@@ -79,3 +79,24 @@ SELECT try($$INSERT INTO agog_nats.agents (agent, task_type) VALUES ('x2', 'a>b'
 SELECT try($$INSERT INTO agog_nats.agents (agent, task_type) VALUES ('dup', 'research')$$);
 SELECT try($$INSERT INTO agog_nats.agents (agent, task_type, max_msgs) VALUES ('neg', 'neg', 0)$$);
 SELECT try($$INSERT INTO agog_nats.agents (agent, task_type, max_age) VALUES ('young', 'young', '10 ms')$$);
+
+-- Built-in agents keep their name, task type and mark; a change to their
+-- settings marks them customized (pg_dump then keeps them).  In a
+-- transaction rolled back, so the worker never sees it.
+BEGIN;
+SELECT try($$UPDATE agog_nats.agents SET agent = 'cyn' WHERE agent = 'cynthia'$$);
+SELECT try($$UPDATE agog_nats.agents SET task_type = 'study' WHERE agent = 'cynthia'$$);
+SELECT try($$UPDATE agog_nats.agents SET builtin = false WHERE agent = 'cynthia'$$);
+UPDATE agog_nats.agents SET description = description WHERE agent = 'cynthia';
+SELECT agent, builtin, customized FROM agog_nats.agents WHERE agent = 'cynthia';
+UPDATE agog_nats.agents SET max_bytes = 2 * max_bytes WHERE agent = 'cynthia';
+SELECT agent, builtin, customized, max_bytes FROM agog_nats.agents WHERE agent = 'cynthia';
+-- An ordinary insert of a built-in agent's name is still a duplicate; a
+-- restore's (the row marked built-in) applies its settings to the row.
+SELECT try($$INSERT INTO agog_nats.agents (agent, task_type) VALUES ('cynthia', 'research')$$);
+INSERT INTO agog_nats.agents (agent, task_type, description, max_msgs, builtin, customized)
+VALUES ('sylvia', 'critique', 'restored sylvia', 20000, true, true);
+SELECT agent, task_type, description, max_msgs, builtin, customized
+  FROM agog_nats.agents WHERE agent = 'sylvia';
+SELECT count(*) AS agents FROM agog_nats.agents;
+ROLLBACK;

@@ -229,3 +229,18 @@ SELECT subject, left(body, 20) AS body, error FROM agog_nats.bad_notices ORDER B
 SELECT state FROM agog_nats.workflows WHERE id = :wf6;
 SELECT source, outcome FROM agog_nats.notices n JOIN agog_nats.tasks t ON t.id = n.task_id
  WHERE t.workflow_id = :wf6;
+
+-- Redefining the built-in pipeline marks it customized (pg_dump keeps it and
+-- its stages); a restore's insert of it replaces the built-in stages.
+BEGIN;
+SELECT agog_define_pipeline('feature', '[{"stage": "research", "agent": "cynthia"}]', 'short');
+SELECT pipeline, description, builtin, customized FROM agog_nats.pipelines WHERE pipeline = 'feature';
+SELECT stage, builtin FROM agog_nats.stages WHERE pipeline = 'feature';
+ROLLBACK;
+BEGIN;
+INSERT INTO agog_nats.pipelines (pipeline, description, builtin, customized)
+VALUES ('feature', 'restored', true, true);
+SELECT pipeline, description, builtin, customized FROM agog_nats.pipelines WHERE pipeline = 'feature';
+SELECT count(*) AS builtin_stages_left FROM agog_nats.stages WHERE pipeline = 'feature';
+ROLLBACK;
+SELECT count(*) AS stages FROM agog_nats.stages WHERE pipeline = 'feature' AND builtin;

@@ -2,7 +2,12 @@
 # pg_dump keeps the agents users add (pg_extension_config_dump with
 # WHERE NOT builtin): a dump restored into a new database has the six
 # built-in agents from CREATE EXTENSION and the user's agent from the dump,
-# each exactly once, and the restore raises no error.  It also keeps the
+# each exactly once, and the restore raises no error.  A built-in agent the
+# user changed (its stream limits) is marked customized and dumped, and the
+# restore puts the change onto the row CREATE EXTENSION made, so a worker on
+# the restored database would not shrink its stream back; the same for the
+# built-in pipeline redefined by agog_define_pipeline (its stages replace the
+# built-in ones instead of colliding with them).  It also keeps the
 # reports still pending in the outbox (same message ids), and the user's
 # pipelines, workflows and tasks.
 
@@ -22,7 +27,20 @@ $node->start;
 $node->safe_psql('postgres', q{
 	CREATE EXTENSION agog_nats;
 	INSERT INTO agog_nats.agents (agent, task_type, description)
-	VALUES ('rita', 'review', 'Rita reviews');});
+	VALUES ('rita', 'review', 'Rita reviews');
+	UPDATE agog_nats.agents SET max_msgs = 50000, description = 'Cynthia, kept longer'
+	 WHERE agent = 'cynthia';
+	SELECT agog_define_pipeline('feature',
+		'[{"stage": "research", "agent": "cynthia"},
+		  {"stage": "review", "agent": "rita", "depends_on": ["research"]}]',
+		'research, then review');});
+is($node->safe_psql('postgres',
+		q{SELECT builtin || '/' || customized FROM agog_nats.agents WHERE agent = 'cynthia'}),
+	'true/true', 'a changed built-in agent is marked customized');
+is($node->safe_psql('postgres', q{
+		UPDATE agog_nats.agents SET created_at = created_at WHERE agent = 'sylvia';
+		SELECT customized FROM agog_nats.agents WHERE agent = 'sylvia'}),
+	'f', 'an update that changes none of its settings leaves it as installed');
 
 # The worker provisions the user's agent too (it lives in database postgres).
 ok(AgogNatsTest::wait_for(
@@ -32,6 +50,13 @@ ok(AgogNatsTest::wait_for(
 		},
 		20),
 	'the worker creates agog_features_review for rita');
+ok(AgogNatsTest::wait_for(
+		sub {
+			my $s = $nats->stream_info('agog_features_research');
+			$s && ($s->{config}{max_msgs} // 0) == 50000;
+		},
+		20),
+	'the worker applies the changed limit to agog_features_research');
 
 # Reports committed while NATS is down stay pending; a workflow of a user's
 # pipeline is running.
@@ -49,7 +74,11 @@ my $wf_sql = q{SELECT w.feature || ':' || w.pipeline || ':' || string_agg(t.stag
 my $wf_before = $node->safe_psql('postgres', $wf_sql);
 is($wf_before, 'dumped-feature:dumped:only/rita', 'a workflow of a user pipeline exists');
 
-my $agents_sql = q{SELECT agent || ':' || task_type || ':' || stream_name || ':' || description || ':' || builtin || ':' || max_msgs || ':' || max_age FROM agog_nats.agents ORDER BY agent};
+my $agents_sql = q{SELECT agent || ':' || task_type || ':' || stream_name || ':' || description || ':' || builtin || ':' || customized || ':' || max_msgs || ':' || max_age FROM agog_nats.agents ORDER BY agent};
+my $feature_sql = q{SELECT p.description || ':' || p.builtin || ':' || p.customized || ':' || string_agg(s.stage || '/' || s.agent || '/' || s.builtin, ',' ORDER BY s.position) FROM agog_nats.pipelines p JOIN agog_nats.stages s USING (pipeline) WHERE pipeline = 'feature' GROUP BY p.pipeline};
+my $feature_before = $node->safe_psql('postgres', $feature_sql);
+is($feature_before, 'research, then review:true:true:research/cynthia/false,review/rita/false',
+	'the redefined built-in pipeline is marked customized, its stages are the user\'s');
 my $before = $node->safe_psql('postgres', $agents_sql);
 is(scalar(my @rows = split /\n/, $before), 7, 'source database has seven agents');
 
@@ -60,7 +89,11 @@ $node->command_ok([ 'pg_dump', '-d', $node->connstr('postgres'), '-f', $dump ],
 my $dump_text = slurp_file($dump);
 like($dump_text, qr/^CREATE EXTENSION IF NOT EXISTS agog_nats /m, 'the dump creates the extension');
 like($dump_text, qr/rita\s+review\s+Rita reviews/, 'the dump holds the user\'s agent');
-unlike($dump_text, qr/^cynthia\s/m, 'the dump does not hold the built-in agents');
+like($dump_text, qr/^cynthia\s+research\s+Cynthia, kept longer\s+50000\s/m,
+	'the dump holds the changed built-in agent');
+like($dump_text, qr/^feature\s+research, then review\s/m,
+	'the dump holds the redefined built-in pipeline');
+unlike($dump_text, qr/^sylvia\s/m, 'the dump does not hold the unchanged built-in agents');
 
 $node->command_ok([ 'createdb', '-h', $node->host, '-p', $node->port, 'restored' ],
 	'createdb restored');
@@ -92,6 +125,10 @@ is($node->safe_psql('restored',
 is($node->safe_psql('restored',
 		"SELECT string_agg(agent, ',' ORDER BY agent) FROM agog_nats.agents WHERE NOT builtin"),
 	'rita', 'rita is the one user agent');
+like($after, qr/^cynthia:research:agog_features_research:Cynthia, kept longer:true:true:50000:7 days$/m,
+	'the restored cynthia has the changed limit and description');
+is($node->safe_psql('restored', $feature_sql), $feature_before,
+	'the restored feature pipeline has the redefined stages only');
 is($node->safe_psql('restored',
 		"SELECT count(*) FROM agog_nats.agents GROUP BY agent HAVING count(*) > 1"),
 	'', 'no agent appears twice');
@@ -110,6 +147,8 @@ $ok = PostgreSQL::Test::Utils::run_log(
 	'>', \$stdout, '2>', \$stderr);
 ok($ok, 'second restore succeeds');
 is($node->safe_psql('restored2', $agents_sql), $before, 'second restore: the same seven agents');
+is($node->safe_psql('restored2', $feature_sql), $feature_before,
+	'second restore: the same feature pipeline');
 
 unlike(AgogNatsTest::log_since($node), qr/terminated by signal|server process .* was terminated/,
 	'no crash');
