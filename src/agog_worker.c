@@ -453,6 +453,7 @@ agog_worker_main(Datum main_arg)
 		{
 			AgogConnEvents ev;
 			uint64		generation;
+			bool		reconnected;
 
 			agog_conn_take_events(conn, &ev);
 			if (ev.disconnects != seen_disconnects)
@@ -462,7 +463,8 @@ agog_worker_main(Datum main_arg)
 				LWLockRelease(agog_shared->lock);
 				seen_disconnects = ev.disconnects;
 			}
-			if (ev.reconnects != seen_reconnects)
+			reconnected = (ev.reconnects != seen_reconnects);
+			if (reconnected)
 			{
 				LWLockAcquire(agog_shared->lock, LW_EXCLUSIVE);
 				agog_shared->reconnects += ev.reconnects - seen_reconnects;
@@ -492,7 +494,12 @@ agog_worker_main(Datum main_arg)
 			{
 				bool		up = agog_conn_is_connected(conn);
 
-				if (up != agog_shared->connected)
+				/*
+				 * A reconnect may come between two wake-ups with its
+				 * disconnect, to another server of the cluster: record the
+				 * server it is connected to now.
+				 */
+				if (up != agog_shared->connected || (up && reconnected))
 				{
 					set_connected(conn, up);
 					if (up)

@@ -1,0 +1,178 @@
+
+# A three-node JetStream cluster: agog_nats.url lists the three servers and
+# agog_nats.stream_replicas = 3.  The worker makes the six streams with three
+# replicas; reports committed before and after the server the worker is
+# connected to is killed (SIGKILL) are all published, each once, and fetched
+# back (agog_fetch_report asks the stream leader when replicas > 1, so it
+# never serves the previous report); a fresh backend connects past the dead
+# server; the killed server, started again on its store, catches up to the
+# same stream state as the two others; killing the research stream's
+# leader while reports are committed loses and doubles none.
+
+use strict;
+use warnings;
+
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+use AgogNatsTest;
+
+# Three servers, each routing to the other two.
+my @names = map { "agog_n$_" } 1 .. 3;
+my @route_ports = map { AgogNatsTest::free_port() } 1 .. 3;
+my @nats;
+for my $i (0 .. 2)
+{
+	my $routes = join(', ',
+		map { "nats-route://127.0.0.1:$route_ports[$_]" } grep { $_ != $i } 0 .. 2);
+	push @nats, AgogNatsTest::NatsServer->new(
+		name       => $names[$i],
+		extra_conf => "server_name: $names[$i]\n"
+		  . "cluster {\n    name: agog_cluster\n"
+		  . "    listen: 127.0.0.1:$route_ports[$i]\n"
+		  . "    routes: [ $routes ]\n}\n");
+}
+$_->start for @nats;
+
+# The meta group elects a leader once the three see each other.
+sub meta_leader
+{
+	my ($n) = @_;
+	my $jsz = eval { $n->monitor_get('/jsz') };
+	return $jsz && $jsz->{meta_cluster} ? ($jsz->{meta_cluster}{leader} // '') : '';
+}
+ok(AgogNatsTest::wait_for(sub { !grep { meta_leader($_) eq '' } @nats }, 30),
+	'the three servers form a JetStream cluster with a meta leader');
+
+my $url = join(',', map { $_->url } @nats);
+my $node = AgogNatsTest::new_node('cluster', $url, 'agog_nats.stream_replicas' => 3);
+$node->start;
+$node->safe_psql('postgres', 'CREATE EXTENSION agog_nats');
+ok(AgogNatsTest::wait_for(
+		sub { $node->safe_psql('postgres', 'SELECT connected AND streams_ok = 6 FROM agog_worker_status()') eq 't' },
+		30),
+	'the worker connects to the cluster and puts the six streams in place');
+my @problems = AgogNatsTest::builtin_stream_problems($nats[0], num_replicas => 3);
+is_deeply(\@problems, [], 'the six streams have three replicas and the seed\'s limits')
+  or diag(join("\n", @problems));
+
+# The number of messages each server holds for a stream ('' if it does not
+# show the stream).
+sub messages_on
+{
+	my ($n, $stream) = @_;
+	my $s = eval { $n->stream_info($stream) };
+	return $s && $s->{state} ? $s->{state}{messages} // 0 : '';
+}
+
+my $published_sql = q{SELECT count(*) FILTER (WHERE state = 'published') || '/' || count(*) FROM agog_nats.outbox WHERE kind = 'report'};
+
+# Ten reports committed in one transaction: published, and fetched back.
+$node->safe_psql('postgres', q{
+	SELECT agog_publish_report('cynthia', 'research', 'before-' || g, 'report before ' || g)
+	  FROM generate_series(1, 10) g;});
+ok(AgogNatsTest::wait_for(sub { $node->safe_psql('postgres', $published_sql) eq '10/10' }, 30),
+	'ten committed reports are published to the replicated stream');
+is($node->safe_psql('postgres', q{SELECT content FROM agog_fetch_report('cynthia', 'research', 'before-7')}),
+	'report before 7', 'a report is fetched back from the stream leader');
+like($node->safe_psql('postgres', q{SELECT agog_publish_report_now('sylvia', 'critique', 'now-1', 'critique now')}),
+	qr/^agog_features_critique\.\d+$/, 'agog_publish_report_now publishes to a replicated stream');
+
+# Kill the server the worker is connected to.
+my $server = AgogNatsTest::worker_status($node)->{server} // '';
+my ($victim) = grep { $_->url eq $server } @nats;
+ok($victim, "the worker is connected to one of the three ($server)");
+$victim //= $nats[0];
+my @alive = grep { $_ != $victim } @nats;
+$victim->kill9;
+
+# Reports committed right after the kill wait in the outbox and are all
+# published once the worker has moved to another server.
+$node->safe_psql('postgres', q{
+	SELECT agog_publish_report('cynthia', 'research', 'after-' || g, 'report after ' || g)
+	  FROM generate_series(1, 30) g;});
+ok(AgogNatsTest::wait_for(sub { $node->safe_psql('postgres', $published_sql) eq '40/40' }, 60),
+	'the 30 reports committed after the kill are published too')
+  or diag($node->safe_psql('postgres', $published_sql));
+my $moved = AgogNatsTest::worker_status($node);
+ok($moved->{connected} && ($moved->{server} // '') ne $server,
+	'the worker is connected to another server (' . ($moved->{server} // 'none') . ')');
+
+# A fresh backend connects past the dead server.
+like($node->safe_psql('postgres', q{SELECT agog_publish_report_now('sylvia', 'critique', 'now-2', 'critique after the kill')}),
+	qr/^agog_features_critique\.\d+$/, 'a new backend publishes with one server of three dead');
+# A new stream leader may still be in election: fetch until it answers.
+my $fetched = '';
+AgogNatsTest::wait_for(
+	sub {
+		my ($ret, $out) = $node->psql('postgres',
+			q{SELECT content FROM agog_fetch_report('cynthia', 'research', 'after-30')});
+		$fetched = $out // '';
+		return $ret == 0 && $fetched ne '';
+	},
+	30);
+is($fetched, 'report after 30', 'a report committed after the kill is fetched back');
+is($node->safe_psql('postgres', q{SELECT content FROM agog_fetch_report('sylvia', 'critique', 'now-2')}),
+	'critique after the kill', 'and so is the report published now after the kill');
+
+# Every report once: 40 messages on the research stream, on both survivors.
+ok(AgogNatsTest::wait_for(
+		sub { !grep { messages_on($_, 'agog_features_research') ne '40' } @alive }, 30),
+	'both surviving servers hold the 40 reports, none twice and none lost')
+  or diag(join(', ', map { messages_on($_, 'agog_features_research') } @alive));
+
+# The killed server, started again on its store, catches up.
+$victim->start;
+ok(AgogNatsTest::wait_for(sub { messages_on($victim, 'agog_features_research') eq '40' }, 60),
+	'the restarted server catches up to the 40 reports')
+  or diag(messages_on($victim, 'agog_features_research'));
+ok(AgogNatsTest::wait_for(
+		sub { !grep { messages_on($_, 'agog_features_critique') ne '2' } @nats }, 30),
+	'all three hold the two reports published now')
+  or diag(join(', ', map { messages_on($_, 'agog_features_critique') } @nats));
+
+# Kill the research stream's leader while reports are being committed: a
+# new leader is elected, and every report is stored once.
+my $leader_name = '';
+AgogNatsTest::wait_for(
+	sub {
+		my $s = eval { $nats[0]->stream_info('agog_features_research') };
+		$leader_name = $s && $s->{cluster} ? ($s->{cluster}{leader} // '') : '';
+		return $leader_name ne '';
+	},
+	30);
+my ($leader) = grep { $names[$_] eq $leader_name } 0 .. 2;
+ok(defined $leader, "the research stream has a leader ($leader_name)");
+$leader //= 0;
+$node->safe_psql('postgres', q{
+	SELECT agog_publish_report('cynthia', 'research', 'leader-' || g, 'report ' || g)
+	  FROM generate_series(1, 10) g;});
+$nats[$leader]->kill9;
+$node->safe_psql('postgres', q{
+	SELECT agog_publish_report('cynthia', 'research', 'leader-' || g, 'report ' || g)
+	  FROM generate_series(11, 20) g;});
+ok(AgogNatsTest::wait_for(sub { $node->safe_psql('postgres', $published_sql) eq '60/60' }, 60),
+	'reports committed around the stream leader\'s death are all published')
+  or diag($node->safe_psql('postgres', $published_sql));
+@alive = map { $nats[$_] } grep { $_ != $leader } 0 .. 2;
+ok(AgogNatsTest::wait_for(
+		sub { !grep { messages_on($_, 'agog_features_research') ne '60' } @alive }, 30),
+	'the two survivors hold the 60 reports, each once')
+  or diag(join(', ', map { messages_on($_, 'agog_features_research') } @alive));
+$fetched = '';
+AgogNatsTest::wait_for(
+	sub {
+		my ($ret, $out) = $node->psql('postgres',
+			q{SELECT content FROM agog_fetch_report('cynthia', 'research', 'leader-20')});
+		$fetched = $out // '';
+		return $ret == 0 && $fetched ne '';
+	},
+	30);
+is($fetched, 'report 20', 'the new leader serves the last report');
+$nats[$leader]->start;
+
+unlike(AgogNatsTest::log_since($node), qr/terminated by signal|server process .* was terminated/,
+	'no crash');
+$node->stop;
+$_->stop for @nats;
+done_testing();
