@@ -65,6 +65,24 @@ sub messages_on
 	return $s && $s->{state} ? $s->{state}{messages} // 0 : '';
 }
 
+# The content of cynthia's research report on $feature; a new stream leader
+# may still be in election, so it asks again (30 s at most) until a fetch
+# succeeds with a row.
+sub fetch_eventually
+{
+	my ($feature) = @_;
+	my $content = '';
+	AgogNatsTest::wait_for(
+		sub {
+			my ($ret, $out) = $node->psql('postgres',
+				"SELECT content FROM agog_fetch_report('cynthia', 'research', '$feature')");
+			$content = $out // '';
+			return $ret == 0 && $content ne '';
+		},
+		30);
+	return $content;
+}
+
 my $published_sql = q{SELECT count(*) FILTER (WHERE state = 'published') || '/' || count(*) FROM agog_nats.outbox WHERE kind = 'report'};
 
 # Ten reports committed in one transaction: published, and fetched back.
@@ -101,17 +119,8 @@ ok($moved->{connected} && ($moved->{server} // '') ne $server,
 # A fresh backend connects past the dead server.
 like($node->safe_psql('postgres', q{SELECT agog_publish_report_now('sylvia', 'critique', 'now-2', 'critique after the kill')}),
 	qr/^agog_features_critique\.\d+$/, 'a new backend publishes with one server of three dead');
-# A new stream leader may still be in election: fetch until it answers.
-my $fetched = '';
-AgogNatsTest::wait_for(
-	sub {
-		my ($ret, $out) = $node->psql('postgres',
-			q{SELECT content FROM agog_fetch_report('cynthia', 'research', 'after-30')});
-		$fetched = $out // '';
-		return $ret == 0 && $fetched ne '';
-	},
-	30);
-is($fetched, 'report after 30', 'a report committed after the kill is fetched back');
+is(fetch_eventually('after-30'), 'report after 30',
+	'a report committed after the kill is fetched back');
 is($node->safe_psql('postgres', q{SELECT content FROM agog_fetch_report('sylvia', 'critique', 'now-2')}),
 	'critique after the kill', 'and so is the report published now after the kill');
 
@@ -159,16 +168,7 @@ ok(AgogNatsTest::wait_for(
 		sub { !grep { messages_on($_, 'agog_features_research') ne '60' } @alive }, 30),
 	'the two survivors hold the 60 reports, each once')
   or diag(join(', ', map { messages_on($_, 'agog_features_research') } @alive));
-$fetched = '';
-AgogNatsTest::wait_for(
-	sub {
-		my ($ret, $out) = $node->psql('postgres',
-			q{SELECT content FROM agog_fetch_report('cynthia', 'research', 'leader-20')});
-		$fetched = $out // '';
-		return $ret == 0 && $fetched ne '';
-	},
-	30);
-is($fetched, 'report 20', 'the new leader serves the last report');
+is(fetch_eventually('leader-20'), 'report 20', 'the new leader serves the last report');
 $nats[$leader]->start;
 
 unlike(AgogNatsTest::log_since($node), qr/terminated by signal|server process .* was terminated/,
