@@ -34,6 +34,7 @@
 
 #include "access/xact.h"
 #include "access/xlog.h"
+#include "catalog/namespace.h"
 #include "catalog/pg_type.h"
 #include "commands/trigger.h"
 #include "executor/spi.h"
@@ -43,6 +44,7 @@
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/guc.h"
+#include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
@@ -241,17 +243,22 @@ agog_outbox_insert(int64 id, const char *msg_id, const char *agent,
  *		"Pending" is written as in the index's predicate, which
  *		outbox_pending's (state = 'pending') is not: that index, walked
  *		backwards, would cross every pending row of every subject.  Runs in
- *		a backend.
+ *		a backend.  Objects of 0.1.0 have no outbox (the library is newer
+ *		than the objects until ALTER EXTENSION UPDATE): nothing is pending.
  */
 char *
 agog_outbox_latest_pending(const char *subject)
 {
 	MemoryContext caller = CurrentMemoryContext;
 	Oid			argtypes[1] = {TEXTOID};
-	Datum		arg = CStringGetTextDatum(subject);
+	Datum		arg;
 	char	   *body = NULL;
 	int			ret;
+	Oid			nsp = get_namespace_oid("agog_nats", true);
 
+	if (!OidIsValid(nsp) || !OidIsValid(get_relname_relid("outbox", nsp)))
+		return NULL;
+	arg = CStringGetTextDatum(subject);
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
 	ret = SPI_execute_plan(keep_plan(&pending_plan,
