@@ -482,8 +482,9 @@ BEGIN
     INSERT INTO agog_nats.outbox (id, msg_id, kind, agent, task_type, feature, subject,
                                   target_stream, body)
     VALUES (oid_,
-            format('agog-%s-%s-%s', (SELECT system_identifier FROM pg_control_system()),
-                   (SELECT oid FROM pg_database WHERE datname = current_database()), oid_),
+            format('agog-%s-%s-%s-%s', (SELECT system_identifier FROM pg_control_system()),
+                   (SELECT oid FROM pg_database WHERE datname = current_database()), oid_,
+                   left(replace(gen_random_uuid()::text, '-', ''), 16)),
             'task', t.agent, t.task_type, feature,
             'agog.tasks.' || t.agent || '.' || feature, 'agog_tasks', body::text);
 END

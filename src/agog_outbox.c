@@ -134,8 +134,15 @@ keep_plan(SPIPlanPtr *slot, const char *sql, int nargs, Oid *argtypes,
 /*
  * agog_outbox_next_id
  *		The next outbox id, and its Nats-Msg-Id: agog-<system id>-<database
- *		oid>-<id>, unique across clusters and databases that share a NATS
- *		server.  Runs in the caller's transaction.
+ *		oid>-<id>-<16 random hex digits>.  The system id and database oid
+ *		keep apart clusters and databases that share a NATS server; the
+ *		random part keeps apart the histories of one database.  After a
+ *		failover with asynchronous replication the new primary draws again
+ *		outbox ids the old one had used for reports it published and lost
+ *		in the failover; with the same message id JetStream would take a
+ *		new report for a duplicate of the lost one and drop it, and the
+ *		worker would record it as published.  Runs in the caller's
+ *		transaction.
  */
 int64
 agog_outbox_next_id(char **msg_id)
@@ -143,6 +150,8 @@ agog_outbox_next_id(char **msg_id)
 	int64		id;
 	bool		isnull;
 	int			ret;
+	uint8		rnd[8];
+	char		hex[2 * sizeof(rnd) + 1];
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
@@ -155,8 +164,14 @@ agog_outbox_next_id(char **msg_id)
 	id = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
 	SPI_finish();
 
-	*msg_id = psprintf("agog-" UINT64_FORMAT "-%u-" INT64_FORMAT,
-					   GetSystemIdentifier(), MyDatabaseId, id);
+	if (!pg_strong_random(rnd, sizeof(rnd)))
+		ereport(ERROR,
+				(errcode(ERRCODE_INTERNAL_ERROR),
+				 errmsg("could not generate random bytes for a message id")));
+	for (size_t i = 0; i < sizeof(rnd); i++)
+		snprintf(hex + 2 * i, 3, "%02x", rnd[i]);
+	*msg_id = psprintf("agog-" UINT64_FORMAT "-%u-" INT64_FORMAT "-%s",
+					   GetSystemIdentifier(), MyDatabaseId, id, hex);
 	return id;
 }
 

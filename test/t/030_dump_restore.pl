@@ -68,7 +68,7 @@ $node->safe_psql('postgres', q{
 	SELECT agog_start_workflow('dumped-feature', 'dumped');});
 my $outbox_sql = q{SELECT string_agg(msg_id || ':' || state || ':' || subject, ',' ORDER BY id) FROM agog_nats.outbox WHERE kind = 'report'};
 my $outbox_before = $node->safe_psql('postgres', $outbox_sql);
-like($outbox_before, qr/^(agog-\d+-\d+-\d+:pending:agog\.deliverables\.rita\.review\.dumped-\d,?){3}$/,
+like($outbox_before, qr/^(agog-\d+-\d+-\d+-[0-9a-f]{16}:pending:agog\.deliverables\.rita\.review\.dumped-\d,?){3}$/,
 	'three reports pending in the outbox while NATS is down');
 my $wf_sql = q{SELECT w.feature || ':' || w.pipeline || ':' || string_agg(t.stage || '/' || t.agent, ',') FROM agog_nats.workflows w JOIN agog_nats.tasks t ON t.workflow_id = w.id GROUP BY w.id ORDER BY w.id};
 my $wf_before = $node->safe_psql('postgres', $wf_sql);
