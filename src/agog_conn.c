@@ -38,8 +38,10 @@
 #include "miscadmin.h"
 #include "storage/fd.h"
 #include "storage/ipc.h"
+#include "storage/latch.h"
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
+#include "utils/wait_event.h"
 
 struct AgogConn
 {
@@ -235,6 +237,21 @@ map_status(natsStatus s, jsErrCode jerr, bool *not_found)
 }
 
 /*
+ * no_responders_text
+ *		What "no responders" to a publish means: no stream captures the
+ *		subject, or, with replicated streams, the stream may be between two
+ *		leaders.  Plain C (a static string from a global read): runs on
+ *		nats.c's threads too.
+ */
+static const char *
+no_responders_text(void)
+{
+	return agog_stream_replicas > 1 ?
+		"no JetStream stream answered for this subject (no responders): no stream captures it, or its replicas are electing a new leader" :
+		"no JetStream stream captures this subject (no responders)";
+}
+
+/*
  * capture_error
  *		Copy what nats.c knows of a failure into *err.  Runs inside a
  *		signal-blocked section: nats.c and plain C only.  The thread-local
@@ -253,7 +270,7 @@ capture_error(AgogError *err, natsStatus s, jsErrCode jerr)
 	err->sqlstate = map_status(s, jerr, &err->not_found);
 
 	if (s == NATS_NO_RESPONDERS)
-		text = "no JetStream stream captures this subject (no responders)";
+		text = no_responders_text();
 	else if (last_text != NULL && last_text[0] != '\0' && last_status == s)
 		text = last_text;
 	else
@@ -486,7 +503,7 @@ on_pub_ack(jsCtx *js, natsMsg *msg, jsPubAck *pa, jsPubAckErr *pae,
 			it->err.js_code = (int) pae->ErrCode;
 			it->err.sqlstate = map_status(pae->Err, pae->ErrCode, &it->err.not_found);
 			if (pae->Err == NATS_NO_RESPONDERS)
-				text = "no JetStream stream captures this subject (no responders)";
+				text = no_responders_text();
 			else if (text == NULL || text[0] == '\0')
 				text = natsStatus_GetText(pae->Err);
 			strlcpy(it->err.text, text ? text : "unknown NATS error", sizeof(it->err.text));
@@ -1109,14 +1126,22 @@ set_timeout_error(AgogError *err, bool interrupted)
 typedef natsStatus (*AttemptFn) (AgogConn *conn, int64 wait_ms, void *arg,
 								 AgogError *err);
 
+/* The pause before asking again a stream that had no leader. */
+#define NO_LEADER_PAUSE_MS 50
+
 /*
  * run_sliced
  *		Run attempt until it answers something other than NATS_TIMEOUT, or
  *		agog_nats.timeout_ms is used up, checking for interrupts between
- *		slices.  A timeout (or an interrupt) sets *err.
+ *		slices.  A timeout (or an interrupt) sets *err.  With
+ *		retry_no_responders, "no responders" is asked again after a short
+ *		pause on the process latch as well: a replicated stream between two
+ *		leaders (one server of the cluster died) answers nothing for a
+ *		moment.  When the time runs out then, the error is the last one.
  */
 static natsStatus
-run_sliced(AgogConn *conn, AttemptFn attempt, void *arg, AgogError *err)
+run_sliced(AgogConn *conn, AttemptFn attempt, void *arg,
+		   bool retry_no_responders, AgogError *err)
 {
 	WaitBudget	budget;
 	bool		interrupted = false;
@@ -1132,11 +1157,20 @@ run_sliced(AgogConn *conn, AttemptFn attempt, void *arg, AgogError *err)
 		if (slice <= 0)
 			break;
 		s = attempt(conn, slice, arg, err);
+		if (s == NATS_NO_RESPONDERS && retry_no_responders)
+		{
+			(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+							 Min(slice, NO_LEADER_PAUSE_MS), PG_WAIT_EXTENSION);
+			ResetLatch(MyLatch);
+			continue;
+		}
 		if (s != NATS_TIMEOUT)
 			break;
 	}
 	if (s == NATS_TIMEOUT)
 		set_timeout_error(err, interrupted);
+	else if (interrupted)
+		set_timeout_error(err, true);
 	return s;
 }
 
@@ -1383,7 +1417,7 @@ agog_conn_publish(AgogConn *conn, const char *subject, const char *msg_id,
 	a.msg_id = msg_id;
 	a.data = data;
 	a.len = len;
-	if (run_sliced(conn, publish_attempt, &a, err) != NATS_OK)
+	if (run_sliced(conn, publish_attempt, &a, agog_stream_replicas > 1, err) != NATS_OK)
 		return false;
 	*stream = pstrdup(a.stream);
 	*seq = a.seq;
@@ -1777,7 +1811,7 @@ get_msg(AgogConn *conn, const char *stream, const char *subject, uint64 seq,
 	a.from_leader = from_leader;
 	a.sent = (sent != NULL && sent->token != 0) ? sent : NULL;
 	a.msg = msg;
-	if (run_sliced(conn, get_attempt, &a, err) != NATS_OK)
+	if (run_sliced(conn, get_attempt, &a, false, err) != NATS_OK)
 		return false;
 	if (!a.copied)
 		ereport(ERROR,
@@ -1903,7 +1937,7 @@ agog_conn_find_msg_id(AgogConn *conn, const char *stream, const char *subject,
 
 		a.found = 0;
 		a.match = false;
-		s = run_sliced(conn, next_attempt, &a, err);
+		s = run_sliced(conn, next_attempt, &a, false, err);
 		if (s == NATS_TIMEOUT)
 			return false;
 		if (s != NATS_OK)
@@ -1980,7 +2014,7 @@ agog_conn_api_request(AgogConn *conn, const char *api, const char *payload,
 	snprintf(subject, sizeof(subject), "$JS.API.%s", api);
 	a.subject = subject;
 	a.payload = payload;
-	if (run_sliced(conn, api_attempt, &a, err) != NATS_OK)
+	if (run_sliced(conn, api_attempt, &a, false, err) != NATS_OK)
 		return NULL;
 	if (!a.copied)
 		ereport(ERROR,
@@ -2086,7 +2120,7 @@ agog_conn_ensure_stream(AgogConn *conn, const AgogStreamSpec *spec,
 
 	memset(&a, 0, sizeof(a));
 	a.spec = spec;
-	ok = run_sliced(conn, ensure_attempt, &a, err) == NATS_OK;
+	ok = run_sliced(conn, ensure_attempt, &a, false, err) == NATS_OK;
 	*created = a.created;
 	*updated = a.updated;
 	return ok;

@@ -15,6 +15,7 @@ use warnings;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use Time::HiRes qw(time);
 use AgogNatsTest;
 
 # Three servers, each routing to the other two.
@@ -45,7 +46,11 @@ ok(AgogNatsTest::wait_for(sub { !grep { meta_leader($_) eq '' } @nats }, 30),
 	'the three servers form a JetStream cluster with a meta leader');
 
 my $url = join(',', map { $_->url } @nats);
-my $node = AgogNatsTest::new_node('cluster', $url, 'agog_nats.stream_replicas' => 3);
+# A stream's new leader is elected several seconds after the old one dies
+# (4.8-7.1 s measured here, more than agog_nats.timeout_ms's default 5 s);
+# a timeout above it lets agog_publish_report_now wait for the new leader.
+my $node = AgogNatsTest::new_node('cluster', $url, 'agog_nats.stream_replicas' => 3,
+	'agog_nats.timeout_ms' => 15000);
 $node->start;
 $node->safe_psql('postgres', 'CREATE EXTENSION agog_nats');
 ok(AgogNatsTest::wait_for(
@@ -157,6 +162,15 @@ $node->safe_psql('postgres', q{
 	SELECT agog_publish_report('cynthia', 'research', 'leader-' || g, 'report ' || g)
 	  FROM generate_series(1, 10) g;});
 $nats[$leader]->kill9;
+# Right after the kill the stream has no leader for a moment, and nobody
+# answers a publish: agog_publish_report_now waits for the new one (within
+# agog_nats.timeout_ms) instead of failing.
+my $t0 = time();
+like($node->safe_psql('postgres',
+		q{SELECT agog_publish_report_now('cynthia', 'research', 'now-3', 'during the election')}),
+	qr/^agog_features_research\.\d+$/,
+	'agog_publish_report_now right after the stream leader\'s death succeeds');
+note(sprintf('the publish waited %.1f s for the new leader', time() - $t0));
 $node->safe_psql('postgres', q{
 	SELECT agog_publish_report('cynthia', 'research', 'leader-' || g, 'report ' || g)
 	  FROM generate_series(11, 20) g;});
@@ -165,8 +179,8 @@ ok(AgogNatsTest::wait_for(sub { $node->safe_psql('postgres', $published_sql) eq 
   or diag($node->safe_psql('postgres', $published_sql));
 @alive = map { $nats[$_] } grep { $_ != $leader } 0 .. 2;
 ok(AgogNatsTest::wait_for(
-		sub { !grep { messages_on($_, 'agog_features_research') ne '60' } @alive }, 30),
-	'the two survivors hold the 60 reports, each once')
+		sub { !grep { messages_on($_, 'agog_features_research') ne '61' } @alive }, 30),
+	'the two survivors hold the 60 reports and the one published now, each once')
   or diag(join(', ', map { messages_on($_, 'agog_features_research') } @alive));
 is(fetch_eventually('leader-20'), 'report 20', 'the new leader serves the last report');
 $nats[$leader]->start;
