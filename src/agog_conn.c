@@ -575,6 +575,8 @@ read_secret(const char *setting, const char *path)
 		ereport(ERROR,
 				(errcode_for_file_access(),
 				 errmsg("could not open file \"%s\" named by %s: %m", path, setting)));
+	/* no stdio buffer: it would keep a copy of the secret after fclose */
+	setvbuf(f, NULL, _IONBF, 0);
 	if (fgets(buf, sizeof(buf), f) == NULL)
 		buf[0] = '\0';
 	FreeFile(f);
@@ -626,6 +628,7 @@ check_credentials_file(const char *path)
 				(errcode_for_file_access(),
 				 errmsg("could not open file \"%s\" named by %s: %m",
 						path, "agog_nats.credentials_file")));
+	setvbuf(f, NULL, _IONBF, 0);	/* as in read_secret */
 	while (fgets(line, sizeof(line), f) != NULL)
 	{
 		const char *p = line + strspn(line, " \t");
