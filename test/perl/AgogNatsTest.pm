@@ -104,6 +104,14 @@ sub new_node
 	return $node;
 }
 
+# True when the worker of $node is connected with the six streams in place.
+sub worker_ready
+{
+	my ($node) = @_;
+	return $node->safe_psql('postgres',
+		'SELECT connected AND streams_ok = 6 FROM agog_worker_status()') eq 't';
+}
+
 # A node that connects to $nats with the settings %conf (credentials, TLS):
 # started, with the extension, and checked (Test::More assertions) to get its
 # worker connected with the six streams, and a backend to publish a report
@@ -118,7 +126,7 @@ sub start_secured_node
 	$node->start;
 	$node->safe_psql('postgres', 'CREATE EXTENSION agog_nats');
 	Test::More::ok(wait_for(
-			sub { $node->safe_psql('postgres', 'SELECT connected AND streams_ok = 6 FROM agog_worker_status()') eq 't' },
+			sub { worker_ready($node) },
 			20),
 		"the worker connects $how and puts the six streams in place");
 	Test::More::like($node->safe_psql('postgres',
@@ -173,6 +181,16 @@ sub reconnects_with
 			sub { $node->safe_psql('postgres', 'SELECT connected FROM agog_worker_status()') eq 't' },
 			30),
 		"with $what again the worker reconnects");
+}
+
+# True once agog_fetch_report($agent, $task_type, $feature) on $node returns
+# $content (a report committed in a transaction: the worker publishes it
+# after the commit), within $timeout seconds (default 20).
+sub fetches
+{
+	my ($node, $agent, $task_type, $feature, $content, $timeout) = @_;
+	my $sql = "SELECT content FROM agog_fetch_report('$agent', '$task_type', '$feature')";
+	return wait_for(sub { $node->safe_psql('postgres', $sql) eq $content }, $timeout // 20);
 }
 
 

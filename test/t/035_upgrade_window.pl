@@ -20,15 +20,10 @@ $nats->start;
 my $node = AgogNatsTest::new_node('upgrade', $nats);
 $node->start;
 
-sub worker_ready
-{
-	return $node->safe_psql('postgres',
-		'SELECT connected AND streams_ok = 6 FROM agog_worker_status()') eq 't';
-}
 
 # 0.1.0: streams, agog_publish_report_now, agog_fetch_report.
 $node->safe_psql('postgres', q{CREATE EXTENSION agog_nats VERSION '0.1.0'});
-ok(AgogNatsTest::wait_for(\&worker_ready, 20),
+ok(AgogNatsTest::wait_for(sub { AgogNatsTest::worker_ready($node) }, 20),
 	'on 0.1.0\'s objects the worker puts the six streams in place');
 my $pid = AgogNatsTest::worker_status($node)->{pid};
 like($node->safe_psql('postgres',
@@ -42,13 +37,7 @@ is($node->safe_psql('postgres',
 $node->safe_psql('postgres', q{ALTER EXTENSION agog_nats UPDATE TO '0.2.0'});
 $node->safe_psql('postgres',
 	q{SELECT agog_publish_report('cynthia', 'research', 'v020', 'committed on 0.2.0')});
-ok(AgogNatsTest::wait_for(
-		sub {
-			$node->safe_psql('postgres',
-				q{SELECT content FROM agog_fetch_report('cynthia', 'research', 'v020')}) eq
-			  'committed on 0.2.0';
-		},
-		20),
+ok(AgogNatsTest::fetches($node, 'cynthia', 'research', 'v020', 'committed on 0.2.0'),
 	'0.2.0: a committed report is published by the worker and fetched back');
 
 # Reports committed on 0.2.0 while NATS is down wait in the outbox.

@@ -80,7 +80,7 @@ my $node2 = AgogNatsTest::new_node('token', $nats2, 'agog_nats.token_file' => $t
 $node2->start;
 $node2->safe_psql('postgres', 'CREATE EXTENSION agog_nats');
 ok(AgogNatsTest::wait_for(
-		sub { $node2->safe_psql('postgres', 'SELECT connected AND streams_ok = 6 FROM agog_worker_status()') eq 't' },
+		sub { AgogNatsTest::worker_ready($node2) },
 		20),
 	'the worker connects with a token');
 like($node2->safe_psql('postgres',

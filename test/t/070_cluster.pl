@@ -54,7 +54,7 @@ my $node = AgogNatsTest::new_node('cluster', $url, 'agog_nats.stream_replicas' =
 $node->start;
 $node->safe_psql('postgres', 'CREATE EXTENSION agog_nats');
 ok(AgogNatsTest::wait_for(
-		sub { $node->safe_psql('postgres', 'SELECT connected AND streams_ok = 6 FROM agog_worker_status()') eq 't' },
+		sub { AgogNatsTest::worker_ready($node) },
 		30),
 	'the worker connects to the cluster and puts the six streams in place');
 my @problems = AgogNatsTest::builtin_stream_problems($nats[0], num_replicas => 3);

@@ -23,13 +23,7 @@ my $primary = AgogNatsTest::new_node('primary', $nats, _init => { allows_streami
 $primary->start;
 $primary->safe_psql('postgres', 'CREATE EXTENSION agog_nats');
 
-sub worker_ready
-{
-	my ($node) = @_;
-	return $node->safe_psql('postgres',
-		'SELECT connected AND streams_ok = 6 FROM agog_worker_status()') eq 't';
-}
-ok(AgogNatsTest::wait_for(sub { worker_ready($primary) }, 20), 'the primary\'s worker is ready');
+ok(AgogNatsTest::wait_for(sub { AgogNatsTest::worker_ready($primary) }, 20), 'the primary\'s worker is ready');
 $primary->safe_psql('postgres',
 	q{SELECT agog_publish_report('cynthia', 'research', 'first', 'before the standby')});
 
@@ -43,13 +37,7 @@ $primary->wait_for_catchup($standby);
 # refused like any write.
 is($standby->safe_psql('postgres', 'SELECT pid IS NULL AND NOT connected FROM agog_worker_status()'),
 	't', 'no worker runs on the standby');
-ok(AgogNatsTest::wait_for(
-		sub {
-			$standby->safe_psql('postgres',
-				q{SELECT content FROM agog_fetch_report('cynthia', 'research', 'first')}) eq
-			  'before the standby';
-		},
-		20),
+ok(AgogNatsTest::fetches($standby, 'cynthia', 'research', 'first', 'before the standby'),
 	'the standby fetches a report');
 my ($ret, $out, $err) = $standby->psql('postgres',
 	q{SELECT agog_publish_report('cynthia', 'research', 'on-standby', 'x')},
@@ -94,7 +82,7 @@ is($standby->safe_psql('postgres', $pending_sql), $pending,
 # The primary dies; the standby is promoted and sends them again.
 $primary->stop('immediate');
 $standby->promote;
-ok(AgogNatsTest::wait_for(sub { worker_ready($standby) }, 30),
+ok(AgogNatsTest::wait_for(sub { AgogNatsTest::worker_ready($standby) }, 30),
 	'after the promotion a worker starts on the new primary and connects');
 ok(AgogNatsTest::wait_for(sub { $standby->safe_psql('postgres', $pending_sql) eq '' }, 30),
 	'the new primary publishes the reports it had pending');
