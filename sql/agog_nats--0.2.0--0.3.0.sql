@@ -1113,10 +1113,10 @@ ALTER TABLE agog_nats.outbox
     ADD CONSTRAINT outbox_subject_check
         CHECK (agog_nats.outbox_subject_ok(kind, subject, agent, task_type, feature));
 
--- Every message id is agog-<system id>-<database oid>-<outbox id>, made by
--- the extension's own code from the row's primary key (agog_publish_report
--- and enqueue_task_notice; no role may insert into the outbox directly), so
--- it is unique by construction.  Its
+-- Every message id is agog-<system id>-<database oid>-<outbox id>-<16
+-- random hex digits>, made by the extension's own code from the row's
+-- primary key (agog_publish_report and enqueue_task_notice; no role may
+-- insert into the outbox directly), so it is unique by construction.  Its
 -- UNIQUE index cost every report an index entry at insert and another at
 -- the worker's record (the record changes state, so it is not HOT), and no
 -- query looks a row up by message id.
@@ -1154,6 +1154,40 @@ CREATE INDEX outbox_subject_pending ON agog_nats.outbox (subject, id)
 ALTER TABLE agog_nats.agents ADD COLUMN customized boolean NOT NULL DEFAULT false;
 ALTER TABLE agog_nats.pipelines ADD COLUMN customized boolean NOT NULL DEFAULT false;
 
+-- A built-in agent 0.2.0 let a user change is customized already: mark it
+-- here (the trigger below marks later changes), or the next pg_dump leaves
+-- the change out.  These are the values CREATE EXTENSION gave the six.  The
+-- pipelines are new in this version.
+UPDATE agog_nats.agents a
+   SET customized = true
+  FROM (VALUES ('cynthia', 'Cynthia: research reports'),
+               ('sylvia', 'Sylvia: critiques of the research'),
+               ('roy', 'Roy: backend implementation reports'),
+               ('jen', 'Jen: frontend implementation reports'),
+               ('billy', 'Billy: QA reports'),
+               ('priya', 'Priya: statistics reports'))
+       AS d (agent, description)
+ WHERE a.builtin AND a.agent = d.agent
+   AND (a.description, a.max_msgs, a.max_bytes, a.max_age, a.max_msg_size)
+       IS DISTINCT FROM
+       (d.description, 10000::bigint, 1073741824::bigint, '7 days'::interval, -1);
+
+-- ---------------------------------------------------------------------------
+-- The worker lowered a live stream's limits to the agents table's whenever
+-- they differed, and JetStream then drops the oldest reports beyond them.
+-- A restore without a single transaction (pg_restore's default, -j,
+-- --clean) commits CREATE EXTENSION first, with the built-in agents at
+-- 10,000 messages, and loads a customized agent's raised limits later: in
+-- between, the worker of the database restored into shrank the stream the
+-- source database had raised.  Now the worker only raises a live stream's
+-- limits, and lowers them only for an agent whose limits a user's UPDATE
+-- changed in this database: limits_changed_at, stamped by the guard below,
+-- NULL on every insert (CREATE EXTENSION's, a user's, a restore's).
+-- ---------------------------------------------------------------------------
+ALTER TABLE agog_nats.agents ADD COLUMN limits_changed_at timestamptz;
+COMMENT ON COLUMN agog_nats.agents.limits_changed_at IS
+    'When an UPDATE last changed max_msgs, max_bytes or max_age (NULL: as inserted); only then does the worker lower a live stream''s limits';
+
 -- BEFORE UPDATE of an agent, as the updating role.
 CREATE FUNCTION agog_nats.agents_guard() RETURNS trigger
     LANGUAGE plpgsql
@@ -1177,6 +1211,13 @@ BEGIN
            (OLD.description, OLD.max_msgs, OLD.max_bytes, OLD.max_age, OLD.max_msg_size) THEN
         NEW.customized := true;
     END IF;
+    -- a user's UPDATE (not the restore trigger's, one level down) that
+    -- changes a limit: the worker may now lower the live stream's limits
+    IF pg_trigger_depth() = 1
+       AND (NEW.max_msgs, NEW.max_bytes, NEW.max_age)
+           IS DISTINCT FROM (OLD.max_msgs, OLD.max_bytes, OLD.max_age) THEN
+        NEW.limits_changed_at := now();
+    END IF;
     RETURN NEW;
 END
 $$;
@@ -1186,20 +1227,30 @@ CREATE TRIGGER agents_guard BEFORE UPDATE ON agog_nats.agents
 
 -- BEFORE INSERT of an agent: a built-in row whose agent exists as a
 -- built-in row is a restore of a customized one; apply it to that row.
+-- A dump made with --disable-triggers (or a data-only restore with it)
+-- bypasses this, and the six built-in rows then collide: restore without
+-- that option.
 CREATE FUNCTION agog_nats.agents_restore() RETURNS trigger
     LANGUAGE plpgsql
     SET search_path = pg_catalog, pg_temp
     AS $$
 BEGIN
+    -- inserted limits never lower a live stream's (see limits_changed_at)
+    NEW.limits_changed_at := NULL;
     IF NEW.builtin THEN
         UPDATE agog_nats.agents a
            SET description = NEW.description, max_msgs = NEW.max_msgs,
                max_bytes = NEW.max_bytes, max_age = NEW.max_age,
-               max_msg_size = NEW.max_msg_size, customized = NEW.customized
+               max_msg_size = NEW.max_msg_size, customized = NEW.customized,
+               limits_changed_at = NULL
          WHERE a.agent = NEW.agent AND a.builtin;
         IF FOUND THEN
             RETURN NULL;
         END IF;
+        -- no such built-in row (a user deleted it, or marked a new row
+        -- built-in): this one is the user's, and pg_dump keeps it as such
+        NEW.builtin := false;
+        NEW.customized := false;
     END IF;
     RETURN NEW;
 END
@@ -1209,8 +1260,8 @@ CREATE TRIGGER agents_restore BEFORE INSERT ON agog_nats.agents
     FOR EACH ROW EXECUTE FUNCTION agog_nats.agents_restore();
 
 -- BEFORE INSERT of a pipeline: the same for a customized built-in
--- pipeline; its stages (not built-in) follow in the dump, so the built-in
--- stages go.
+-- pipeline; its stages follow in the dump (all of them: see the stages'
+-- dump condition below), so the built-in stages go.
 CREATE FUNCTION agog_nats.pipelines_restore() RETURNS trigger
     LANGUAGE plpgsql
     SET search_path = pg_catalog, pg_temp
@@ -1234,3 +1285,8 @@ CREATE TRIGGER pipelines_restore BEFORE INSERT ON agog_nats.pipelines
 
 SELECT pg_catalog.pg_extension_config_dump('agog_nats.agents', 'WHERE NOT builtin OR customized');
 SELECT pg_catalog.pg_extension_config_dump('agog_nats.pipelines', 'WHERE NOT builtin OR customized');
+-- The stages of a customized built-in pipeline go with it, built-in or not:
+-- its restore deletes the built-in stages CREATE EXTENSION made, so a
+-- pipeline marked customized without new stages gets its own back.
+SELECT pg_catalog.pg_extension_config_dump('agog_nats.stages',
+    'WHERE NOT builtin OR pipeline IN (SELECT p.pipeline FROM agog_nats.pipelines p WHERE p.customized)');

@@ -126,14 +126,7 @@ SELECT state, count(*) FROM agog_nats.outbox WHERE agent = 'tiny' GROUP BY state
 SELECT length(content) = :room AS at_limit_in_jetstream FROM agog_fetch_report('tiny', 'tiny_reports', 'size');
 
 -- The depth cap: past agog_nats.outbox_max_pending, a clear error.
-DO $$
-BEGIN
-    FOR i IN 1..100 LOOP
-        EXIT WHEN (SELECT outbox_pending = 0 FROM agog_outbox_stats());
-        PERFORM pg_sleep(0.05);
-    END LOOP;
-END
-$$;
+SELECT wait_until('SELECT outbox_pending = 0 FROM agog_outbox_stats()', 5);
 ALTER SYSTEM SET agog_nats.outbox_max_pending = 3;
 SELECT pg_reload_conf();
 SELECT pg_sleep(0.2);

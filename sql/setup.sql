@@ -26,6 +26,26 @@ SHOW agog_nats.duplicate_window;
 SHOW agog_nats.stream_replicas;
 SET agog_nats.no_such_setting = 1;
 
+-- Helper for the suites that follow: poll a query of one boolean every
+-- 0.1 s until it is true (true) or the seconds pass (false).
+CREATE FUNCTION wait_until(query text, seconds numeric DEFAULT 10)
+    RETURNS boolean LANGUAGE plpgsql AS $$
+DECLARE
+    done boolean;
+    deadline timestamptz := clock_timestamp() + seconds * interval '1 s';
+BEGIN
+    LOOP
+        EXECUTE query INTO done;
+        IF done THEN
+            RETURN true;
+        ELSIF clock_timestamp() >= deadline THEN
+            RETURN false;
+        END IF;
+        PERFORM pg_sleep(0.1);
+    END LOOP;
+END
+$$;
+
 -- Helper for the suites that follow: run a statement, report its SQLSTATE.
 CREATE FUNCTION try(stmt text) RETURNS text LANGUAGE plpgsql AS $$
 BEGIN

@@ -25,14 +25,7 @@ SELECT agent, name, messages, max_msgs, max_bytes, max_age, health
 COMMIT;
 
 -- After commit the worker is woken and creates it.
-DO $$
-BEGIN
-    FOR i IN 1..100 LOOP
-        EXIT WHEN (SELECT health = 'ok' FROM agog_stream_status() WHERE agent = 'zed');
-        PERFORM pg_sleep(0.1);
-    END LOOP;
-END
-$$;
+SELECT wait_until($$SELECT health = 'ok' FROM agog_stream_status() WHERE agent = 'zed'$$);
 SELECT agent, name, subjects, messages, health FROM agog_stream_status() WHERE agent = 'zed';
 SELECT agog_publish_report_now('zed', 'zed_tests', 'f', 'hello') AS zed_id;
 SELECT content, subject FROM agog_fetch_report('zed', 'zed_tests', 'f');
@@ -42,26 +35,12 @@ BEGIN;
 UPDATE agog_nats.agents SET max_msgs = 500, max_age = '1 day' WHERE agent = 'zed';
 SELECT health FROM agog_stream_status() WHERE agent = 'zed';
 COMMIT;
-DO $$
-BEGIN
-    FOR i IN 1..100 LOOP
-        EXIT WHEN (SELECT health = 'ok' FROM agog_stream_status() WHERE agent = 'zed');
-        PERFORM pg_sleep(0.1);
-    END LOOP;
-END
-$$;
+SELECT wait_until($$SELECT health = 'ok' FROM agog_stream_status() WHERE agent = 'zed'$$);
 SELECT max_msgs, max_age, msgs_used_pct, health FROM agog_stream_status() WHERE agent = 'zed';
 
 -- Near a limit.
 UPDATE agog_nats.agents SET max_msgs = 1 WHERE agent = 'zed';
-DO $$
-BEGIN
-    FOR i IN 1..100 LOOP
-        EXIT WHEN (SELECT max_msgs = 1 FROM agog_stream_status() WHERE agent = 'zed');
-        PERFORM pg_sleep(0.1);
-    END LOOP;
-END
-$$;
+SELECT wait_until($$SELECT max_msgs = 1 FROM agog_stream_status() WHERE agent = 'zed'$$);
 SELECT messages, max_msgs, msgs_used_pct, health FROM agog_stream_status() WHERE agent = 'zed';
 
 -- Removing an agent does not delete its stream (the worker never deletes):
@@ -71,6 +50,28 @@ SELECT count(*) FROM agog_stream_status() WHERE agent = 'zed';
 INSERT INTO agog_nats.agents (agent, task_type) VALUES ('zed', 'zed_tests');
 SELECT messages FROM agog_stream_status() WHERE agent = 'zed';
 SELECT content FROM agog_fetch_report('zed', 'zed_tests', 'f');
+SELECT wait_until($$SELECT max_msgs = 10000 FROM agog_stream_status() WHERE agent = 'zed'$$);
+SELECT max_msgs, health FROM agog_stream_status() WHERE agent = 'zed';
+DELETE FROM agog_nats.agents WHERE agent = 'zed';
+
+-- Inserted limits never lower a live stream's (CREATE EXTENSION's and a
+-- restore's are inserts too): zed back with 100 messages finds its stream
+-- at 10,000 and keeps it so, drifted, until a user's UPDATE says to lower.
+INSERT INTO agog_nats.agents (agent, task_type, max_msgs, limits_changed_at)
+VALUES ('zed', 'zed_tests', 100, now());
+SELECT max_msgs, limits_changed_at IS NULL AS as_inserted FROM agog_nats.agents WHERE agent = 'zed';
+SELECT wait_until(format('SELECT streams_checked_at > %L FROM agog_worker_status()',
+                         clock_timestamp()));
+SELECT max_msgs, health FROM agog_stream_status() WHERE agent = 'zed';
+UPDATE agog_nats.agents SET limits_changed_at = now() WHERE agent = 'zed';
+SELECT wait_until($$SELECT health = 'ok' FROM agog_stream_status() WHERE agent = 'zed'$$);
+SELECT max_msgs, health FROM agog_stream_status() WHERE agent = 'zed';
+-- An UPDATE that changes a limit stamps it; one that does not keeps it.
+UPDATE agog_nats.agents SET limits_changed_at = NULL WHERE agent = 'zed';
+UPDATE agog_nats.agents SET description = 'zed again' WHERE agent = 'zed';
+SELECT limits_changed_at IS NULL AS unstamped FROM agog_nats.agents WHERE agent = 'zed';
+UPDATE agog_nats.agents SET max_age = '2 days' WHERE agent = 'zed';
+SELECT limits_changed_at IS NULL AS unstamped FROM agog_nats.agents WHERE agent = 'zed';
 DELETE FROM agog_nats.agents WHERE agent = 'zed';
 
 -- Bad agent rows are refused by the table.
@@ -96,7 +97,15 @@ SELECT agent, builtin, customized, max_bytes FROM agog_nats.agents WHERE agent =
 SELECT try($$INSERT INTO agog_nats.agents (agent, task_type) VALUES ('cynthia', 'research')$$);
 INSERT INTO agog_nats.agents (agent, task_type, description, max_msgs, builtin, customized)
 VALUES ('sylvia', 'critique', 'restored sylvia', 20000, true, true);
-SELECT agent, task_type, description, max_msgs, builtin, customized
+SELECT agent, task_type, description, max_msgs, builtin, customized,
+       limits_changed_at IS NULL AS as_inserted
   FROM agog_nats.agents WHERE agent = 'sylvia';
 SELECT count(*) AS agents FROM agog_nats.agents;
+-- A row marked built-in with no built-in row of its name is the user's.
+DELETE FROM agog_nats.stages WHERE agent = 'jen';
+DELETE FROM agog_nats.agents WHERE agent = 'jen';
+INSERT INTO agog_nats.agents (agent, task_type, builtin, customized)
+VALUES ('jen', 'frontend', true, true), ('newbie', 'newbie', true, false);
+SELECT agent, builtin, customized FROM agog_nats.agents
+ WHERE agent IN ('jen', 'newbie') ORDER BY agent;
 ROLLBACK;

@@ -33,3 +33,16 @@ SELECT pg_describe_object(classid, objid, objsubid) AS extra_after_update
  WHERE e.extname = 'agog_nats' AND d.deptype = 'e'
 EXCEPT
 SELECT object FROM fresh;
+
+-- Built-in agents a user changed under 0.2.0 are marked customized by the
+-- update (pg_dump then keeps the change); unchanged ones are not.
+DROP EXTENSION agog_nats;
+CREATE EXTENSION agog_nats VERSION '0.2.0';
+UPDATE agog_nats.agents SET max_msg_size = 1048576 WHERE agent = 'cynthia';
+UPDATE agog_nats.agents SET description = 'Sylvia, renamed' WHERE agent = 'sylvia';
+SET client_min_messages = warning;
+ALTER EXTENSION agog_nats UPDATE;
+RESET client_min_messages;
+SELECT agent, builtin, customized FROM agog_nats.agents ORDER BY agent;
+DROP EXTENSION agog_nats;
+CREATE EXTENSION agog_nats;

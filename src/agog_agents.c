@@ -32,10 +32,16 @@
 #include "miscadmin.h"
 #include "utils/memutils.h"
 
+/*
+ * limits_changed_at is new in 0.3.0: read through to_jsonb, the query also
+ * works on an older version's table (between a new library and ALTER
+ * EXTENSION UPDATE), where it is false: the worker then never lowers.
+ */
 #define AGENTS_QUERY \
 	"SELECT agent, task_type, stream_name, description, max_msgs, max_bytes, " \
-	"       (extract(epoch FROM max_age) * 1000)::bigint, max_msg_size " \
-	"  FROM agog_nats.agents ORDER BY agent"
+	"       (extract(epoch FROM max_age) * 1000)::bigint, max_msg_size, " \
+	"       (to_jsonb(a) ->> 'limits_changed_at') IS NOT NULL " \
+	"  FROM agog_nats.agents a ORDER BY agent"
 
 static MemoryContext agents_cxt = NULL;
 static AgogAgent *agents = NULL;
@@ -95,6 +101,7 @@ load_agents(void)
 		agents[i].max_bytes = DatumGetInt64(SPI_getbinval(tup, desc, 6, &isnull));
 		agents[i].max_age_ms = DatumGetInt64(SPI_getbinval(tup, desc, 7, &isnull));
 		agents[i].max_msg_size = DatumGetInt32(SPI_getbinval(tup, desc, 8, &isnull));
+		agents[i].may_lower = DatumGetBool(SPI_getbinval(tup, desc, 9, &isnull));
 	}
 	nagents = (int) SPI_processed;
 	MemoryContextSwitchTo(old);

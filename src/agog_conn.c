@@ -252,6 +252,17 @@ no_responders_text(void)
 }
 
 /*
+ * agog_error_no_responders
+ *		Whether err is nats.c's "no responders" (nothing answered on the
+ *		subject).  Plain C.
+ */
+bool
+agog_error_no_responders(const AgogError *err)
+{
+	return err->status == (int) NATS_NO_RESPONDERS;
+}
+
+/*
  * capture_error
  *		Copy what nats.c knows of a failure into *err.  Runs inside a
  *		signal-blocked section: nats.c and plain C only.  The thread-local
@@ -2051,11 +2062,24 @@ config_matches(const jsStreamConfig *live, const jsStreamConfig *want)
 			   want->Description ? want->Description : "") == 0;
 }
 
+/*
+ * keep_larger
+ *		Whether the live limit holds more than the wanted one (a limit of 0
+ *		or less is no limit); if so, *want becomes the live limit.  Plain C.
+ */
+static bool
+keep_larger(int64 live, int64 *want)
+{
+	if (live > 0 && live <= *want)
+		return false;
+	*want = live;
+	return true;
+}
+
 typedef struct EnsureArgs
 {
 	const AgogStreamSpec *spec;
-	bool		created;
-	bool		updated;
+	AgogEnsureResult result;
 } EnsureArgs;
 
 static natsStatus
@@ -2095,12 +2119,32 @@ ensure_attempt(AgogConn *conn, int64 wait_ms, void *arg, AgogError *err)
 	{
 		jerr = 0;
 		s = js_AddStream(NULL, conn->js, &cfg, &jopts, &jerr);
-		a->created = (s == NATS_OK);
+		a->result.created = (s == NATS_OK);
 	}
-	else if (s == NATS_OK && !config_matches(si->Config, &cfg))
+	else if (s == NATS_OK)
 	{
-		s = js_UpdateStream(NULL, conn->js, &cfg, &jopts, &jerr);
-		a->updated = (s == NATS_OK);
+		/* a lower limit drops stored reports: only on the user's word */
+		if (!spec->may_lower)
+		{
+			const jsStreamConfig *live = si->Config;
+			bool		kept = false;
+
+			kept |= keep_larger(live->MaxMsgs, &cfg.MaxMsgs);
+			kept |= keep_larger(live->MaxBytes, &cfg.MaxBytes);
+			kept |= keep_larger(live->MaxAge, &cfg.MaxAge);
+			if (kept)
+			{
+				a->result.kept = true;
+				a->result.live_max_msgs = live->MaxMsgs;
+				a->result.live_max_bytes = live->MaxBytes;
+				a->result.live_max_age_ms = live->MaxAge / 1000000;
+			}
+		}
+		if (!config_matches(si->Config, &cfg))
+		{
+			s = js_UpdateStream(NULL, conn->js, &cfg, &jopts, &jerr);
+			a->result.updated = (s == NATS_OK);
+		}
 	}
 	if (s != NATS_OK && s != NATS_TIMEOUT)
 		capture_error(err, s, jerr);
@@ -2112,11 +2156,13 @@ ensure_attempt(AgogConn *conn, int64 wait_ms, void *arg, AgogError *err)
 /*
  * agog_conn_ensure_stream
  *		Create the stream, or update it when its configuration differs from
- *		spec.  Never deletes anything.  Runs in the worker.
+ *		spec; unless spec->may_lower, a live message, byte or age limit
+ *		larger than the spec's stays (result->kept says so).  Never deletes
+ *		anything.  Runs in the worker.
  */
 bool
 agog_conn_ensure_stream(AgogConn *conn, const AgogStreamSpec *spec,
-						bool *created, bool *updated, AgogError *err)
+						AgogEnsureResult *result, AgogError *err)
 {
 	EnsureArgs	a;
 	bool		ok;
@@ -2124,8 +2170,7 @@ agog_conn_ensure_stream(AgogConn *conn, const AgogStreamSpec *spec,
 	memset(&a, 0, sizeof(a));
 	a.spec = spec;
 	ok = run_sliced(conn, ensure_attempt, &a, false, err) == NATS_OK;
-	*created = a.created;
-	*updated = a.updated;
+	*result = a.result;
 	return ok;
 }
 

@@ -102,7 +102,19 @@ typedef struct AgogStreamSpec
 	int32		max_msg_size;	/* -1: server default */
 	int			replicas;
 	int64		duplicate_window_ms;
+	bool		may_lower;		/* false: keep a live stream's larger limits */
 } AgogStreamSpec;
+
+/* What agog_conn_ensure_stream did to an existing stream. */
+typedef struct AgogEnsureResult
+{
+	bool		created;
+	bool		updated;
+	bool		kept;			/* kept a live limit larger than the spec's */
+	int64		live_max_msgs;	/* the live limits, when kept */
+	int64		live_max_bytes;
+	int64		live_max_age_ms;
+} AgogEnsureResult;
 
 /* The live state of one stream, as agog_stream_status() shows it. */
 typedef struct AgogStreamState
@@ -193,9 +205,9 @@ extern bool agog_conn_get_seq(AgogConn *conn, const char *stream, uint64 seq,
 							  bool from_leader, AgogMsg *msg, AgogError *err);
 extern char *agog_conn_api_request(AgogConn *conn, const char *api,
 								   const char *payload, AgogError *err);
+extern bool agog_error_no_responders(const AgogError *err);
 extern bool agog_conn_ensure_stream(AgogConn *conn, const AgogStreamSpec *spec,
-									bool *created, bool *updated,
-									AgogError *err);
+									AgogEnsureResult *result, AgogError *err);
 extern void agog_conn_shutdown_library(void);
 
 /* Completion notices consumed from NATS by the worker. */
@@ -246,6 +258,7 @@ typedef struct AgogAgent
 	int64		max_bytes;
 	int64		max_age_ms;
 	int32		max_msg_size;
+	bool		may_lower;		/* a user's UPDATE changed the limits */
 } AgogAgent;
 
 extern const AgogAgent *agog_agents(int *count);

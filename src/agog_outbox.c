@@ -869,6 +869,20 @@ batch_claim_send(AgogConn *conn, DrainBatch *b, MemoryContext parent)
 }
 
 /*
+ * leaderless
+ *		Whether a refusal may only mean that a replicated stream has no
+ *		leader: "no responders" with agog_nats.stream_replicas above 1.  Two
+ *		of three servers down leave a stream leaderless for as long as they
+ *		are down, so such a refusal never makes a report dead; the report is
+ *		tried again every BACKOFF_MAX_MS.  Runs in the worker.
+ */
+static bool
+leaderless(const AgogError *err)
+{
+	return agog_stream_replicas > 1 && agog_error_no_responders(err);
+}
+
+/*
  * batch_finish
  *		Wait for the answers of a sent batch and record every outcome
  *		(transaction 2), then free the batch.  Returns false when the wait
@@ -921,7 +935,7 @@ batch_finish(AgogConn *conn, DrainBatch *b)
 		}
 		else if (it->outcome == AGOG_PUB_REFUSED &&
 				 (it->err.sqlstate == ERRCODE_PROGRAM_LIMIT_EXCEEDED ||
-				  row->attempts >= REFUSALS_BEFORE_DEAD))
+				  (row->attempts >= REFUSALS_BEFORE_DEAD && !leaderless(&it->err))))
 		{
 			record_outcome(&outcomes, row->id, "dead", NULL, 0, false, it->err.text, 0);
 			dead++;

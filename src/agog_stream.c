@@ -5,7 +5,9 @@
  *
  * agog_nats.agents is the desired state: one stream per agent,
  * agog_features_<task_type>, capturing agog.deliverables.<agent>.>.  The
- * worker creates or updates streams to match, and never deletes one.
+ * worker creates or updates streams to match, and never deletes one; it
+ * lowers a live stream's limits (which drops the reports beyond them) only
+ * for an agent whose limits a user's UPDATE changed.
  *
  * Copyright (c) 2026, agog_nats developers
  *
@@ -37,6 +39,13 @@ static MemoryContext names_cxt = NULL;
 static List *in_place = NIL;
 static List *absent = NIL;
 static uint64 absent_generation = 0;
+
+/*
+ * Streams whose larger live limits the last reconcile kept, with the limits
+ * (warn_kept's keys): the warning is given once, not at every reconcile.
+ */
+static List *kept_before = NIL;
+static List *kept_now = NIL;
 
 /* Streams of the workflow engine, kept like the agent streams. */
 static const struct
@@ -83,6 +92,80 @@ name_listed(const List *names, const char *name)
 }
 
 /*
+ * warn_kept
+ *		Say once that the worker kept a live stream's larger limits: a
+ *		WARNING when the stream, the table's limits or the live ones are new
+ *		since the last reconcile, nothing when they are the same.  kept_now
+ *		collects this reconcile's keys.  Runs in the worker.
+ */
+static void
+warn_kept(const AgogStreamSpec *spec, const char *agent, const AgogEnsureResult *r)
+{
+	char		key[NAMEDATALEN * 2 + 128];
+
+	snprintf(key, sizeof(key), "%s %lld %lld %lld %lld %lld %lld", spec->name,
+			 (long long) spec->max_msgs, (long long) spec->max_bytes,
+			 (long long) spec->max_age_ms, (long long) r->live_max_msgs,
+			 (long long) r->live_max_bytes, (long long) r->live_max_age_ms);
+	kept_now = name_add(kept_now, key);
+	if (name_listed(kept_before, key))
+		return;
+	ereport(WARNING,
+			(errcode(ERRCODE_WARNING),
+			 errmsg("agog_nats kept the larger limits of JetStream stream \"%s\"", spec->name),
+			 errdetail("The stream holds up to %lld messages, %lld bytes for %lld s; agog_nats.agents asks for %lld messages, %lld bytes for %lld s.  "
+					   "Lowering a limit drops the reports beyond it, and the worker does so only for limits a user's UPDATE changed, never for inserted ones (CREATE EXTENSION's or a restore's).",
+					   (long long) r->live_max_msgs, (long long) r->live_max_bytes,
+					   (long long) r->live_max_age_ms / 1000,
+					   (long long) spec->max_msgs, (long long) spec->max_bytes,
+					   (long long) spec->max_age_ms / 1000),
+			 agent ?
+			 errhint("To lower the stream's limits to the table's, run UPDATE agog_nats.agents SET limits_changed_at = now() WHERE agent = '%s'.",
+					 agent) : 0));
+}
+
+/*
+ * ensure_one
+ *		Put one stream in place and count the outcome; the first failure goes
+ *		to *first_err.  agent is NULL for the workflow streams.  Runs in the
+ *		worker, outside any transaction.
+ */
+static bool
+ensure_one(AgogConn *conn, const AgogStreamSpec *spec, const char *agent,
+		   int *failed, AgogError *first_err)
+{
+	AgogEnsureResult r;
+	AgogError	err;
+
+	if (!agog_conn_ensure_stream(conn, spec, &r, &err))
+	{
+		if (*failed == 0)
+		{
+			*first_err = err;
+			snprintf(first_err->text, sizeof(first_err->text),
+					 "stream \"%s\": %s", spec->name, err.text);
+		}
+		(*failed)++;
+		return false;
+	}
+	in_place = name_add(in_place, spec->name);
+	if (r.created && agent)
+		ereport(LOG,
+				(errmsg("agog_nats created JetStream stream \"%s\" for agent \"%s\"",
+						spec->name, agent)));
+	else if (r.created)
+		ereport(LOG,
+				(errmsg("agog_nats created JetStream stream \"%s\"", spec->name)));
+	else if (r.updated)
+		ereport(LOG,
+				(errmsg("agog_nats updated JetStream stream \"%s\" to match agog_nats.agents",
+						spec->name)));
+	if (r.kept)
+		warn_kept(spec, agent, &r);
+	return true;
+}
+
+/*
  * agog_reconcile_streams
  *		Make JetStream match agog_nats.agents.  Runs in the worker, outside
  *		any transaction: it reads the agents in a short transaction of its
@@ -110,9 +193,6 @@ agog_reconcile_streams(AgogConn *conn, int *ok, int *failed,
 	for (int i = 0; i < count; i++)
 	{
 		AgogStreamSpec spec;
-		AgogError	err;
-		bool		created;
-		bool		updated;
 
 		spec.name = rows[i].stream;
 		spec.subject = agog_stream_subjects(rows[i].agent);
@@ -123,30 +203,9 @@ agog_reconcile_streams(AgogConn *conn, int *ok, int *failed,
 		spec.max_msg_size = rows[i].max_msg_size;
 		spec.replicas = agog_stream_replicas;
 		spec.duplicate_window_ms = agog_duplicate_window_ms;
-
-		if (agog_conn_ensure_stream(conn, &spec, &created, &updated, &err))
-		{
+		spec.may_lower = rows[i].may_lower;
+		if (ensure_one(conn, &spec, rows[i].agent, failed, first_err))
 			(*ok)++;
-			in_place = name_add(in_place, spec.name);
-			if (created)
-				ereport(LOG,
-						(errmsg("agog_nats created JetStream stream \"%s\" for agent \"%s\"",
-								spec.name, rows[i].agent)));
-			else if (updated)
-				ereport(LOG,
-						(errmsg("agog_nats updated JetStream stream \"%s\" to match agog_nats.agents",
-								spec.name)));
-		}
-		else
-		{
-			if (*failed == 0)
-			{
-				*first_err = err;
-				snprintf(first_err->text, sizeof(first_err->text),
-						 "stream \"%s\": %s", spec.name, err.text);
-			}
-			(*failed)++;
-		}
 	}
 
 	/*
@@ -158,9 +217,6 @@ agog_reconcile_streams(AgogConn *conn, int *ok, int *failed,
 	for (int i = 0; i < lengthof(system_streams); i++)
 	{
 		AgogStreamSpec spec;
-		AgogError	err;
-		bool		created;
-		bool		updated;
 
 		spec.name = system_streams[i].name;
 		spec.subject = system_streams[i].subject;
@@ -171,24 +227,14 @@ agog_reconcile_streams(AgogConn *conn, int *ok, int *failed,
 		spec.max_msg_size = -1;
 		spec.replicas = agog_stream_replicas;
 		spec.duplicate_window_ms = agog_duplicate_window_ms;
-		if (!agog_conn_ensure_stream(conn, &spec, &created, &updated, &err))
-		{
-			if (*failed == 0)
-			{
-				*first_err = err;
-				snprintf(first_err->text, sizeof(first_err->text),
-						 "stream \"%s\": %s", spec.name, err.text);
-			}
-			(*failed)++;
-		}
-		else
-		{
-			in_place = name_add(in_place, spec.name);
-			if (created)
-				ereport(LOG,
-						(errmsg("agog_nats created JetStream stream \"%s\"", spec.name)));
-		}
+		spec.may_lower = false;
+		(void) ensure_one(conn, &spec, NULL, failed, first_err);
 	}
+
+	/* a kept stream not kept this time is warned of again if it comes back */
+	list_free_deep(kept_before);
+	kept_before = kept_now;
+	kept_now = NIL;
 	return *failed == 0;
 }
 

@@ -104,12 +104,13 @@ sub new_node
 	return $node;
 }
 
-# True when the worker of $node is connected with the six streams in place.
+# True when the worker of $node is connected with every agent stream (six
+# or more) in place.
 sub worker_ready
 {
 	my ($node) = @_;
 	return $node->safe_psql('postgres',
-		'SELECT connected AND streams_ok = 6 FROM agog_worker_status()') eq 't';
+		'SELECT connected AND streams_ok >= 6 AND streams_failed = 0 FROM agog_worker_status()') eq 't';
 }
 
 # A node that connects to $nats with the settings %conf (credentials, TLS):

@@ -9,7 +9,10 @@
 # built-in pipeline redefined by agog_define_pipeline (its stages replace the
 # built-in ones instead of colliding with them).  It also keeps the
 # reports still pending in the outbox (same message ids), and the user's
-# pipelines, workflows and tasks.
+# pipelines, workflows and tasks.  Last, a pg_restore --clean of a -Fc dump
+# into the worker's own database, in pg_restore's default transactions: the
+# worker must not shrink the stream whose raised limits the data restores
+# only after CREATE EXTENSION has committed the built-in defaults.
 
 use strict;
 use warnings;
@@ -149,6 +152,72 @@ ok($ok, 'second restore succeeds');
 is($node->safe_psql('restored2', $agents_sql), $before, 'second restore: the same seven agents');
 is($node->safe_psql('restored2', $feature_sql), $feature_before,
 	'second restore: the same feature pipeline');
+
+# A restore into the worker's own database as pg_restore does it by default
+# (each object its own transaction, here with --clean): CREATE EXTENSION
+# commits with cynthia at 10,000 messages before the data puts back her
+# 50,000.  The two sections are restored apart so that the worker surely
+# reconciles in between: it keeps the stream's larger limits (and says
+# so) instead of shrinking it to the table's, which would drop reports.
+$nats->start;
+ok(AgogNatsTest::wait_for(sub { AgogNatsTest::worker_ready($node) }, 30),
+	'NATS back: the worker is connected with its streams');
+ok(AgogNatsTest::wait_for(
+		sub {
+			$node->safe_psql('postgres',
+				q{SELECT count(*) FROM agog_nats.outbox WHERE state <> 'published'}) eq '0';
+		},
+		30),
+	'the pending reports are published');
+$node->safe_psql('postgres', q{
+	SELECT agog_publish_report_now('cynthia', 'research', 'kept-' || g, 'kept ' || g)
+	  FROM generate_series(1, 5) g;});
+my $research = sub {
+	my $s = $nats->stream_info('agog_features_research');
+	return $s ? ($s->{config}{max_msgs} // '') . '/' . ($s->{state}{messages} // '') : '';
+};
+my $research_before = $research->();
+like($research_before, qr{^50000/[1-9]\d*$}, "research stream before: $research_before");
+
+my $fc = PostgreSQL::Test::Utils::tempdir() . '/postgres.dump';
+$node->command_ok([ 'pg_dump', '-Fc', '-d', $node->connstr('postgres'), '-f', $fc ],
+	'pg_dump -Fc of the worker\'s database');
+my $log_from = -s $node->logfile;
+$node->command_ok(
+	[
+		'pg_restore', '--clean', '--if-exists', '--section=pre-data',
+		'-d', $node->connstr('postgres'), $fc
+	],
+	'pg_restore --clean of the schema (CREATE EXTENSION) into the worker\'s database');
+ok(AgogNatsTest::wait_for(
+		sub {
+			AgogNatsTest::log_since($node, $log_from) =~
+			  /WARNING:  agog_nats kept the larger limits of JetStream stream "agog_features_research"/;
+		},
+		30),
+	'the worker reconciles the new extension\'s agents and keeps the larger limits')
+  or diag(AgogNatsTest::log_since($node, $log_from));
+is($research->(), $research_before, 'the research stream is not shrunk: same limit, same messages');
+is($node->safe_psql('postgres', q{SELECT health FROM agog_stream_status() WHERE agent = 'cynthia'}),
+	'drifted', 'agog_stream_status shows it as drifted meanwhile');
+$node->command_ok(
+	[
+		'pg_restore', '--section=data', '--section=post-data',
+		'-d', $node->connstr('postgres'), $fc
+	],
+	'pg_restore of the data');
+is($node->safe_psql('postgres', $agents_sql), $before, 'the restored agents equal the dumped ones');
+is($node->safe_psql('postgres',
+		q{SELECT limits_changed_at IS NULL FROM agog_nats.agents WHERE agent = 'cynthia'}),
+	't', 'restored limits are as inserted: limits_changed_at is NULL');
+ok(AgogNatsTest::wait_for(
+		sub {
+			$node->safe_psql('postgres',
+				q{SELECT health FROM agog_stream_status() WHERE agent = 'cynthia'}) eq 'ok';
+		},
+		30),
+	'once the data is in, the stream matches the table again');
+is($research->(), $research_before, 'the research stream kept every report');
 
 unlike(AgogNatsTest::log_since($node), qr/terminated by signal|server process .* was terminated/,
 	'no crash');

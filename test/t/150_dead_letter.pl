@@ -9,6 +9,9 @@
 #   B. An agent with max_msg_size set: a report exactly at the limit is
 #      published; one byte over is refused by agog_publish_report with
 #      SQLSTATE 54000 and nothing is queued.
+#   C. "no responders" makes a report dead after ten refusals with one
+#      replica, never with agog_nats.stream_replicas above 1 (a stream
+#      without a leader answers the same).
 
 use strict;
 use warnings;
@@ -75,7 +78,10 @@ AgogExactlyOnce::check(
 $node->safe_psql('postgres', "UPDATE agog_nats.agents SET description = description WHERE agent = 'cynthia'");
 ok(AgogExactlyOnce::wait_until(sub { (max_msg_size() // 0) == -1 }, 15),
 	'A: the worker reconciled the stream (max_msg_size -1 again) within 15 s');
-like(slurp_file($node->logfile, $log_from), qr/updated JetStream stream "$stream"/,
+# (the worker logs it just after the update, which the check above may
+# see first)
+ok(AgogExactlyOnce::wait_until(
+		sub { slurp_file($node->logfile, $log_from) =~ /updated JetStream stream "$stream"/ }, 5),
 	'A: the log shows the worker updating the stream');
 
 is($node->safe_psql('postgres', 'SELECT agog_retry_dead()'), '1', 'A: agog_retry_dead() queues the dead report again');
@@ -127,6 +133,48 @@ AgogExactlyOnce::check(
 	name   => 'B: at the size limit',
 	expect => 1,
 	absent => ['size-ov']);
+
+# --- C. "no responders" ---------------------------------------------------------------------
+# A report no stream captures gets "no responders" (ghost's stream asks for
+# more storage than the server has, so it is never created).  With one
+# replica that is a refusal like the others: the tenth makes the report
+# dead.  With agog_nats.stream_replicas above 1 it is also what a stream
+# without a leader answers (two of three servers down, for as long as they
+# are down), so it never does: the report stays pending, tried every 30 s.
+# Each report is made to reach its tenth attempt by setting attempts to 9.
+$node->safe_psql('postgres',
+	"INSERT INTO agog_nats.agents (agent, task_type, max_bytes) VALUES ('ghost', 'ghost', 1000000000000000)");
+my $tenth = sub {
+	my ($feature, $error_like, $name) = @_;
+	$node->safe_psql('postgres', "SELECT agog_publish_report('ghost', 'ghost', '$feature', 'boo')");
+	ok(AgogExactlyOnce::wait_until(
+			sub {
+				$node->safe_psql('postgres',
+					"SELECT last_error ILIKE '$error_like' FROM agog_nats.outbox WHERE feature = '$feature'") eq 't';
+			},
+			15),
+		"C: $name: refused with $error_like")
+	  or diag($node->safe_psql('postgres', "SELECT last_error FROM agog_nats.outbox WHERE feature = '$feature'"));
+	$node->safe_psql('postgres',
+		"UPDATE agog_nats.outbox SET attempts = 9, last_error = NULL, next_attempt_at = now() WHERE feature = '$feature'");
+	ok(AgogExactlyOnce::wait_until(
+			sub {
+				$node->safe_psql('postgres',
+					"SELECT attempts >= 10 AND last_error IS NOT NULL FROM agog_nats.outbox WHERE feature = '$feature'") eq 't';
+			},
+			40),
+		"C: $name: the tenth attempt is recorded");
+	return $node->safe_psql('postgres',
+		"SELECT state || ' ' || attempts || ' ' || (next_attempt_at > now() + interval '20 s') FROM agog_nats.outbox WHERE feature = '$feature'");
+};
+is($tenth->('nr-one', '%no responders%', 'one replica'), 'dead 10 false',
+	'C: one replica: the tenth "no responders" makes the report dead');
+
+$node->append_conf('postgresql.conf', 'agog_nats.stream_replicas = 3');
+$node->reload;
+is($tenth->('nr-three', '%electing a new leader%', 'three replicas'), 'pending 10 true',
+	'C: three replicas: after the tenth the report is still pending, next tried in 30 s');
+$node->safe_psql('postgres', "DELETE FROM agog_nats.outbox WHERE feature LIKE 'nr-%'");
 
 $js->close;
 $node->stop;
