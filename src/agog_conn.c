@@ -619,11 +619,13 @@ forget_secret(char *secret)
 /*
  * check_credentials_file
  *		Throw unless the file named by agog_nats.credentials_file can be read
- *		and has both parts of NATS user credentials on lines of their own: a
- *		user JWT (its encoded header starts "eyJ") and an NKey user seed
- *		("SU...").  nats.c reads the file again at every connect; this only
- *		turns a wrong file into a clear error before any signal-blocked
- *		section.  The buffer that held the seed is cleared on every path.
+ *		and has both parts of NATS user credentials, each on the line after
+ *		a marker line of dashes ("-----BEGIN NATS USER JWT-----"), which is
+ *		how nats.c finds them: a user JWT (its encoded header starts "eyJ")
+ *		and an NKey user seed ("SU...").  nats.c reads the file again at
+ *		every connect; this only turns a wrong file into a clear error
+ *		before any signal-blocked section.  The buffer that held the seed is
+ *		cleared on every path.
  */
 static void
 check_credentials_file(const char *path)
@@ -632,6 +634,7 @@ check_credentials_file(const char *path)
 	char		line[4096];
 	bool		has_jwt = false;
 	bool		has_seed = false;
+	bool		after_marker = false;
 
 	f = AllocateFile(path, "r");
 	if (f == NULL)
@@ -644,10 +647,11 @@ check_credentials_file(const char *path)
 	{
 		const char *p = line + strspn(line, " \t");
 
-		if (strncmp(p, "eyJ", 3) == 0)
+		if (after_marker && strncmp(p, "eyJ", 3) == 0)
 			has_jwt = true;
-		else if (strncmp(p, "SU", 2) == 0)
+		else if (after_marker && strncmp(p, "SU", 2) == 0)
 			has_seed = true;
+		after_marker = strncmp(p, "---", 3) == 0;
 	}
 	explicit_bzero(line, sizeof(line));
 	FreeFile(f);
@@ -656,7 +660,7 @@ check_credentials_file(const char *path)
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("file \"%s\" named by %s holds no NATS user credentials",
 						path, "agog_nats.credentials_file"),
-				 errdetail("A credentials file holds a user JWT (eyJ...) and that user's NKey seed (SU...) on lines of their own, as \"nsc generate creds\" writes them; this one has %s.",
+				 errdetail("A credentials file holds a user JWT (eyJ...) and that user's NKey seed (SU...), each on the line after its \"-----BEGIN\" marker line, as \"nsc generate creds\" writes them; this one has %s.",
 						   has_jwt ? "no seed" : has_seed ? "no JWT" : "neither")));
 }
 

@@ -160,8 +160,15 @@ extension_installed(bool *has_outbox, bool *has_workflows)
 	return found;
 }
 
+/*
+ * set_connected
+ *		Publish the connection state in shared memory: connected or not, the
+ *		server, and since when.  A reconnect (to the same server or another)
+ *		starts a new connected_since, also when the worker saw the disconnect
+ *		and the reconnect together.  Runs in the worker's main loop.
+ */
 static void
-set_connected(AgogConn *conn, bool connected)
+set_connected(AgogConn *conn, bool connected, bool reconnected)
 {
 	char		server[AGOG_SERVER_LEN];
 
@@ -169,7 +176,7 @@ set_connected(AgogConn *conn, bool connected)
 	if (connected)
 		agog_conn_server(conn, server, sizeof(server));
 	LWLockAcquire(agog_shared->lock, LW_EXCLUSIVE);
-	if (connected && !agog_shared->connected)
+	if (connected && (!agog_shared->connected || reconnected))
 		agog_shared->connected_since = GetCurrentTimestamp();
 	agog_shared->connected = connected;
 	strlcpy(agog_shared->server, server, sizeof(agog_shared->server));
@@ -384,7 +391,7 @@ agog_worker_main(Datum main_arg)
 							(errmsg("agog_nats authentication settings changed, reconnecting to NATS")));
 				agog_conn_close(conn);
 				conn = NULL;
-				set_connected(NULL, false);
+				set_connected(NULL, false, false);
 				next_connect = 0;
 				backoff_ms = BACKOFF_MIN_MS;
 			}
@@ -434,7 +441,7 @@ agog_worker_main(Datum main_arg)
 				agog_conn_take_events(conn, &ev);
 				seen_reconnects = ev.reconnects;
 				seen_disconnects = ev.disconnects;
-				set_connected(conn, true);
+				set_connected(conn, true, false);
 				LWLockAcquire(agog_shared->lock, LW_EXCLUSIVE);
 				agog_shared->max_payload = agog_conn_max_payload(conn);
 				LWLockRelease(agog_shared->lock);
@@ -486,7 +493,7 @@ agog_worker_main(Datum main_arg)
 				ereport(LOG, (errmsg("agog_nats worker's NATS connection was closed")));
 				agog_conn_close(conn);
 				conn = NULL;
-				set_connected(NULL, false);
+				set_connected(NULL, false, false);
 				next_connect = 0;
 				goto wait;
 			}
@@ -501,7 +508,7 @@ agog_worker_main(Datum main_arg)
 				 */
 				if (up != agog_shared->connected || (up && reconnected))
 				{
-					set_connected(conn, up);
+					set_connected(conn, up, reconnected);
 					if (up)
 						ereport(LOG,
 								(errmsg("agog_nats worker reconnected to NATS at %s",

@@ -184,6 +184,23 @@ sub reconnects_with
 		"with $what again the worker reconnects");
 }
 
+# Append $conf (setting lines) to the node's configuration, reload, wait
+# (a Test::More assertion) until SHOW $setting matches $like, and return
+# the verbose error text of agog_publish_report_now from a new backend
+# (empty when it succeeds).
+sub error_after_reload
+{
+	my ($node, $conf, $setting, $like, $what) = @_;
+	$node->append_conf('postgresql.conf', $conf);
+	$node->reload;
+	Test::More::ok(wait_for(sub { $node->safe_psql('postgres', "SHOW $setting") =~ $like }, 10),
+		"the reload sets $setting ($what)");
+	my ($ret, $out, $err) = $node->psql('postgres',
+		q{SELECT agog_publish_report_now('cynthia', 'research', 'after-reload', 'x')},
+		extra_params => [ '-v', 'VERBOSITY=verbose' ]);
+	return $err;
+}
+
 # True once agog_fetch_report($agent, $task_type, $feature) on $node returns
 # $content (a report committed in a transaction: the worker publishes it
 # after the commit), within $timeout seconds (default 20).

@@ -57,14 +57,8 @@ like(AgogNatsTest::log_since($node, $off), qr/agog_nats worker could not connect
 AgogNatsTest::reconnects_with($node, "agog_nats.password_file = '$good'\n", 'the right password');
 
 # A file that cannot be read is a clear error, not a crash.
-$node->append_conf('postgresql.conf', "agog_nats.password_file = '$dir/missing'\n");
-$node->reload;
-ok(AgogNatsTest::wait_for(
-		sub { $node->safe_psql('postgres', 'SHOW agog_nats.password_file') =~ /missing/ }, 10),
-	'the reload names a missing file');
-($ret, $out, $err) = $node->psql('postgres',
-	q{SELECT agog_publish_report_now('cynthia', 'research', 'auth3', 'x')},
-	extra_params => [ '-v', 'VERBOSITY=verbose' ]);
+$err = AgogNatsTest::error_after_reload($node, "agog_nats.password_file = '$dir/missing'\n",
+	'agog_nats.password_file', qr/missing/, 'a missing file');
 like($err, qr/ERROR:\s+58P01: could not open file ".*missing" named by agog_nats\.password_file/,
 	'a missing password file: 58P01 naming the setting');
 $node->append_conf('postgresql.conf', "agog_nats.password_file = '$good'\n");

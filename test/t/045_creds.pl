@@ -61,14 +61,8 @@ like($node->safe_psql('postgres',
 	qr/^agog_features_research\.\d+$/, 'a backend publishes again');
 
 # A file that cannot be read is a clear error naming the setting.
-$node->append_conf('postgresql.conf', "agog_nats.credentials_file = '$dir/missing.creds'\n");
-$node->reload;
-ok(AgogNatsTest::wait_for(
-		sub { $node->safe_psql('postgres', 'SHOW agog_nats.credentials_file') =~ /missing/ }, 10),
-	'the reload names a missing file');
-($ret, $out, $err) = $node->psql('postgres',
-	q{SELECT agog_publish_report_now('cynthia', 'research', 'creds4', 'x')},
-	extra_params => [ '-v', 'VERBOSITY=verbose' ]);
+$err = AgogNatsTest::error_after_reload($node, "agog_nats.credentials_file = '$dir/missing.creds'\n",
+	'agog_nats.credentials_file', qr/missing/, 'a missing file');
 like($err, qr/ERROR:\s+58P01: could not open file ".*missing\.creds" named by agog_nats\.credentials_file/,
 	'a missing credentials file: 58P01 naming the setting');
 
@@ -76,29 +70,28 @@ like($err, qr/ERROR:\s+58P01: could not open file ".*missing\.creds" named by ag
 open(my $fh, '>', "$dir/garbage.creds") or die "cannot write $dir/garbage.creds: $!";
 print $fh "this is not a NATS credentials file\n";
 close $fh;
-$node->append_conf('postgresql.conf', "agog_nats.credentials_file = '$dir/garbage.creds'\n");
-$node->reload;
-ok(AgogNatsTest::wait_for(
-		sub { $node->safe_psql('postgres', 'SHOW agog_nats.credentials_file') =~ /garbage/ }, 10),
-	'the reload names a malformed file');
-($ret, $out, $err) = $node->psql('postgres',
-	q{SELECT agog_publish_report_now('cynthia', 'research', 'creds4', 'x')},
-	extra_params => [ '-v', 'VERBOSITY=verbose' ]);
+$err = AgogNatsTest::error_after_reload($node, "agog_nats.credentials_file = '$dir/garbage.creds'\n",
+	'agog_nats.credentials_file', qr/garbage/, 'a malformed file');
 like($err, qr/ERROR:\s+22023: file ".*garbage\.creds" named by agog_nats\.credentials_file holds no NATS user credentials/,
 	'a file that is not a credentials file: 22023 naming the setting');
 like($err, qr/this one has neither/, '... and saying what it lacks');
 
+# The JWT and the seed without their marker lines (nats.c finds each on the
+# line after one): also 22023.
+(my $bare = slurp_file($good)) =~ s/^-.*\n//mg;
+open($fh, '>', "$dir/bare.creds") or die "cannot write $dir/bare.creds: $!";
+print $fh $bare;
+close $fh;
+$err = AgogNatsTest::error_after_reload($node, "agog_nats.credentials_file = '$dir/bare.creds'\n",
+	'agog_nats.credentials_file', qr/bare/, 'a file without marker lines');
+like($err, qr/ERROR:\s+22023: file ".*bare\.creds" named by agog_nats\.credentials_file holds no NATS user credentials/,
+	'JWT and seed without their marker lines: 22023');
+
 # A credentials file holds its own seed: with agog_nats.nkey as well, 22023.
-$node->append_conf('postgresql.conf',
+$err = AgogNatsTest::error_after_reload($node,
 	"agog_nats.credentials_file = '$good'\n"
-	  . "agog_nats.nkey = 'UDXU4RCSJNZOIQHZNWXHXORDPRTGNJAHAHFRGZNEEJCPQTT2M7NLCNF4'\n");
-$node->reload;
-ok(AgogNatsTest::wait_for(
-		sub { $node->safe_psql('postgres', 'SHOW agog_nats.nkey') ne '' }, 10),
-	'the reload sets agog_nats.nkey');
-($ret, $out, $err) = $node->psql('postgres',
-	q{SELECT agog_publish_report_now('cynthia', 'research', 'creds5', 'x')},
-	extra_params => [ '-v', 'VERBOSITY=verbose' ]);
+	  . "agog_nats.nkey = 'UDXU4RCSJNZOIQHZNWXHXORDPRTGNJAHAHFRGZNEEJCPQTT2M7NLCNF4'\n",
+	'agog_nats.nkey', qr/^U/, 'with the credentials file');
 like($err, qr/ERROR:\s+22023: agog_nats\.credentials_file and agog_nats\.nkey cannot both be set/,
 	'credentials file and NKey together: 22023 naming both settings');
 
@@ -107,6 +100,12 @@ AgogNatsTest::reconnects_with($node, "agog_nats.nkey = ''\n", 'the credentials f
 is($node->safe_psql('postgres',
 		q{SELECT content FROM agog_fetch_report('cynthia', 'research', 'creds3')}),
 	'back', 'the report published after the reconnect is fetched');
+
+# The user's seed appears in no log line, nor in the last error above.
+my ($seed) = slurp_file($good) =~ /^(SU[A-Z2-7]+)\s*$/m;
+ok(defined $seed && length($seed) > 50, 'the credentials file holds a user seed');
+ok(index(AgogNatsTest::log_since($node), $seed) < 0, 'the seed is in no server log line');
+ok(index($err, $seed) < 0, 'nor in the error that names the credentials file and the NKey');
 
 unlike(AgogNatsTest::log_since($node), qr/terminated by signal|server process .* was terminated/,
 	'no crash');
