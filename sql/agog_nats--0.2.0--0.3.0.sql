@@ -1182,11 +1182,14 @@ UPDATE agog_nats.agents a
 -- source database had raised.  Now the worker only raises a live stream's
 -- limits, and lowers them only for an agent whose limits a user's UPDATE
 -- changed in this database: limits_changed_at, stamped by the guard below,
--- NULL on every insert (CREATE EXTENSION's, a user's, a restore's).
+-- NULL on every insert (CREATE EXTENSION's, a user's, a restore's).  The
+-- worker clears it once it has applied the limits, so an old stamp (a
+-- physical backup, a template copy of the database) never lowers a stream
+-- the table's later history raised.
 -- ---------------------------------------------------------------------------
 ALTER TABLE agog_nats.agents ADD COLUMN limits_changed_at timestamptz;
 COMMENT ON COLUMN agog_nats.agents.limits_changed_at IS
-    'When an UPDATE last changed max_msgs, max_bytes or max_age (NULL: as inserted); only then does the worker lower a live stream''s limits';
+    'When an UPDATE changed max_msgs, max_bytes or max_age and the worker has not applied it yet (NULL: as inserted, or applied); only then does the worker lower a live stream''s limits';
 
 -- BEFORE UPDATE of an agent, as the updating role.
 CREATE FUNCTION agog_nats.agents_guard() RETURNS trigger
@@ -1211,9 +1214,9 @@ BEGIN
            (OLD.description, OLD.max_msgs, OLD.max_bytes, OLD.max_age, OLD.max_msg_size) THEN
         NEW.customized := true;
     END IF;
-    -- a user's UPDATE (not the restore trigger's, one level down) that
-    -- changes a limit: the worker may now lower the live stream's limits
-    IF pg_trigger_depth() = 1
+    -- an UPDATE that changes a limit, other than agents_restore's (which
+    -- flags its own): the worker may now lower the live stream's limits
+    IF coalesce(current_setting('agog_nats_restore.active', true), '') <> 'on'
        AND (NEW.max_msgs, NEW.max_bytes, NEW.max_age)
            IS DISTINCT FROM (OLD.max_msgs, OLD.max_bytes, OLD.max_age) THEN
         NEW.limits_changed_at := now();
@@ -1234,23 +1237,33 @@ CREATE FUNCTION agog_nats.agents_restore() RETURNS trigger
     LANGUAGE plpgsql
     SET search_path = pg_catalog, pg_temp
     AS $$
+DECLARE
+    found_row boolean;
 BEGIN
     -- inserted limits never lower a live stream's (see limits_changed_at)
     NEW.limits_changed_at := NULL;
     IF NEW.builtin THEN
+        PERFORM pg_catalog.set_config('agog_nats_restore.active', 'on', true);
         UPDATE agog_nats.agents a
            SET description = NEW.description, max_msgs = NEW.max_msgs,
                max_bytes = NEW.max_bytes, max_age = NEW.max_age,
                max_msg_size = NEW.max_msg_size, customized = NEW.customized,
                limits_changed_at = NULL
          WHERE a.agent = NEW.agent AND a.builtin;
-        IF FOUND THEN
+        found_row := FOUND;
+        PERFORM pg_catalog.set_config('agog_nats_restore.active', 'off', true);
+        IF found_row THEN
             RETURN NULL;
         END IF;
-        -- no such built-in row (a user deleted it, or marked a new row
-        -- built-in): this one is the user's, and pg_dump keeps it as such
-        NEW.builtin := false;
-        NEW.customized := false;
+        -- No such built-in row.  One of the six (deleted before the
+        -- restore) stays built-in: CREATE EXTENSION makes it again on the
+        -- next restore, where a user row of its name would collide.  Any
+        -- other name is the user's, and pg_dump keeps it as such.  (A later
+        -- version that adds a built-in agent adds its name here.)
+        IF NEW.agent NOT IN ('cynthia', 'sylvia', 'roy', 'jen', 'billy', 'priya') THEN
+            NEW.builtin := false;
+            NEW.customized := false;
+        END IF;
     END IF;
     RETURN NEW;
 END

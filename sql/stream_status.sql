@@ -57,21 +57,46 @@ DELETE FROM agog_nats.agents WHERE agent = 'zed';
 -- Inserted limits never lower a live stream's (CREATE EXTENSION's and a
 -- restore's are inserts too): zed back with 100 messages finds its stream
 -- at 10,000 and keeps it so, drifted, until a user's UPDATE says to lower.
+-- (The wait is for a reconcile that ends after the insert began, then a
+-- second for any reconcile still running; TAP 030 checks the same through
+-- the worker's log.)
+SELECT clock_timestamp() AS before_insert \gset
 INSERT INTO agog_nats.agents (agent, task_type, max_msgs, limits_changed_at)
 VALUES ('zed', 'zed_tests', 100, now());
 SELECT max_msgs, limits_changed_at IS NULL AS as_inserted FROM agog_nats.agents WHERE agent = 'zed';
 SELECT wait_until(format('SELECT streams_checked_at > %L FROM agog_worker_status()',
-                         clock_timestamp()));
+                         :'before_insert'));
+SELECT pg_sleep(1);
 SELECT max_msgs, health FROM agog_stream_status() WHERE agent = 'zed';
+-- The UPDATE's stamp lowers the stream once; the worker then clears it.
 UPDATE agog_nats.agents SET limits_changed_at = now() WHERE agent = 'zed';
 SELECT wait_until($$SELECT health = 'ok' FROM agog_stream_status() WHERE agent = 'zed'$$);
 SELECT max_msgs, health FROM agog_stream_status() WHERE agent = 'zed';
--- An UPDATE that changes a limit stamps it; one that does not keeps it.
-UPDATE agog_nats.agents SET limits_changed_at = NULL WHERE agent = 'zed';
+SELECT wait_until($$SELECT limits_changed_at IS NULL FROM agog_nats.agents WHERE agent = 'zed'$$);
+-- An UPDATE that changes a limit stamps it; one that does not leaves the
+-- stamp as it is (in a transaction, so the worker does not clear it first).
+BEGIN;
 UPDATE agog_nats.agents SET description = 'zed again' WHERE agent = 'zed';
 SELECT limits_changed_at IS NULL AS unstamped FROM agog_nats.agents WHERE agent = 'zed';
 UPDATE agog_nats.agents SET max_age = '2 days' WHERE agent = 'zed';
 SELECT limits_changed_at IS NULL AS unstamped FROM agog_nats.agents WHERE agent = 'zed';
+ROLLBACK;
+-- An UPDATE made by a trigger of the user's is stamped too.
+CREATE TABLE zed_limits (max_msgs bigint);
+CREATE FUNCTION zed_limits_apply() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE agog_nats.agents SET max_msgs = NEW.max_msgs WHERE agent = 'zed';
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER zed_limits_apply AFTER INSERT ON zed_limits
+    FOR EACH ROW EXECUTE FUNCTION zed_limits_apply();
+BEGIN;
+INSERT INTO zed_limits VALUES (50);
+SELECT max_msgs, limits_changed_at IS NULL AS unstamped FROM agog_nats.agents WHERE agent = 'zed';
+ROLLBACK;
+DROP TABLE zed_limits;
+DROP FUNCTION zed_limits_apply();
 DELETE FROM agog_nats.agents WHERE agent = 'zed';
 
 -- Bad agent rows are refused by the table.
@@ -101,11 +126,12 @@ SELECT agent, task_type, description, max_msgs, builtin, customized,
        limits_changed_at IS NULL AS as_inserted
   FROM agog_nats.agents WHERE agent = 'sylvia';
 SELECT count(*) AS agents FROM agog_nats.agents;
--- A row marked built-in with no built-in row of its name is the user's.
+-- A row marked built-in with no built-in row of its name: one of the six
+-- (deleted before the restore) stays built-in, any other is the user's.
 DELETE FROM agog_nats.stages WHERE agent = 'jen';
 DELETE FROM agog_nats.agents WHERE agent = 'jen';
 INSERT INTO agog_nats.agents (agent, task_type, builtin, customized)
-VALUES ('jen', 'frontend', true, true), ('newbie', 'newbie', true, false);
+VALUES ('jen', 'frontend', true, true), ('newbie', 'newbie', true, true);
 SELECT agent, builtin, customized FROM agog_nats.agents
  WHERE agent IN ('jen', 'newbie') ORDER BY agent;
 ROLLBACK;

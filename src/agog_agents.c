@@ -35,12 +35,13 @@
 /*
  * limits_changed_at is new in 0.3.0: read through to_jsonb, the query also
  * works on an older version's table (between a new library and ALTER
- * EXTENSION UPDATE), where it is false: the worker then never lowers.
+ * EXTENSION UPDATE), where it is NULL: the worker then never lowers.  The
+ * stamp is kept as to_jsonb renders it, for the worker's clearing update.
  */
 #define AGENTS_QUERY \
 	"SELECT agent, task_type, stream_name, description, max_msgs, max_bytes, " \
 	"       (extract(epoch FROM max_age) * 1000)::bigint, max_msg_size, " \
-	"       (to_jsonb(a) ->> 'limits_changed_at') IS NOT NULL " \
+	"       to_jsonb(a) ->> 'limits_changed_at', to_jsonb(a) ? 'limits_changed_at' " \
 	"  FROM agog_nats.agents a ORDER BY agent"
 
 static MemoryContext agents_cxt = NULL;
@@ -101,7 +102,8 @@ load_agents(void)
 		agents[i].max_bytes = DatumGetInt64(SPI_getbinval(tup, desc, 6, &isnull));
 		agents[i].max_age_ms = DatumGetInt64(SPI_getbinval(tup, desc, 7, &isnull));
 		agents[i].max_msg_size = DatumGetInt32(SPI_getbinval(tup, desc, 8, &isnull));
-		agents[i].may_lower = DatumGetBool(SPI_getbinval(tup, desc, 9, &isnull));
+		agents[i].limits_stamp = SPI_getvalue(tup, desc, 9);
+		agents[i].stamp_column = DatumGetBool(SPI_getbinval(tup, desc, 10, &isnull));
 	}
 	nagents = (int) SPI_processed;
 	MemoryContextSwitchTo(old);

@@ -2069,7 +2069,8 @@ config_matches(const jsStreamConfig *live, const jsStreamConfig *want)
 /*
  * keep_larger
  *		Whether the live limit holds more than the wanted one (a limit of 0
- *		or less is no limit); if so, *want becomes the live limit.  Plain C.
+ *		or less is no limit); if so, *want becomes the live limit.  Plain C:
+ *		runs inside ensure_attempt's signal-blocked section.
  */
 static bool
 keep_larger(int64 live, int64 *want)
@@ -2086,6 +2087,14 @@ typedef struct EnsureArgs
 	AgogEnsureResult result;
 } EnsureArgs;
 
+/*
+ * ensure_attempt
+ *		One try of agog_conn_ensure_stream within wait_ms, for run_sliced:
+ *		look the stream up, create it when missing, or update it when its
+ *		configuration differs from the spec (keeping larger live limits
+ *		unless the spec may lower them).  Runs in the worker, signals
+ *		blocked: nats.c and plain C only.
+ */
 static natsStatus
 ensure_attempt(AgogConn *conn, int64 wait_ms, void *arg, AgogError *err)
 {

@@ -258,7 +258,8 @@ typedef struct AgogAgent
 	int64		max_bytes;
 	int64		max_age_ms;
 	int32		max_msg_size;
-	bool		may_lower;		/* a user's UPDATE changed the limits */
+	char	   *limits_stamp;	/* limits_changed_at not yet applied, or NULL */
+	bool		stamp_column;	/* the table has limits_changed_at (0.3.0 on) */
 } AgogAgent;
 
 extern const AgogAgent *agog_agents(int *count);
@@ -348,6 +349,7 @@ extern int	agog_notices_consume(AgogConn *conn, bool rung);
 extern bool agog_reconcile_streams(AgogConn *conn, int *ok, int *failed,
 								   AgogError *first_err);
 extern bool agog_stream_in_place(const char *name);
+extern bool agog_stream_ever_in_place(const char *name);
 extern bool agog_parse_nats_time(const char *v, int len, TimestampTz *out);
 extern TimestampTz agog_nats_time(const char *v, int len);
 extern bool agog_stream_absent(const char *name, uint64 generation);

@@ -18,6 +18,7 @@
 #include "agog_nats.h"
 
 #include "access/xact.h"
+#include "catalog/pg_type.h"
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "funcapi.h"
@@ -46,6 +47,13 @@ static uint64 absent_generation = 0;
  */
 static List *kept_before = NIL;
 static List *kept_now = NIL;
+
+/*
+ * Streams any reconcile of this worker found or put in place, never
+ * forgotten: a "no responders" on one of them with replicated streams is a
+ * stream without a leader, not a stream that does not exist.
+ */
+static List *ever_in_place = NIL;
 
 /* Streams of the workflow engine, kept like the agent streams. */
 static const struct
@@ -92,36 +100,78 @@ name_listed(const List *names, const char *name)
 }
 
 /*
+ * limit_text
+ *		A stream limit for a message: the number with its unit, or "no
+ *		limit" for JetStream's 0 or -1.  palloc'd.  Runs in the worker.
+ */
+static char *
+limit_text(int64 value, const char *unit)
+{
+	if (value <= 0)
+		return pstrdup("no limit");
+	return psprintf(INT64_FORMAT " %s", value, unit);
+}
+
+/*
  * warn_kept
  *		Say once that the worker kept a live stream's larger limits: a
  *		WARNING when the stream, the table's limits or the live ones are new
  *		since the last reconcile, nothing when they are the same.  kept_now
- *		collects this reconcile's keys.  Runs in the worker.
+ *		collects this reconcile's keys.  stamp_column says whether the agents
+ *		table has limits_changed_at yet (not between a new library and ALTER
+ *		EXTENSION UPDATE).  Runs in the worker.
  */
 static void
-warn_kept(const AgogStreamSpec *spec, const char *agent, const AgogEnsureResult *r)
+warn_kept(const AgogStreamSpec *spec, const char *agent, bool stamp_column,
+		  const AgogEnsureResult *r)
 {
 	char		key[NAMEDATALEN * 2 + 128];
 
-	snprintf(key, sizeof(key), "%s %lld %lld %lld %lld %lld %lld", spec->name,
-			 (long long) spec->max_msgs, (long long) spec->max_bytes,
-			 (long long) spec->max_age_ms, (long long) r->live_max_msgs,
-			 (long long) r->live_max_bytes, (long long) r->live_max_age_ms);
+	snprintf(key, sizeof(key), "%s " INT64_FORMAT " " INT64_FORMAT " " INT64_FORMAT
+			 " " INT64_FORMAT " " INT64_FORMAT " " INT64_FORMAT, spec->name,
+			 spec->max_msgs, spec->max_bytes, spec->max_age_ms,
+			 r->live_max_msgs, r->live_max_bytes, r->live_max_age_ms);
 	kept_now = name_add(kept_now, key);
 	if (name_listed(kept_before, key))
 		return;
 	ereport(WARNING,
 			(errcode(ERRCODE_WARNING),
 			 errmsg("agog_nats kept the larger limits of JetStream stream \"%s\"", spec->name),
-			 errdetail("The stream holds up to %lld messages, %lld bytes for %lld s; agog_nats.agents asks for %lld messages, %lld bytes for %lld s.  "
-					   "Lowering a limit drops the reports beyond it, and the worker does so only for limits a user's UPDATE changed, never for inserted ones (CREATE EXTENSION's or a restore's).",
-					   (long long) r->live_max_msgs, (long long) r->live_max_bytes,
-					   (long long) r->live_max_age_ms / 1000,
-					   (long long) spec->max_msgs, (long long) spec->max_bytes,
-					   (long long) spec->max_age_ms / 1000),
-			 agent ?
+			 errdetail("The stream keeps %s, %s and %s; agog_nats.agents asks for %s, %s and %s.  "
+					   "Lowering a limit drops the reports beyond it, and the worker does so only for limits an UPDATE of agog_nats.agents changed, never for inserted ones (CREATE EXTENSION's or a restore's).",
+					   limit_text(r->live_max_msgs, "messages"),
+					   limit_text(r->live_max_bytes, "bytes"),
+					   limit_text(r->live_max_age_ms / 1000, "s"),
+					   limit_text(spec->max_msgs, "messages"),
+					   limit_text(spec->max_bytes, "bytes"),
+					   limit_text(spec->max_age_ms / 1000, "s")),
+			 agent == NULL ? 0 :
+			 stamp_column ?
 			 errhint("To lower the stream's limits to the table's, run UPDATE agog_nats.agents SET limits_changed_at = now() WHERE agent = '%s'.",
-					 agent) : 0));
+					 agent) :
+			 errhint("To lower the stream's limits to the table's, run ALTER EXTENSION agog_nats UPDATE, then UPDATE agog_nats.agents SET limits_changed_at = now() WHERE agent = '%s'.",
+					 agent)));
+}
+
+/*
+ * keep_warned
+ *		A stream that could not be put in place keeps its kept-limits keys,
+ *		so that its warning is not given again once it can.  Runs in the
+ *		worker.
+ */
+static void
+keep_warned(const char *stream)
+{
+	size_t		len = strlen(stream);
+	ListCell   *lc;
+
+	foreach(lc, kept_before)
+	{
+		const char *key = (const char *) lfirst(lc);
+
+		if (strncmp(key, stream, len) == 0 && key[len] == ' ')
+			kept_now = name_add(kept_now, key);
+	}
 }
 
 /*
@@ -132,7 +182,7 @@ warn_kept(const AgogStreamSpec *spec, const char *agent, const AgogEnsureResult 
  */
 static bool
 ensure_one(AgogConn *conn, const AgogStreamSpec *spec, const char *agent,
-		   int *failed, AgogError *first_err)
+		   bool stamp_column, int *failed, AgogError *first_err)
 {
 	AgogEnsureResult r;
 	AgogError	err;
@@ -146,9 +196,12 @@ ensure_one(AgogConn *conn, const AgogStreamSpec *spec, const char *agent,
 					 "stream \"%s\": %s", spec->name, err.text);
 		}
 		(*failed)++;
+		keep_warned(spec->name);
 		return false;
 	}
 	in_place = name_add(in_place, spec->name);
+	if (!name_listed(ever_in_place, spec->name))
+		ever_in_place = name_add(ever_in_place, spec->name);
 	if (r.created && agent)
 		ereport(LOG,
 				(errmsg("agog_nats created JetStream stream \"%s\" for agent \"%s\"",
@@ -156,13 +209,54 @@ ensure_one(AgogConn *conn, const AgogStreamSpec *spec, const char *agent,
 	else if (r.created)
 		ereport(LOG,
 				(errmsg("agog_nats created JetStream stream \"%s\"", spec->name)));
+	else if (r.updated && r.kept)
+		ereport(LOG,
+				(errmsg("agog_nats updated JetStream stream \"%s\" to match agog_nats.agents but for its larger limits",
+						spec->name)));
 	else if (r.updated)
 		ereport(LOG,
 				(errmsg("agog_nats updated JetStream stream \"%s\" to match agog_nats.agents",
 						spec->name)));
 	if (r.kept)
-		warn_kept(spec, agent, &r);
+		warn_kept(spec, agent, stamp_column, &r);
 	return true;
+}
+
+/*
+ * clear_stamps
+ *		The limits of these agents are now the live ones: clear their
+ *		limits_changed_at (unless an UPDATE since stamped it again), so that
+ *		the stamp lowers a stream once and never again, whatever copy of the
+ *		table it lives on later.  agents and stamps are parallel lists.  The
+ *		update wakes the worker once more, to find nothing to do.  Runs in
+ *		the worker, outside any transaction.
+ */
+static void
+clear_stamps(List *agents, List *stamps, MemoryContext caller)
+{
+	ListCell   *la;
+	ListCell   *ls;
+
+	if (agents == NIL)
+		return;
+	agog_xact_begin(caller);
+	forboth(la, agents, ls, stamps)
+	{
+		Oid			types[2] = {TEXTOID, TEXTOID};
+		Datum		values[2];
+		int			ret;
+
+		values[0] = CStringGetTextDatum((const char *) lfirst(la));
+		values[1] = CStringGetTextDatum((const char *) lfirst(ls));
+		ret = SPI_execute_with_args("UPDATE agog_nats.agents a SET limits_changed_at = NULL "
+									" WHERE a.agent = $1 "
+									"   AND to_jsonb(a) ->> 'limits_changed_at' = $2",
+									2, types, values, NULL, false, 0);
+		if (ret != SPI_OK_UPDATE)
+			elog(ERROR, "clearing limits_changed_at failed: %s",
+				 SPI_result_code_string(ret));
+	}
+	agog_xact_commit(caller);
 }
 
 /*
@@ -179,6 +273,8 @@ agog_reconcile_streams(AgogConn *conn, int *ok, int *failed,
 	MemoryContext caller = CurrentMemoryContext;
 	const AgogAgent *rows;
 	int			count;
+	List	   *applied_agents = NIL;
+	List	   *applied_stamps = NIL;
 
 	/* the rows stay in the agents cache after the transaction */
 	agog_xact_begin(caller);
@@ -203,9 +299,17 @@ agog_reconcile_streams(AgogConn *conn, int *ok, int *failed,
 		spec.max_msg_size = rows[i].max_msg_size;
 		spec.replicas = agog_stream_replicas;
 		spec.duplicate_window_ms = agog_duplicate_window_ms;
-		spec.may_lower = rows[i].may_lower;
-		if (ensure_one(conn, &spec, rows[i].agent, failed, first_err))
+		spec.may_lower = rows[i].limits_stamp != NULL;
+		if (ensure_one(conn, &spec, rows[i].agent, rows[i].stamp_column,
+					   failed, first_err))
+		{
 			(*ok)++;
+			if (spec.may_lower)
+			{
+				applied_agents = lappend(applied_agents, pstrdup(rows[i].agent));
+				applied_stamps = lappend(applied_stamps, pstrdup(rows[i].limits_stamp));
+			}
+		}
 	}
 
 	/*
@@ -228,13 +332,17 @@ agog_reconcile_streams(AgogConn *conn, int *ok, int *failed,
 		spec.replicas = agog_stream_replicas;
 		spec.duplicate_window_ms = agog_duplicate_window_ms;
 		spec.may_lower = false;
-		(void) ensure_one(conn, &spec, NULL, failed, first_err);
+		(void) ensure_one(conn, &spec, NULL, true, failed, first_err);
 	}
 
 	/* a kept stream not kept this time is warned of again if it comes back */
 	list_free_deep(kept_before);
 	kept_before = kept_now;
 	kept_now = NIL;
+
+	clear_stamps(applied_agents, applied_stamps, caller);
+	list_free_deep(applied_agents);
+	list_free_deep(applied_stamps);
 	return *failed == 0;
 }
 
@@ -247,6 +355,17 @@ bool
 agog_stream_in_place(const char *name)
 {
 	return name_listed(in_place, name);
+}
+
+/*
+ * agog_stream_ever_in_place
+ *		Whether any reconcile of this worker found or put the stream in
+ *		place.  Runs in the worker.
+ */
+bool
+agog_stream_ever_in_place(const char *name)
+{
+	return name_listed(ever_in_place, name);
 }
 
 /*
@@ -804,7 +923,8 @@ agog_stream_status(PG_FUNCTION_ARGS)
 			near = (st->max_msgs > 0 && st->msgs * 10 >= (uint64) st->max_msgs * 8) ||
 				(st->max_bytes > 0 && st->bytes * 10 >= (uint64) st->max_bytes * 8) ||
 				(st->max_age_ms > 0 && age_ms * 10 >= st->max_age_ms * 8);
-			health = drifted ? "drifted" : near ? "near_limit" : "ok";
+			/* near a limit first: a stream kept drifted must not hide it */
+			health = near ? "near_limit" : drifted ? "drifted" : "ok";
 		}
 		values[17] = CStringGetTextDatum(health);
 		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);

@@ -123,6 +123,9 @@ ok(AgogNatsTest::wait_for(sub { $node->safe_psql('postgres', $published_sql) eq 
 my $moved = AgogNatsTest::worker_status($node);
 ok($moved->{connected} && ($moved->{server} // '') ne $server,
 	'the worker is connected to another server (' . ($moved->{server} // 'none') . ')');
+# (The worker usually sees the disconnect apart from the reconnect; this
+# checks the result, and covers the case where it sees them together only
+# when the timing gives it.)
 my $since_after = $node->safe_psql('postgres', $since_sql);
 ok($since_after ne '' && $since_after > $since_before,
 	"connected_since is the reconnect's time ($since_before, then $since_after)");

@@ -140,13 +140,16 @@ AgogExactlyOnce::check(
 # replica that is a refusal like the others: the tenth makes the report
 # dead.  With agog_nats.stream_replicas above 1 it is also what a stream
 # without a leader answers (two of three servers down, for as long as they
-# are down), so it never does: the report stays pending, tried every 30 s.
-# Each report is made to reach its tenth attempt by setting attempts to 9.
+# are down), so for a stream the worker has had in place it never does: the
+# report stays pending, tried every 30 s.  (Here billy's stream, deleted
+# behind the worker, which cannot make it again with three replicas on one
+# server.)  A stream it never had in place (ghost's) still goes dead.  Each
+# report is made to reach its tenth attempt by setting attempts to 9.
 $node->safe_psql('postgres',
 	"INSERT INTO agog_nats.agents (agent, task_type, max_bytes) VALUES ('ghost', 'ghost', 1000000000000000)");
 my $tenth = sub {
-	my ($feature, $error_like, $name) = @_;
-	$node->safe_psql('postgres', "SELECT agog_publish_report('ghost', 'ghost', '$feature', 'boo')");
+	my ($agent, $task_type, $feature, $error_like, $name) = @_;
+	$node->safe_psql('postgres', "SELECT agog_publish_report('$agent', '$task_type', '$feature', 'boo')");
 	ok(AgogExactlyOnce::wait_until(
 			sub {
 				$node->safe_psql('postgres',
@@ -167,12 +170,16 @@ my $tenth = sub {
 	return $node->safe_psql('postgres',
 		"SELECT state || ' ' || attempts || ' ' || (next_attempt_at > now() + interval '20 s') FROM agog_nats.outbox WHERE feature = '$feature'");
 };
-is($tenth->('nr-one', '%no responders%', 'one replica'), 'dead 10 false',
+is($tenth->('ghost', 'ghost', 'nr-one', '%no responders%', 'one replica'), 'dead 10 false',
 	'C: one replica: the tenth "no responders" makes the report dead');
 
 $node->append_conf('postgresql.conf', 'agog_nats.stream_replicas = 3');
 $node->reload;
-is($tenth->('nr-three', '%electing a new leader%', 'three replicas'), 'pending 10 true',
+is($tenth->('ghost', 'ghost', 'nr-ghost3', '%electing a new leader%', 'three replicas, a stream never in place'),
+	'dead 10 false', 'C: three replicas: a stream never in place still goes dead at the tenth');
+my $del = $js->js_api('STREAM.DELETE.agog_features_qa', {});
+ok($del && $del->{success}, 'C: billy\'s stream deleted behind the worker') or diag(explain($del));
+is($tenth->('billy', 'qa', 'nr-three', '%electing a new leader%', 'three replicas'), 'pending 10 true',
 	'C: three replicas: after the tenth the report is still pending, next tried in 30 s');
 $node->safe_psql('postgres', "DELETE FROM agog_nats.outbox WHERE feature LIKE 'nr-%'");
 
