@@ -619,13 +619,14 @@ forget_secret(char *secret)
 /*
  * check_credentials_file
  *		Throw unless the file named by agog_nats.credentials_file can be read
- *		and has both parts of NATS user credentials, each on the line after
- *		a marker line of dashes ("-----BEGIN NATS USER JWT-----"), which is
- *		how nats.c finds them: a user JWT (its encoded header starts "eyJ")
- *		and an NKey user seed ("SU...").  nats.c reads the file again at
- *		every connect; this only turns a wrong file into a clear error
- *		before any signal-blocked section.  The buffer that held the seed is
- *		cleared on every path.
+ *		and holds NATS user credentials as nats.c reads them: sections, each
+ *		an opening line of dashes ("-----BEGIN NATS USER JWT-----"), a value
+ *		on the next line that is not blank, and a closing line of dashes;
+ *		the first section's value a user JWT (its encoded header starts
+ *		"eyJ"), the second's an NKey user seed ("SU...").  nats.c reads the
+ *		file again at every connect; this only turns a wrong file into a
+ *		clear error before any signal-blocked section.  The buffer that held
+ *		the seed is cleared on every path.
  */
 static void
 check_credentials_file(const char *path)
@@ -634,7 +635,11 @@ check_credentials_file(const char *path)
 	char		line[4096];
 	bool		has_jwt = false;
 	bool		has_seed = false;
-	bool		after_marker = false;
+	int			section = 0;
+	enum
+	{
+		OUTSIDE, VALUE, CLOSING
+	}			where = OUTSIDE;
 
 	f = AllocateFile(path, "r");
 	if (f == NULL)
@@ -646,12 +651,26 @@ check_credentials_file(const char *path)
 	while (fgets(line, sizeof(line), f) != NULL)
 	{
 		const char *p = line + strspn(line, " \t");
+		size_t		len = strcspn(p, "\r\n");
+		bool		dashes;
 
-		if (after_marker && strncmp(p, "eyJ", 3) == 0)
-			has_jwt = true;
-		else if (after_marker && strncmp(p, "SU", 2) == 0)
-			has_seed = true;
-		after_marker = strncmp(p, "---", 3) == 0;
+		while (len > 0 && (p[len - 1] == ' ' || p[len - 1] == '\t'))
+			len--;
+		if (len == 0)
+			continue;
+		dashes = len >= 6 && strncmp(p, "---", 3) == 0 &&
+			strncmp(p + len - 3, "---", 3) == 0;
+		if (where == VALUE && !dashes)
+		{
+			if (section == 0 && strncmp(p, "eyJ", 3) == 0)
+				has_jwt = true;
+			else if (section == 1 && strncmp(p, "SU", 2) == 0)
+				has_seed = true;
+			section++;
+			where = CLOSING;
+		}
+		else if (dashes)
+			where = (where == OUTSIDE) ? VALUE : OUTSIDE;
 	}
 	explicit_bzero(line, sizeof(line));
 	FreeFile(f);
@@ -660,7 +679,7 @@ check_credentials_file(const char *path)
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("file \"%s\" named by %s holds no NATS user credentials",
 						path, "agog_nats.credentials_file"),
-				 errdetail("A credentials file holds a user JWT (eyJ...) and that user's NKey seed (SU...), each on the line after its \"-----BEGIN\" marker line, as \"nsc generate creds\" writes them; this one has %s.",
+				 errdetail("A credentials file holds a user JWT (eyJ...), then that user's NKey seed (SU...), each between a \"-----BEGIN\" and an \"------END\" line, as \"nsc generate creds\" writes them; this one has %s.",
 						   has_jwt ? "no seed" : has_seed ? "no JWT" : "neither")));
 }
 

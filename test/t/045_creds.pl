@@ -87,6 +87,27 @@ $err = AgogNatsTest::error_after_reload($node, "agog_nats.credentials_file = '$d
 like($err, qr/ERROR:\s+22023: file ".*bare\.creds" named by agog_nats\.credentials_file holds no NATS user credentials/,
 	'JWT and seed without their marker lines: 22023');
 
+# The seed's section first and the JWT's second (nats.c takes the first
+# section for the JWT): 22023; blank lines after a marker are fine.
+my @sections = slurp_file($good) =~ /(-+BEGIN[^\n]*\n[^\n]+\n-+END[^\n]*\n)/g;
+is(scalar(@sections), 2, 'the credentials file has two sections');
+open($fh, '>', "$dir/swapped.creds") or die "cannot write $dir/swapped.creds: $!";
+print $fh $sections[1], "\n", $sections[0];
+close $fh;
+$err = AgogNatsTest::error_after_reload($node, "agog_nats.credentials_file = '$dir/swapped.creds'\n",
+	'agog_nats.credentials_file', qr/swapped/, 'a file with the seed first');
+like($err, qr/ERROR:\s+22023: file ".*swapped\.creds" named by agog_nats\.credentials_file holds no NATS user credentials/,
+	'the seed before the JWT: 22023');
+(my $airy = slurp_file($good)) =~ s/^(-+BEGIN[^\n]*\n)/$1\n\n/mg;
+open($fh, '>', "$dir/airy.creds") or die "cannot write $dir/airy.creds: $!";
+print $fh $airy;
+close $fh;
+AgogNatsTest::reconnects_with($node, "agog_nats.credentials_file = '$dir/airy.creds'\n",
+	'blank lines after the markers');
+like($node->safe_psql('postgres',
+		q{SELECT agog_publish_report_now('cynthia', 'research', 'creds6', 'airy')}),
+	qr/^agog_features_research\.\d+$/, 'a file with blank lines after its markers works');
+
 # A credentials file holds its own seed: with agog_nats.nkey as well, 22023.
 $err = AgogNatsTest::error_after_reload($node,
 	"agog_nats.credentials_file = '$good'\n"
