@@ -1263,6 +1263,8 @@ BEGIN
         IF NEW.agent NOT IN ('cynthia', 'sylvia', 'roy', 'jen', 'billy', 'priya') THEN
             NEW.builtin := false;
             NEW.customized := false;
+        ELSE
+            NEW.customized := true;     -- pg_dump keeps it, with its values
         END IF;
     END IF;
     RETURN NEW;

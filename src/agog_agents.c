@@ -140,6 +140,17 @@ agog_agents(int *count)
 }
 
 /*
+ * agog_agents_invalidate
+ *		Read the agents again on the next call, whatever the generation: the
+ *		worker changed them without moving it.  Runs anywhere.
+ */
+void
+agog_agents_invalidate(void)
+{
+	agents_valid = false;
+}
+
+/*
  * agog_agent
  *		One agent by name, or NULL when there is no such agent.  Runs in a
  *		transaction; same lifetime as agog_agents.

@@ -2152,6 +2152,7 @@ ensure_attempt(AgogConn *conn, int64 wait_ms, void *arg, AgogError *err)
 		jerr = 0;
 		s = js_AddStream(NULL, conn->js, &cfg, &jopts, &jerr);
 		a->result.created = (s == NATS_OK);
+		a->result.create_refused = (s != NATS_OK && jerr != 0);
 	}
 	else if (s == NATS_OK)
 	{

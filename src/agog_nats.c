@@ -335,6 +335,18 @@ agog_agents_changed_in_xact(void)
 }
 
 /*
+ * agog_agents_change_unnoted
+ *		Forget that this transaction changed agog_nats.agents: the worker's
+ *		own clearing of applied stamps, which must not wake it (nor every
+ *		backend's agents cache) again.  Runs in the worker, in a transaction.
+ */
+void
+agog_agents_change_unnoted(void)
+{
+	agents_changed_in_xact = false;
+}
+
+/*
  * agog_agents_changed
  *		Statement trigger on agog_nats.agents.  Only notes the change; the
  *		worker is woken at commit, so it never reads uncommitted rows.

@@ -111,6 +111,7 @@ typedef struct AgogEnsureResult
 	bool		created;
 	bool		updated;
 	bool		kept;			/* kept a live limit larger than the spec's */
+	bool		create_refused; /* JetStream refused to create it (an API error) */
 	int64		live_max_msgs;	/* the live limits, when kept */
 	int64		live_max_bytes;
 	int64		live_max_age_ms;
@@ -349,7 +350,7 @@ extern int	agog_notices_consume(AgogConn *conn, bool rung);
 extern bool agog_reconcile_streams(AgogConn *conn, int *ok, int *failed,
 								   AgogError *first_err);
 extern bool agog_stream_in_place(const char *name);
-extern bool agog_stream_ever_in_place(const char *name);
+extern bool agog_stream_create_refused(const char *name);
 extern bool agog_parse_nats_time(const char *v, int len, TimestampTz *out);
 extern TimestampTz agog_nats_time(const char *v, int len);
 extern bool agog_stream_absent(const char *name, uint64 generation);
@@ -363,6 +364,8 @@ extern void agog_register_worker(void);
 extern void agog_worker_stream_missing(AgogConn *conn, const char *stream);
 extern void agog_note_agents_changed(void);
 extern bool agog_agents_changed_in_xact(void);
+extern void agog_agents_change_unnoted(void);
+extern void agog_agents_invalidate(void);
 extern void agog_require_preload(void);
 
 #endif							/* AGOG_NATS_H */

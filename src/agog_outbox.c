@@ -872,19 +872,19 @@ batch_claim_send(AgogConn *conn, DrainBatch *b, MemoryContext parent)
  * leaderless
  *		Whether a refusal may only mean that a replicated stream has no
  *		leader: "no responders" with agog_nats.stream_replicas above 1, for a
- *		stream this worker has seen in place.  Two of three servers down
+ *		stream JetStream did not refuse to create.  Two of three servers down
  *		leave a stream leaderless for as long as they are down, so such a
  *		refusal never makes a report dead; the report is tried again every
- *		BACKOFF_MAX_MS.  A stream never seen (one the server refuses to
- *		create) is not leaderless: its reports go dead as with one replica,
- *		and do not fill the outbox up to agog_nats.outbox_max_pending.  Runs
- *		in the worker.
+ *		BACKOFF_MAX_MS.  A stream the server refused to create (at the last
+ *		reconcile, which comes before the first drain of a worker) is not
+ *		leaderless: its reports go dead as with one replica, and do not fill
+ *		the outbox up to agog_nats.outbox_max_pending.  Runs in the worker.
  */
 static bool
 leaderless(const AgogError *err, const char *stream)
 {
 	return agog_stream_replicas > 1 && agog_error_no_responders(err) &&
-		stream != NULL && agog_stream_ever_in_place(stream);
+		!(stream != NULL && agog_stream_create_refused(stream));
 }
 
 /*

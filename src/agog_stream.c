@@ -24,6 +24,7 @@
 #include "funcapi.h"
 #include "utils/builtins.h"
 #include "utils/memutils.h"
+#include "utils/resowner.h"
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
@@ -49,11 +50,13 @@ static List *kept_before = NIL;
 static List *kept_now = NIL;
 
 /*
- * Streams any reconcile of this worker found or put in place, never
- * forgotten: a "no responders" on one of them with replicated streams is a
- * stream without a leader, not a stream that does not exist.
+ * Streams JetStream refused to create (an API error, such as too little
+ * storage) at their last attempt: a "no responders" on one of them is a
+ * stream that does not exist.  On any other stream, with replicated
+ * streams, it may be a stream without a leader (a reconcile in an outage
+ * gets no answer, not a refusal).  Never freed: as many as the agents.
  */
-static List *ever_in_place = NIL;
+static List *refused = NIL;
 
 /* Streams of the workflow engine, kept like the agent streams. */
 static const struct
@@ -82,6 +85,23 @@ name_add(List *names, const char *name)
 	old = MemoryContextSwitchTo(names_cxt);
 	names = lappend(names, pstrdup(name));
 	MemoryContextSwitchTo(old);
+	return names;
+}
+
+/* names without name (a list made by name_add). */
+static List *
+name_drop(List *names, const char *name)
+{
+	ListCell   *lc;
+
+	foreach(lc, names)
+	{
+		if (strcmp((const char *) lfirst(lc), name) == 0)
+		{
+			pfree(lfirst(lc));
+			names = foreach_delete_current(names, lc);
+		}
+	}
 	return names;
 }
 
@@ -197,11 +217,12 @@ ensure_one(AgogConn *conn, const AgogStreamSpec *spec, const char *agent,
 		}
 		(*failed)++;
 		keep_warned(spec->name);
+		if (r.create_refused && !name_listed(refused, spec->name))
+			refused = name_add(refused, spec->name);
 		return false;
 	}
 	in_place = name_add(in_place, spec->name);
-	if (!name_listed(ever_in_place, spec->name))
-		ever_in_place = name_add(ever_in_place, spec->name);
+	refused = name_drop(refused, spec->name);
 	if (r.created && agent)
 		ereport(LOG,
 				(errmsg("agog_nats created JetStream stream \"%s\" for agent \"%s\"",
@@ -226,37 +247,71 @@ ensure_one(AgogConn *conn, const AgogStreamSpec *spec, const char *agent,
  * clear_stamps
  *		The limits of these agents are now the live ones: clear their
  *		limits_changed_at (unless an UPDATE since stamped it again), so that
- *		the stamp lowers a stream once and never again, whatever copy of the
- *		table it lives on later.  agents and stamps are parallel lists.  The
- *		update wakes the worker once more, to find nothing to do.  Runs in
- *		the worker, outside any transaction.
+ *		the stamp lowers a stream once.  agents and stamps are parallel
+ *		lists.  A row another session has locked is skipped (tried again at
+ *		a later reconcile), and a failure (a trigger of the user's, the
+ *		extension dropped meanwhile) is a WARNING: neither may stop the
+ *		worker.  The change is not noted, so it wakes nobody; the worker's
+ *		own agents cache is read again.  Runs in the worker, outside any
+ *		transaction.
  */
 static void
 clear_stamps(List *agents, List *stamps, MemoryContext caller)
 {
-	ListCell   *la;
-	ListCell   *ls;
+	ResourceOwner owner;
 
 	if (agents == NIL)
 		return;
 	agog_xact_begin(caller);
-	forboth(la, agents, ls, stamps)
+	owner = CurrentResourceOwner;
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(caller);
+	PG_TRY();
 	{
-		Oid			types[2] = {TEXTOID, TEXTOID};
-		Datum		values[2];
-		int			ret;
+		ListCell   *la;
+		ListCell   *ls;
 
-		values[0] = CStringGetTextDatum((const char *) lfirst(la));
-		values[1] = CStringGetTextDatum((const char *) lfirst(ls));
-		ret = SPI_execute_with_args("UPDATE agog_nats.agents a SET limits_changed_at = NULL "
-									" WHERE a.agent = $1 "
-									"   AND to_jsonb(a) ->> 'limits_changed_at' = $2",
-									2, types, values, NULL, false, 0);
-		if (ret != SPI_OK_UPDATE)
-			elog(ERROR, "clearing limits_changed_at failed: %s",
-				 SPI_result_code_string(ret));
+		forboth(la, agents, ls, stamps)
+		{
+			Oid			types[2] = {TEXTOID, TEXTOID};
+			Datum		values[2];
+			int			ret;
+
+			values[0] = CStringGetTextDatum((const char *) lfirst(la));
+			values[1] = CStringGetTextDatum((const char *) lfirst(ls));
+			ret = SPI_execute_with_args("UPDATE agog_nats.agents SET limits_changed_at = NULL "
+										" WHERE ctid = ANY (ARRAY("
+										"   SELECT a.ctid FROM agog_nats.agents a "
+										"    WHERE a.agent = $1 "
+										"      AND to_jsonb(a) ->> 'limits_changed_at' = $2 "
+										"      FOR NO KEY UPDATE SKIP LOCKED))",
+										2, types, values, NULL, false, 0);
+			if (ret != SPI_OK_UPDATE)
+				elog(ERROR, "clearing limits_changed_at failed: %s",
+					 SPI_result_code_string(ret));
+		}
+		ReleaseCurrentSubTransaction();
 	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(caller);
+		edata = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		ereport(WARNING,
+				(errcode(edata->sqlerrcode),
+				 errmsg("agog_nats could not clear limits_changed_at of applied agents"),
+				 errdetail_internal("%s", edata->message),
+				 errhint("The worker tries again at its next check of the streams.")));
+		FreeErrorData(edata);
+	}
+	PG_END_TRY();
+	CurrentResourceOwner = owner;
+	agog_agents_change_unnoted();
 	agog_xact_commit(caller);
+	agog_agents_invalidate();
 }
 
 /*
@@ -358,14 +413,14 @@ agog_stream_in_place(const char *name)
 }
 
 /*
- * agog_stream_ever_in_place
- *		Whether any reconcile of this worker found or put the stream in
- *		place.  Runs in the worker.
+ * agog_stream_create_refused
+ *		Whether JetStream refused to create the stream at the last attempt.
+ *		Runs in the worker.
  */
 bool
-agog_stream_ever_in_place(const char *name)
+agog_stream_create_refused(const char *name)
 {
-	return name_listed(ever_in_place, name);
+	return name_listed(refused, name);
 }
 
 /*

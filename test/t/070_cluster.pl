@@ -193,6 +193,42 @@ ok(AgogNatsTest::wait_for(
   or diag(join(', ', map { messages_on($_, 'agog_features_research') } @alive));
 is(fetch_eventually('leader-20'), 'report 20', 'the new leader serves the last report');
 $nats[$leader]->start;
+ok(AgogNatsTest::wait_for(
+		sub { !grep { messages_on($_, 'agog_features_research') ne '61' } @nats }, 60),
+	'all three hold the 61 research reports again');
+
+# Two of three servers down (not the worker's): the streams have no leader
+# for as long as they are down, and a publish gets "no responders".  A
+# report at its tenth such refusal stays pending (with one replica it would
+# be dead), and is published once the servers are back.
+my $now_on = AgogNatsTest::worker_status($node)->{server} // '';
+my @down = grep { $_->url ne $now_on } @nats;
+is(scalar(@down), 2, "two servers other than the worker's ($now_on)");
+$_->kill9 for @down;
+$node->safe_psql('postgres',
+	q{SELECT agog_publish_report('cynthia', 'research', 'quorum-1', 'two of three down')});
+my $row_sql = q{SELECT state || ' ' || attempts || ' ' || coalesce(last_error, '') FROM agog_nats.outbox WHERE feature = 'quorum-1'};
+ok(AgogNatsTest::wait_for(
+		sub { $node->safe_psql('postgres', $row_sql) =~ /electing a new leader/ }, 60),
+	'two of three down: the report is refused with "no responders"')
+  or diag($node->safe_psql('postgres', $row_sql));
+$node->safe_psql('postgres', q{
+	UPDATE agog_nats.outbox SET attempts = 9, last_error = NULL, next_attempt_at = now()
+	 WHERE feature = 'quorum-1'});
+ok(AgogNatsTest::wait_for(
+		sub { $node->safe_psql('postgres', $row_sql) =~ /^\w+ (\d+) \S/ && $1 >= 10 }, 60),
+	'the tenth attempt is recorded')
+  or diag($node->safe_psql('postgres', $row_sql));
+like($node->safe_psql('postgres', $row_sql), qr/^pending 10 /,
+	'after its tenth "no responders" the report is still pending, not dead');
+$_->start for @down;
+$node->safe_psql('postgres',
+	q{UPDATE agog_nats.outbox SET next_attempt_at = now() WHERE feature = 'quorum-1'});
+ok(AgogNatsTest::wait_for(
+		sub { $node->safe_psql('postgres', $row_sql) =~ /^published / }, 90),
+	'with the servers back the report is published')
+  or diag($node->safe_psql('postgres', $row_sql));
+is(fetch_eventually('quorum-1'), 'two of three down', 'and fetched back');
 
 unlike(AgogNatsTest::log_since($node), qr/terminated by signal|server process .* was terminated/,
 	'no crash');
