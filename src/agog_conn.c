@@ -619,9 +619,10 @@ forget_secret(char *secret)
 /*
  * check_credentials_file
  *		Throw unless the file named by agog_nats.credentials_file can be read
- *		and holds NATS user credentials as nats.c reads them: sections, each
- *		an opening line of dashes ("-----BEGIN NATS USER JWT-----"), a value
- *		on the next line that is not blank, and a closing line of dashes;
+ *		and holds NATS user credentials as nats.c 3.4 reads them: LF line
+ *		ends, and sections, each an opening line of dashes ("-----BEGIN NATS
+ *		USER JWT-----"), a value on the next line that is not blank, and a
+ *		closing line of dashes next;
  *		the first section's value a user JWT (its encoded header starts
  *		"eyJ"), the second's an NKey user seed ("SU...").  nats.c reads the
  *		file again at every connect; this only turns a wrong file into a
@@ -635,6 +636,9 @@ check_credentials_file(const char *path)
 	char		line[4096];
 	bool		has_jwt = false;
 	bool		has_seed = false;
+	bool		crlf = false;
+	bool		jwt_value = false;
+	bool		seed_value = false;
 	int			section = 0;
 	enum
 	{
@@ -650,30 +654,43 @@ check_credentials_file(const char *path)
 	setvbuf(f, NULL, _IONBF, 0);	/* as in read_secret */
 	while (fgets(line, sizeof(line), f) != NULL)
 	{
-		const char *p = line + strspn(line, " \t");
-		size_t		len = strcspn(p, "\r\n");
+		const char *p = line;
+		size_t		len = strcspn(p, "\n");
 		bool		dashes;
 
-		while (len > 0 && (p[len - 1] == ' ' || p[len - 1] == '\t'))
-			len--;
+		crlf |= (memchr(p, '\r', len) != NULL);
 		if (len == 0)
 			continue;
 		dashes = len >= 6 && strncmp(p, "---", 3) == 0 &&
 			strncmp(p + len - 3, "---", 3) == 0;
 		if (where == VALUE && !dashes)
 		{
-			if (section == 0 && strncmp(p, "eyJ", 3) == 0)
-				has_jwt = true;
-			else if (section == 1 && strncmp(p, "SU", 2) == 0)
-				has_seed = true;
-			section++;
+			/* the value counts once its closing line follows */
+			jwt_value = (section == 0 && strncmp(p, "eyJ", 3) == 0);
+			seed_value = (section == 1 && strncmp(p, "SU", 2) == 0);
 			where = CLOSING;
 		}
+		else if (where == CLOSING && dashes)
+		{
+			has_jwt |= jwt_value;
+			has_seed |= seed_value;
+			section++;
+			where = OUTSIDE;
+		}
+		else if (where == CLOSING)
+			where = OUTSIDE;	/* a second line: nats.c pairs them otherwise */
 		else if (dashes)
 			where = (where == OUTSIDE) ? VALUE : OUTSIDE;
 	}
 	explicit_bzero(line, sizeof(line));
 	FreeFile(f);
+	if (crlf)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("file \"%s\" named by %s has Windows line ends",
+						path, "agog_nats.credentials_file"),
+				 errdetail("The NATS client library this build uses reads a credentials file by LF line ends only."),
+				 errhint("Convert the file's CRLF line ends to LF, for example with \"sed -i 's/\\r$//'\".")));
 	if (!has_jwt || !has_seed)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),

@@ -20,6 +20,15 @@ use AgogNatsJwt;
 my $dir = PostgreSQL::Test::Utils::tempdir();
 my $op = AgogNatsJwt->new(dir => $dir);
 my $good = $op->user_creds('agog');
+
+# Write $text as "$dir/$name.creds".
+sub write_creds
+{
+	my ($name, $text) = @_;
+	open(my $fh, '>', "$dir/$name.creds") or die "cannot write $dir/$name.creds: $!";
+	print $fh $text;
+	close $fh;
+}
 my $stranger = $op->stranger_creds('mallory');
 
 my $nats = AgogNatsTest::NatsServer->new(
@@ -67,9 +76,7 @@ like($err, qr/ERROR:\s+58P01: could not open file ".*missing\.creds" named by ag
 	'a missing credentials file: 58P01 naming the setting');
 
 # A file that is not a credentials file: 22023 before any connect.
-open(my $fh, '>', "$dir/garbage.creds") or die "cannot write $dir/garbage.creds: $!";
-print $fh "this is not a NATS credentials file\n";
-close $fh;
+write_creds('garbage', "this is not a NATS credentials file\n");
 $err = AgogNatsTest::error_after_reload($node, "agog_nats.credentials_file = '$dir/garbage.creds'\n",
 	'agog_nats.credentials_file', qr/garbage/, 'a malformed file');
 like($err, qr/ERROR:\s+22023: file ".*garbage\.creds" named by agog_nats\.credentials_file holds no NATS user credentials/,
@@ -79,9 +86,7 @@ like($err, qr/this one has neither/, '... and saying what it lacks');
 # The JWT and the seed without their marker lines (nats.c finds each on the
 # line after one): also 22023.
 (my $bare = slurp_file($good)) =~ s/^-.*\n//mg;
-open($fh, '>', "$dir/bare.creds") or die "cannot write $dir/bare.creds: $!";
-print $fh $bare;
-close $fh;
+write_creds('bare', $bare);
 $err = AgogNatsTest::error_after_reload($node, "agog_nats.credentials_file = '$dir/bare.creds'\n",
 	'agog_nats.credentials_file', qr/bare/, 'a file without marker lines');
 like($err, qr/ERROR:\s+22023: file ".*bare\.creds" named by agog_nats\.credentials_file holds no NATS user credentials/,
@@ -91,22 +96,37 @@ like($err, qr/ERROR:\s+22023: file ".*bare\.creds" named by agog_nats\.credentia
 # section for the JWT): 22023; blank lines after a marker are fine.
 my @sections = slurp_file($good) =~ /(-+BEGIN[^\n]*\n[^\n]+\n-+END[^\n]*\n)/g;
 is(scalar(@sections), 2, 'the credentials file has two sections');
-open($fh, '>', "$dir/swapped.creds") or die "cannot write $dir/swapped.creds: $!";
-print $fh $sections[1], "\n", $sections[0];
-close $fh;
+write_creds('swapped', $sections[1] . "\n" . $sections[0]);
 $err = AgogNatsTest::error_after_reload($node, "agog_nats.credentials_file = '$dir/swapped.creds'\n",
 	'agog_nats.credentials_file', qr/swapped/, 'a file with the seed first');
 like($err, qr/ERROR:\s+22023: file ".*swapped\.creds" named by agog_nats\.credentials_file holds no NATS user credentials/,
 	'the seed before the JWT: 22023');
 (my $airy = slurp_file($good)) =~ s/^(-+BEGIN[^\n]*\n)/$1\n\n/mg;
-open($fh, '>', "$dir/airy.creds") or die "cannot write $dir/airy.creds: $!";
-print $fh $airy;
-close $fh;
-AgogNatsTest::reconnects_with($node, "agog_nats.credentials_file = '$dir/airy.creds'\n",
-	'blank lines after the markers');
+write_creds('airy', $airy);
+$node->append_conf('postgresql.conf', "agog_nats.credentials_file = '$dir/airy.creds'\n");
+$node->reload;
+ok(AgogNatsTest::wait_for(
+		sub { $node->safe_psql('postgres', 'SHOW agog_nats.credentials_file') =~ /airy/ }, 10),
+	'the reload names the file with blank lines after its markers');
+AgogNatsTest::reconnects_with($node, '', 'blank lines after the markers');
 like($node->safe_psql('postgres',
 		q{SELECT agog_publish_report_now('cynthia', 'research', 'creds6', 'airy')}),
 	qr/^agog_features_research\.\d+$/, 'a file with blank lines after its markers works');
+
+# Windows line ends (nats.c 3.4 reads LF only), and a JWT wrapped over two
+# lines (nats.c would pair the lines otherwise): 22023 before any connect.
+(my $crlf = slurp_file($good)) =~ s/\n/\r\n/g;
+write_creds('crlf', $crlf);
+$err = AgogNatsTest::error_after_reload($node, "agog_nats.credentials_file = '$dir/crlf.creds'\n",
+	'agog_nats.credentials_file', qr/crlf/, 'a file with CRLF line ends');
+like($err, qr/ERROR:\s+22023: file ".*crlf\.creds" named by agog_nats\.credentials_file has Windows line ends/,
+	'CRLF line ends: 22023');
+(my $wrapped = slurp_file($good)) =~ s/^(eyJ[^\n]{20})([^\n]+)$/$1\n$2/m;
+write_creds('wrapped', $wrapped);
+$err = AgogNatsTest::error_after_reload($node, "agog_nats.credentials_file = '$dir/wrapped.creds'\n",
+	'agog_nats.credentials_file', qr/wrapped/, 'a file with a wrapped JWT');
+like($err, qr/ERROR:\s+22023: file ".*wrapped\.creds" named by agog_nats\.credentials_file holds no NATS user credentials/,
+	'a JWT wrapped over two lines: 22023');
 
 # A credentials file holds its own seed: with agog_nats.nkey as well, 22023.
 $err = AgogNatsTest::error_after_reload($node,
