@@ -225,18 +225,22 @@ ensure_one(AgogConn *conn, const AgogStreamSpec *spec, const char *agent,
 	refused = name_drop(refused, spec->name);
 	if (r.created && agent)
 		ereport(LOG,
-				(errmsg("agog_nats created JetStream stream \"%s\" for agent \"%s\"",
+				(errcode(ERRCODE_SUCCESSFUL_COMPLETION),
+				 errmsg("agog_nats created JetStream stream \"%s\" for agent \"%s\"",
 						spec->name, agent)));
 	else if (r.created)
 		ereport(LOG,
-				(errmsg("agog_nats created JetStream stream \"%s\"", spec->name)));
+				(errcode(ERRCODE_SUCCESSFUL_COMPLETION),
+				 errmsg("agog_nats created JetStream stream \"%s\"", spec->name)));
 	else if (r.updated && r.kept)
 		ereport(LOG,
-				(errmsg("agog_nats updated JetStream stream \"%s\" to match agog_nats.agents but for its larger limits",
+				(errcode(ERRCODE_SUCCESSFUL_COMPLETION),
+				 errmsg("agog_nats updated JetStream stream \"%s\" to match agog_nats.agents but for its larger limits",
 						spec->name)));
 	else if (r.updated)
 		ereport(LOG,
-				(errmsg("agog_nats updated JetStream stream \"%s\" to match agog_nats.agents",
+				(errcode(ERRCODE_SUCCESSFUL_COMPLETION),
+				 errmsg("agog_nats updated JetStream stream \"%s\" to match agog_nats.agents",
 						spec->name)));
 	if (r.kept)
 		warn_kept(spec, agent, stamp_column, &r);

@@ -232,7 +232,8 @@ put_streams_in_place(AgogConn *conn, uint64 generation)
 		streams.generation = generation;
 		if (logged_error[0] != '\0')
 			ereport(LOG,
-					(errmsg("agog_nats worker has all %d agent streams in place", ok)));
+					(errcode(ERRCODE_SUCCESSFUL_COMPLETION),
+					 errmsg("agog_nats worker has all %d agent streams in place", ok)));
 		logged_error[0] = '\0';
 	}
 	else if (!ShutdownRequestPending)
@@ -362,7 +363,8 @@ agog_worker_main(Datum main_arg)
 	loop_cxt = AllocSetContextCreate(TopMemoryContext, "agog_nats worker loop",
 									 ALLOCSET_DEFAULT_SIZES);
 	ereport(LOG,
-			(errmsg("agog_nats worker started in database \"%s\"", agog_database)));
+			(errcode(ERRCODE_SUCCESSFUL_COMPLETION),
+			 errmsg("agog_nats worker started in database \"%s\"", agog_database)));
 
 	while (!ShutdownRequestPending)
 	{
@@ -385,10 +387,12 @@ agog_worker_main(Datum main_arg)
 
 				if (url_changed)
 					ereport(LOG,
-							(errmsg("agog_nats.url changed, reconnecting to NATS")));
+							(errcode(ERRCODE_SUCCESSFUL_COMPLETION),
+							 errmsg("agog_nats.url changed, reconnecting to NATS")));
 				else
 					ereport(LOG,
-							(errmsg("agog_nats authentication settings changed, reconnecting to NATS")));
+							(errcode(ERRCODE_SUCCESSFUL_COMPLETION),
+							 errmsg("agog_nats authentication settings changed, reconnecting to NATS")));
 				agog_conn_close(conn);
 				conn = NULL;
 				set_connected(NULL, false, false);
@@ -402,7 +406,8 @@ agog_worker_main(Datum main_arg)
 		{
 			if (logged != LOGGED_NO_EXTENSION)
 				ereport(LOG,
-						(errmsg("agog_nats worker is waiting for CREATE EXTENSION agog_nats in database \"%s\"",
+						(errcode(ERRCODE_SUCCESSFUL_COMPLETION),
+						 errmsg("agog_nats worker is waiting for CREATE EXTENSION agog_nats in database \"%s\"",
 								agog_database)));
 			logged = LOGGED_NO_EXTENSION;
 			timeout = EXTENSION_POLL_MS;
@@ -446,7 +451,8 @@ agog_worker_main(Datum main_arg)
 				agog_shared->max_payload = agog_conn_max_payload(conn);
 				LWLockRelease(agog_shared->lock);
 				ereport(LOG,
-						(errmsg("agog_nats worker connected to NATS at %s",
+						(errcode(ERRCODE_SUCCESSFUL_COMPLETION),
+						 errmsg("agog_nats worker connected to NATS at %s",
 								agog_shared->server)));
 				logged = LOGGED_CONNECTED;
 				backoff_ms = BACKOFF_MIN_MS;
@@ -490,7 +496,7 @@ agog_worker_main(Datum main_arg)
 			}
 			if (!agog_conn_is_usable(conn))
 			{
-				ereport(LOG, (errmsg("agog_nats worker's NATS connection was closed")));
+				ereport(LOG, (errcode(ERRCODE_SUCCESSFUL_COMPLETION), errmsg("agog_nats worker's NATS connection was closed")));
 				agog_conn_close(conn);
 				conn = NULL;
 				set_connected(NULL, false, false);
@@ -511,11 +517,13 @@ agog_worker_main(Datum main_arg)
 					set_connected(conn, up, reconnected);
 					if (up)
 						ereport(LOG,
-								(errmsg("agog_nats worker reconnected to NATS at %s",
+								(errcode(ERRCODE_SUCCESSFUL_COMPLETION),
+								 errmsg("agog_nats worker reconnected to NATS at %s",
 										agog_shared->server)));
 					else
 						ereport(LOG,
-								(errmsg("agog_nats worker lost its NATS connection, reconnecting")));
+								(errcode(ERRCODE_SUCCESSFUL_COMPLETION),
+								 errmsg("agog_nats worker lost its NATS connection, reconnecting")));
 					logged = up ? LOGGED_CONNECTED : LOGGED_DOWN;
 					logged_error[0] = '\0';
 				}
@@ -671,7 +679,7 @@ wait:
 
 	MemoryContextSwitchTo(TopMemoryContext);
 	agog_conn_close(conn);
-	ereport(LOG, (errmsg("agog_nats worker shutting down")));
+	ereport(LOG, (errcode(ERRCODE_SUCCESSFUL_COMPLETION), errmsg("agog_nats worker shutting down")));
 	/* exit 1: the postmaster restarts it unless the cluster is stopping */
 	proc_exit(1);
 }
