@@ -1154,19 +1154,30 @@ CREATE INDEX outbox_subject_pending ON agog_nats.outbox (subject, id)
 ALTER TABLE agog_nats.agents ADD COLUMN customized boolean NOT NULL DEFAULT false;
 ALTER TABLE agog_nats.pipelines ADD COLUMN customized boolean NOT NULL DEFAULT false;
 
+-- The six built-in agents with the descriptions CREATE EXTENSION gives
+-- them (agog_nats--0.1.0.sql); a later version that adds a built-in agent
+-- adds it here.
+CREATE FUNCTION agog_nats.builtin_agents()
+    RETURNS TABLE (agent text, description text)
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    AS $$
+VALUES ('cynthia', 'Cynthia: research reports'),
+       ('sylvia', 'Sylvia: critiques of the research'),
+       ('roy', 'Roy: backend implementation reports'),
+       ('jen', 'Jen: frontend implementation reports'),
+       ('billy', 'Billy: QA reports'),
+       ('priya', 'Priya: statistics reports')
+$$;
+REVOKE ALL ON FUNCTION agog_nats.builtin_agents() FROM PUBLIC;
+-- agents_restore runs as the inserting role, which agog_nats_admin may be
+GRANT EXECUTE ON FUNCTION agog_nats.builtin_agents() TO agog_nats_admin;
+
 -- A built-in agent 0.2.0 let a user change is customized already: mark it
 -- here (the trigger below marks later changes), or the next pg_dump leaves
--- the change out.  These are the values CREATE EXTENSION gave the six.  The
--- pipelines are new in this version.
+-- the change out.  The pipelines are new in this version.
 UPDATE agog_nats.agents a
    SET customized = true
-  FROM (VALUES ('cynthia', 'Cynthia: research reports'),
-               ('sylvia', 'Sylvia: critiques of the research'),
-               ('roy', 'Roy: backend implementation reports'),
-               ('jen', 'Jen: frontend implementation reports'),
-               ('billy', 'Billy: QA reports'),
-               ('priya', 'Priya: statistics reports'))
-       AS d (agent, description)
+  FROM agog_nats.builtin_agents() d
  WHERE a.builtin AND a.agent = d.agent
    AND (a.description, a.max_msgs, a.max_bytes, a.max_age, a.max_msg_size)
        IS DISTINCT FROM
@@ -1258,9 +1269,8 @@ BEGIN
         -- No such built-in row.  One of the six (deleted before the
         -- restore) stays built-in: CREATE EXTENSION makes it again on the
         -- next restore, where a user row of its name would collide.  Any
-        -- other name is the user's, and pg_dump keeps it as such.  (A later
-        -- version that adds a built-in agent adds its name here.)
-        IF NEW.agent NOT IN ('cynthia', 'sylvia', 'roy', 'jen', 'billy', 'priya') THEN
+        -- other name is the user's, and pg_dump keeps it as such.
+        IF NEW.agent NOT IN (SELECT b.agent FROM agog_nats.builtin_agents() b) THEN
             NEW.builtin := false;
             NEW.customized := false;
         ELSE
