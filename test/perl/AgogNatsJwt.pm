@@ -151,7 +151,7 @@ sub _user_creds
 			payload => -1,
 		});
 	my $path = "$self->{dir}/$name.creds";
-	_write_file($path, <<"EOF", 0600);
+	write_file($path, <<"EOF", 0600);
 -----BEGIN NATS USER JWT-----
 $jwt
 ------END NATS USER JWT------
@@ -252,7 +252,7 @@ sub _raw_public_from_seed
 		2,
 		sub {
 			my ($key, $pub) = @_;
-			_write_file($key, $PKCS8_PREFIX . $raw_seed, 0600);
+			write_file($key, $PKCS8_PREFIX . $raw_seed, 0600);
 			$self->_openssl('pkey', '-inform', 'DER', '-in', $key, '-pubout',
 				'-outform', 'DER', '-out', $pub);
 			return _read_file($pub);
@@ -272,8 +272,8 @@ sub _sign
 		3,
 		sub {
 			my ($key, $in, $out) = @_;
-			_write_file($key, $PKCS8_PREFIX . $raw_seed, 0600);
-			_write_file($in, $data, 0600);
+			write_file($key, $PKCS8_PREFIX . $raw_seed, 0600);
+			write_file($in, $data, 0600);
 			$self->_openssl('pkeyutl', '-sign', '-rawin', '-inkey', $key,
 				'-keyform', 'DER', '-in', $in, '-out', $out);
 			return _read_file($out);
@@ -409,8 +409,9 @@ sub _read_file
 	return $data // '';
 }
 
-# Writes $data to $path (created or truncated) with mode $mode.
-sub _write_file
+# Writes $data to $path (created or truncated) with mode $mode; the
+# tests call it too, for files of their own (AgogNatsJwt::write_file).
+sub write_file
 {
 	my ($path, $data, $mode) = @_;
 	sysopen(my $fh, $path, O_WRONLY | O_CREAT | O_TRUNC, $mode)

@@ -201,6 +201,37 @@ sub error_after_reload
 	return $err;
 }
 
+# Take the outbox report of $feature on $node to its tenth attempt: wait
+# (a Test::More assertion, $refused_s seconds) until its last_error matches
+# the ILIKE pattern $error_like, set its attempts to 9 and make it due, and
+# wait (an assertion, $tenth_s seconds) until the tenth attempt's outcome is
+# recorded.  Returns "<state> <attempts> <next attempt over 20 s away>".
+sub tenth_refusal
+{
+	my ($node, $feature, $error_like, $name, $refused_s, $tenth_s) = @_;
+	my $row_sql = "SELECT state || ' ' || attempts || ' ' || coalesce(last_error, '') "
+	  . "FROM agog_nats.outbox WHERE feature = '$feature'";
+	my $where = "FROM agog_nats.outbox WHERE feature = '$feature'";
+	Test::More::ok(wait_for(
+			sub { $node->safe_psql('postgres', "SELECT last_error ILIKE '$error_like' $where") eq 't' },
+			$refused_s),
+		"$name: refused with $error_like")
+	  or Test::More::diag($node->safe_psql('postgres', $row_sql));
+	$node->safe_psql('postgres',
+		"UPDATE agog_nats.outbox SET attempts = 9, last_error = NULL, next_attempt_at = now() "
+		  . "WHERE feature = '$feature'");
+	Test::More::ok(wait_for(
+			sub {
+				$node->safe_psql('postgres',
+					"SELECT attempts >= 10 AND last_error IS NOT NULL $where") eq 't';
+			},
+			$tenth_s),
+		"$name: the tenth attempt is recorded")
+	  or Test::More::diag($node->safe_psql('postgres', $row_sql));
+	return $node->safe_psql('postgres',
+		"SELECT state || ' ' || attempts || ' ' || (next_attempt_at > now() + interval '20 s') $where");
+}
+
 # True once agog_fetch_report($agent, $task_type, $feature) on $node returns
 # $content (a report committed in a transaction: the worker publishes it
 # after the commit), within $timeout seconds (default 20).

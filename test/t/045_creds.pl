@@ -21,13 +21,11 @@ my $dir = PostgreSQL::Test::Utils::tempdir();
 my $op = AgogNatsJwt->new(dir => $dir);
 my $good = $op->user_creds('agog');
 
-# Write $text as "$dir/$name.creds".
+# Write $text as "$dir/$name.creds" (mode 0600, as credentials are).
 sub write_creds
 {
 	my ($name, $text) = @_;
-	open(my $fh, '>', "$dir/$name.creds") or die "cannot write $dir/$name.creds: $!";
-	print $fh $text;
-	close $fh;
+	AgogNatsJwt::write_file("$dir/$name.creds", $text, 0600);
 }
 my $stranger = $op->stranger_creds('mallory');
 

@@ -207,20 +207,9 @@ is(scalar(@down), 2, "two servers other than the worker's ($now_on)");
 $_->kill9 for @down;
 $node->safe_psql('postgres',
 	q{SELECT agog_publish_report('cynthia', 'research', 'quorum-1', 'two of three down')});
+like(AgogNatsTest::tenth_refusal($node, 'quorum-1', '%electing a new leader%', 'two of three down', 60, 60),
+	qr/^pending 10 /, 'after its tenth "no responders" the report is still pending, not dead');
 my $row_sql = q{SELECT state || ' ' || attempts || ' ' || coalesce(last_error, '') FROM agog_nats.outbox WHERE feature = 'quorum-1'};
-ok(AgogNatsTest::wait_for(
-		sub { $node->safe_psql('postgres', $row_sql) =~ /electing a new leader/ }, 60),
-	'two of three down: the report is refused with "no responders"')
-  or diag($node->safe_psql('postgres', $row_sql));
-$node->safe_psql('postgres', q{
-	UPDATE agog_nats.outbox SET attempts = 9, last_error = NULL, next_attempt_at = now()
-	 WHERE feature = 'quorum-1'});
-ok(AgogNatsTest::wait_for(
-		sub { $node->safe_psql('postgres', $row_sql) =~ /^\w+ (\d+) \S/ && $1 >= 10 }, 60),
-	'the tenth attempt is recorded')
-  or diag($node->safe_psql('postgres', $row_sql));
-like($node->safe_psql('postgres', $row_sql), qr/^pending 10 /,
-	'after its tenth "no responders" the report is still pending, not dead');
 $_->start for @down;
 $node->safe_psql('postgres',
 	q{UPDATE agog_nats.outbox SET next_attempt_at = now() WHERE feature = 'quorum-1'});

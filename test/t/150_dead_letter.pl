@@ -150,25 +150,7 @@ $node->safe_psql('postgres',
 my $tenth = sub {
 	my ($agent, $task_type, $feature, $error_like, $name) = @_;
 	$node->safe_psql('postgres', "SELECT agog_publish_report('$agent', '$task_type', '$feature', 'boo')");
-	ok(AgogExactlyOnce::wait_until(
-			sub {
-				$node->safe_psql('postgres',
-					"SELECT last_error ILIKE '$error_like' FROM agog_nats.outbox WHERE feature = '$feature'") eq 't';
-			},
-			15),
-		"C: $name: refused with $error_like")
-	  or diag($node->safe_psql('postgres', "SELECT last_error FROM agog_nats.outbox WHERE feature = '$feature'"));
-	$node->safe_psql('postgres',
-		"UPDATE agog_nats.outbox SET attempts = 9, last_error = NULL, next_attempt_at = now() WHERE feature = '$feature'");
-	ok(AgogExactlyOnce::wait_until(
-			sub {
-				$node->safe_psql('postgres',
-					"SELECT attempts >= 10 AND last_error IS NOT NULL FROM agog_nats.outbox WHERE feature = '$feature'") eq 't';
-			},
-			40),
-		"C: $name: the tenth attempt is recorded");
-	return $node->safe_psql('postgres',
-		"SELECT state || ' ' || attempts || ' ' || (next_attempt_at > now() + interval '20 s') FROM agog_nats.outbox WHERE feature = '$feature'");
+	return AgogNatsTest::tenth_refusal($node, $feature, $error_like, "C: $name", 15, 40);
 };
 is($tenth->('ghost', 'ghost', 'nr-one', '%no responders%', 'one replica'), 'dead 10 false',
 	'C: one replica: the tenth "no responders" makes the report dead');
