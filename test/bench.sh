@@ -124,6 +124,10 @@ runuser -u postgres -- "$PGBIN/psql" -X -q -h "$WORK" -p "$PG_PORT" -d postgres 
     -v ON_ERROR_STOP=1 -v so="$WORK/agog_bench_floor.so" <<'SQL'
 CREATE FUNCTION agog_bench_floor_publish(text, text, text) RETURNS bigint
     LANGUAGE C STRICT AS :'so', 'agog_bench_floor_publish';
+CREATE FUNCTION agog_bench_floor_get_loop(text, text, text) RETURNS text
+    LANGUAGE C STRICT AS :'so', 'agog_bench_floor_get_loop';
+CREATE FUNCTION agog_bench_floor_publish_loop(text, text, text) RETURNS bigint
+    LANGUAGE C STRICT AS :'so', 'agog_bench_floor_publish_loop';
 CREATE FUNCTION agog_bench_floor_get(text, text, text) RETURNS text
     LANGUAGE C STRICT AS :'so', 'agog_bench_floor_get';
 SQL

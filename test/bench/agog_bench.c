@@ -460,6 +460,9 @@ prepare_all(PGconn *c)
 			   "       + octet_length($5::jsonb::text)", 5);
 	pg_prepare(c, "carry_out", "SELECT content FROM bench_carry", 0);
 	pg_prepare(c, "floor_publish", "SELECT agog_bench_floor_publish($1, $2, $3)", 3);
+	pg_prepare(c, "floor_publish_loop", "SELECT agog_bench_floor_publish_loop($1, $2, $3)", 3);
+	pg_prepare(c, "floor_get_loop",
+			   "SELECT agog_bench_floor_get_loop($1, 'agog_features_research', $2)", 2);
 	pg_prepare(c, "floor_get",
 			   "SELECT agog_bench_floor_get($1, 'agog_features_research', $2)", 2);
 	pg_prepare(c, "insert_plain",
@@ -813,6 +816,8 @@ typedef enum SqlKind
 	SQL_CARRY_OUT,				/* the content's bytes to the client, nothing else */
 	SQL_FLOOR_PUBLISH,			/* a bare C function: js_Publish of its argument */
 	SQL_FLOOR_GET,				/* a bare C function: js_DirectGetMsg's data as text */
+	SQL_FLOOR_PUBLISH_LOOP,		/* the same over a connection without nats.c's threads */
+	SQL_FLOOR_GET_LOOP,			/* the same over a connection without nats.c's threads */
 	SQL_PUBLISH_NOW,
 	SQL_FETCH,
 	SQL_FETCH_DRAIN,			/* agog_fetch_report on the drain's subjects */
@@ -851,23 +856,27 @@ sql_call(PGconn *c, SqlKind kind, int seq, const char *feature)
 				die("the carry-out statement returned no content");
 			break;
 		case SQL_FLOOR_PUBLISH:
+		case SQL_FLOOR_PUBLISH_LOOP:
 			{
 				const char *p[3] = {nats_url, "agog.deliverables.roy.backend.floorbench", floor_body};
+				const char *stmt = kind == SQL_FLOOR_PUBLISH ? "floor_publish" : "floor_publish_loop";
 
-				r = pg_run(c, "floor_publish", 3, p);
+				r = pg_run(c, stmt, 3, p);
 				if (PQntuples(r) != 1 || PQgetisnull(r, 0, 0))
-					die("agog_bench_floor_publish returned no sequence");
+					die("%s returned no answer", stmt);
 				break;
 			}
 		case SQL_FLOOR_GET:
+		case SQL_FLOOR_GET_LOOP:
 			{
 				const char *p[2] = {nats_url, feat};
+				const char *stmt = kind == SQL_FLOOR_GET ? "floor_get" : "floor_get_loop";
 
 				snprintf(feat, sizeof(feat), "agog.deliverables.cynthia.research.f%04d",
 						 seq % FETCH_SUBJECTS);
-				r = pg_run(c, "floor_get", 2, p);
+				r = pg_run(c, stmt, 2, p);
 				if (PQntuples(r) != 1 || PQgetlength(r, 0, 0) < REPORT_BYTES - 100)
-					die("agog_bench_floor_get(%s) returned no report", feat);
+					die("%s(%s) returned no report", stmt, feat);
 				break;
 			}
 		case SQL_PUBLISH_NOW:
@@ -1696,6 +1705,7 @@ main(int argc, char **argv)
 	Fig			ins1 = {0}, ins4 = {0};
 	Fig			now_p50 = {0}, now_rate = {0}, carry_in_p50 = {0}, carry_out_p50 = {0};
 	Fig			floor_pub_p50 = {0}, floor_get_p50 = {0};
+	Fig			loop_pub_p50 = {0}, loop_get_p50 = {0};
 	Fig			hand_get_p50 = {0};
 	Fig			e2e1 = {0}, e2e4 = {0}, e2e1_client = {0}, e2e4_client = {0};
 	Fig			drain_rate = {0}, drain_wcpu = {0}, drain_ncpu = {0};
@@ -1830,6 +1840,8 @@ main(int argc, char **argv)
 	round_sql(c, SQL_FETCH, scaled(300), NULL, NULL, NULL);
 	round_sql(c, SQL_FLOOR_PUBLISH, scaled(300), NULL, NULL, NULL);
 	round_sql(c, SQL_FLOOR_GET, scaled(300), NULL, NULL, NULL);
+	round_sql(c, SQL_FLOOR_PUBLISH_LOOP, scaled(300), NULL, NULL, NULL);
+	round_sql(c, SQL_FLOOR_GET_LOOP, scaled(300), NULL, NULL, NULL);
 	round_sql(c, SQL_STATUS, scaled(100), NULL, NULL, NULL);
 	round_insert(cls, 4, scaled(200), NULL);
 	round_e2e(mon, cls, 4, scaled(200), NULL, NULL);
@@ -1841,7 +1853,7 @@ main(int argc, char **argv)
 		double		secs = getenv("AGOG_BENCH_SECONDS") ? atof(getenv("AGOG_BENCH_SECONDS")) : 60;
 		double		end;
 		int			client_pid = (int) pg_int(c, "SELECT pg_backend_pid()");
-		Fig			f1 = {0}, f2 = {0}, f3 = {0}, f4 = {0}, f5 = {0};
+		Fig			f1 = {0}, f2 = {0}, f3 = {0}, f4 = {0}, f5 = {0}, f6 = {0};
 
 		note("profile: phase %s for %.0f s; single-client backend pid %d, worker pid %d, "
 			 "4-client backend pids %d %d %d %d",
@@ -1862,6 +1874,7 @@ main(int argc, char **argv)
 				round_sql(c, SQL_SELECT1, 500, &f4, NULL, NULL);
 				round_sql(c, SQL_PUBLISH_NOW, 500, &f1, NULL, NULL);
 				round_sql(c, SQL_FLOOR_PUBLISH, 500, &f5, NULL, NULL);
+				round_sql(c, SQL_FLOOR_PUBLISH_LOOP, 500, &f6, NULL, NULL);
 			}
 			else if (strcmp(only, "fetch") == 0)
 			{
@@ -1869,6 +1882,7 @@ main(int argc, char **argv)
 				round_sql(c, SQL_SELECT1, 1000, &f4, NULL, NULL);
 				round_sql(c, SQL_FETCH, 1000, &f1, NULL, NULL);
 				round_sql(c, SQL_FLOOR_GET, 1000, &f5, NULL, NULL);
+				round_sql(c, SQL_FLOOR_GET_LOOP, 1000, &f6, NULL, NULL);
 			}
 			else if (strcmp(only, "status") == 0)
 			{
@@ -1902,11 +1916,14 @@ main(int argc, char **argv)
 					 "baseline; %.2f to the floor)", only, f1.v[f1.n - 1], base,
 					 f1.v[f1.n - 1] / base, f5.v[f5.n - 1], f5.v[f5.n - 1] / base,
 					 f1.v[f1.n - 1] / f5.v[f5.n - 1]);
+			if (f6.n)
+				note("  thread-less floor %.3f, ratio %.2f to the baseline, %.2f to the floor",
+					 f6.v[f6.n - 1], f6.v[f6.n - 1] / base, f6.v[f6.n - 1] / f5.v[f5.n - 1]);
 			else
 				note("  %s: %.3f (p99 / lag p99: %.3f; baseline %.3f, ratio %.2f)", only,
 					 f1.v[f1.n - 1], f2.n ? f2.v[f2.n - 1] : NAN, base, f1.v[f1.n - 1] / base);
 			if (f1.n >= (int) (sizeof(f1.v) / sizeof(f1.v[0])))
-				f1.n = f2.n = f3.n = f4.n = f5.n = 0;
+				f1.n = f2.n = f3.n = f4.n = f5.n = f6.n = 0;
 		}
 		return 0;
 	}
@@ -1925,6 +1942,7 @@ main(int argc, char **argv)
 		round_sql(c, SQL_PUBLISH_NOW, scaled(500), &now_p50, NULL, &now_rate);
 		round_sql(c, SQL_CARRY_IN, scaled(500), &carry_in_p50, NULL, NULL);
 		round_sql(c, SQL_FLOOR_PUBLISH, scaled(500), &floor_pub_p50, NULL, NULL);
+		round_sql(c, SQL_FLOOR_PUBLISH_LOOP, scaled(500), &loop_pub_p50, NULL, NULL);
 		round_raw_async(scaled(2000), 0, raw_body, raw_len, &async_rate, &async_ncpu);
 	}
 
@@ -1938,6 +1956,7 @@ main(int argc, char **argv)
 		round_sql(c, SQL_FETCH, scaled(1000), &fetch_p50, &fetch_p99, NULL);
 		round_sql(c, SQL_CARRY_OUT, scaled(1000), &carry_out_p50, NULL, NULL);
 		round_sql(c, SQL_FLOOR_GET, scaled(1000), &floor_get_p50, NULL, NULL);
+		round_sql(c, SQL_FLOOR_GET_LOOP, scaled(1000), &loop_get_p50, NULL, NULL);
 	}
 
 	/* ---- status: raw stream info, SELECT 1, agog_stream_status ---- */
@@ -2110,6 +2129,11 @@ main(int argc, char **argv)
 					"sync publish p50 + SELECT 1 p50", fig_med(&sync_p50) + sel, "", 0);
 		latency_row("(`agog_publish_report_now` against the floor)", &now_p50,
 					"floor p50", fig_med(&floor_pub_p50), "", 0);
+		latency_row("(thread-less floor: the same publish by hand over a connection without "
+					"nats.c's threads, the backend reading its socket itself, p50)", &loop_pub_p50,
+					"sync publish p50 + SELECT 1 p50", fig_med(&sync_p50) + sel, "", 0);
+		latency_row("(`agog_publish_report_now` against the thread-less floor)", &now_p50,
+					"thread-less floor p50", fig_med(&loop_pub_p50), "", 0);
 
 		fmt_fig(m, sizeof(m), &e2e1, "reports/s", 0);
 		snprintf(b, sizeof(b), "plain INSERT, 1 client: %.0f rows/s", fig_med(&ins1));
@@ -2177,6 +2201,11 @@ main(int argc, char **argv)
 					"direct get p50 + SELECT 1 p50", fig_med(&get_p50) + sel, "", 0);
 		latency_row("(`agog_fetch_report` against the floor)", &fetch_p50,
 					"floor p50", fig_med(&floor_get_p50), "", 0);
+		latency_row("(thread-less floor: the same direct get by hand over a connection without "
+					"nats.c's threads, p50)", &loop_get_p50,
+					"direct get p50 + SELECT 1 p50", fig_med(&get_p50) + sel, "", 0);
+		latency_row("(`agog_fetch_report` against the thread-less floor)", &fetch_p50,
+					"thread-less floor p50", fig_med(&loop_get_p50), "", 0);
 		fmt_fig(m, sizeof(m), &hand_get_p50, "ms", 3);
 		row("(raw nats.c direct get by hand, as the extension sends it: `natsConnection_PublishRequest`, "
 			"reply from a synchronous subscription, p50)", m, "", "", "", "info");
