@@ -17,8 +17,11 @@
  * is sent again after a slice runs out carries the same Nats-Msg-Id, which
  * JetStream's duplicate window makes harmless.
  *
- * Callbacks run on nats.c threads: they only touch process-static counters
- * with atomic builtins and write one byte to a pipe the worker waits on.
+ * The worker's callbacks run on nats.c threads: they only touch
+ * process-static counters with atomic builtins and write one byte to a pipe
+ * the worker waits on.  A backend's connection has no nats.c thread at all
+ * (see "The backend as its loop"): its event-loop callbacks run on the
+ * backend's own thread, inside a signal-blocked section.
  *
  * Copyright (c) 2026, agog_nats developers
  *
@@ -29,16 +32,21 @@
 #include "agog_nats.h"
 
 #include <fcntl.h>
+#include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <unistd.h>
 
 #include <nats/nats.h>
 
+#include "common/jsonapi.h"
+#include "mb/pg_wchar.h"
 #include "miscadmin.h"
 #include "storage/fd.h"
 #include "storage/ipc.h"
 #include "storage/latch.h"
+#include "utils/fmgrprotos.h"
+#include "utils/jsonb.h"
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
 #include "utils/wait_event.h"
@@ -58,6 +66,11 @@ struct AgogConn
 	char		reply_prefix[64];
 	uint64		reply_seq;
 	uint64		unsettled;		/* a request nobody waited for, or 0 */
+	/* a backend's connection without threads, see "The backend as its loop" */
+	bool		threadless;
+	int			sock;			/* its socket, from loop_attach */
+	bool		want_write;		/* nats.c has buffered bytes to send */
+	bool		detached;		/* nats.c closed the connection */
 };
 
 /* Slices of a bounded wait, in milliseconds; the last one repeats. */
@@ -107,6 +120,16 @@ static void set_timeout_error(AgogError *err, bool interrupted);
 
 static bool default_interrupt_check(void);
 static AgogInterruptCheck interrupt_check = default_interrupt_check;
+
+static bool has_setting(const char *v);
+static bool loop_wanted(const char *url, bool keep_reconnecting);
+static natsStatus loop_attach(void **userData, void *loop, natsConnection *nc,
+							  natsSock sock);
+static natsStatus loop_read(void *userData, bool add);
+static natsStatus loop_write(void *userData, bool add);
+static natsStatus loop_detach(void *userData);
+static void loop_catch_up(AgogConn *conn);
+static char *copy_bytes_noerror(const char *src, int len);
 
 /*
  * State shared with nats.c's callback threads.  It lives for the whole
@@ -790,6 +813,8 @@ agog_conn_open(const char *url, const char *name, bool keep_reconnecting,
 		conn_events.pipe_wr = fds[1];
 	}
 	conn = MemoryContextAllocZero(TopMemoryContext, sizeof(AgogConn));
+	conn->threadless = loop_wanted(url, keep_reconnecting);
+	conn->sock = -1;
 
 	/*
 	 * Connect in attempts of growing length, so cancel and shutdown are
@@ -865,6 +890,12 @@ agog_conn_open(const char *url, const char *name, bool keep_reconnecting,
 			/* a backend's requests go out at once, see request_send */
 			if (s == NATS_OK)
 				s = natsOptions_SetSendAsap(opts, true);
+			/* no reader and no ping thread: see "The backend as its loop" */
+			if (s == NATS_OK && conn->threadless)
+				s = natsOptions_SetPingInterval(opts, 0);
+			if (s == NATS_OK && conn->threadless)
+				s = natsOptions_SetEventLoop(opts, conn, loop_attach, loop_read,
+											 loop_write, loop_detach);
 		}
 		if (s == NATS_OK)
 			s = natsConnection_Connect(&nc, opts);
@@ -939,19 +970,32 @@ agog_conn_close(AgogConn *conn)
 
 /*
  * agog_conn_is_usable
- *		True while the connection is connected or reconnecting by itself.
+ *		True while the connection is connected or reconnecting by itself.  A
+ *		thread-less connection first takes in what arrived since its last
+ *		use, so a close by the server is seen here, before a request is sent.
+ *		One whose earlier requests the server has still not taken off the
+ *		socket (a frozen server) is not usable either: nats.c applies no
+ *		write deadline to it, and its buffer would grow with every call.
  */
 bool
 agog_conn_is_usable(AgogConn *conn)
 {
 	sigset_t	saved;
 	natsConnStatus st;
+	bool		stuck = false;
 
 	if (conn == NULL)
 		return false;
 	NATS_BEGIN(saved);
+	if (conn->threadless)
+	{
+		loop_catch_up(conn);
+		stuck = conn->want_write;
+	}
 	st = natsConnection_Status(conn->nc);
 	NATS_END(saved);
+	if (stuck)
+		return false;
 	if (conn->with_events)
 		return st != NATS_CONN_STATUS_CLOSED;
 	return st == NATS_CONN_STATUS_CONNECTED;
@@ -1050,12 +1094,14 @@ agog_conn_take_events(AgogConn *conn, AgogConnEvents *events)
 /*
  * backend_conn_current
  *		Whether the cached connection (not NULL) was opened with these
- *		settings and is still usable.
+ *		settings, is of the kind they ask for (with or without nats.c's
+ *		threads: agog_nats.stream_replicas decides) and is still usable.
  */
 static bool
 backend_conn_current(const char *settings)
 {
 	return strcmp(backend_conn_url, settings) == 0 &&
+		backend_conn->threadless == loop_wanted(agog_url, false) &&
 		agog_conn_is_usable(backend_conn);
 }
 
@@ -1229,17 +1275,175 @@ run_sliced(AgogConn *conn, AttemptFn attempt, void *arg,
 }
 
 /* ----------------------------------------------------------------
+ * The backend as its loop
+ *
+ * nats.c runs a reader thread for each connection: a reply wakes that
+ * thread, which parses it and then wakes the caller waiting on a condition
+ * variable.  A backend's connection (single-replica streams, no TLS) is
+ * instead attached to an "external event loop" that is the backend itself:
+ * nats.c starts no reader, flusher or ping thread for it, and the backend
+ * reads its replies on its own thread (poll(2) on the socket, then
+ * natsConnection_ProcessReadEvent), one thread hand-off less per call (see
+ * docs/benchmarks.md, "Tenth round").  Nothing reads the socket between
+ * calls, so every use starts by taking in what arrived meanwhile: the
+ * server's PINGs are answered then, and a connection the server closed (a
+ * restart, or too many PINGs left unanswered by a long-idle backend) is
+ * found closed and opened again before anything is sent on it.
+ *
+ * The callbacks below run only on the backend's own thread: no nats.c
+ * thread touches a connection that has no reader, flusher, ping timer or
+ * reconnect.  Replicated streams keep the threaded connection: reading
+ * through the stream leader uses nats.c's blocking helpers (js_GetLastMsg),
+ * which need its reader thread.  So does TLS, so that OpenSSL's own
+ * buffering never hides a reply from poll(2).
+ * ----------------------------------------------------------------
+ */
+
+/* nats.c attached the connection: remember its socket. */
+static natsStatus
+loop_attach(void **userData, void *loop, natsConnection *nc, natsSock sock)
+{
+	AgogConn   *conn = (AgogConn *) loop;
+
+	conn->sock = (int) sock;
+	conn->detached = false;
+	*userData = conn;
+	return NATS_OK;
+}
+
+/* The socket is always polled for reading while a call waits. */
+static natsStatus
+loop_read(void *userData, bool add)
+{
+	return NATS_OK;
+}
+
+/* nats.c has bytes to send (add), or sent them all. */
+static natsStatus
+loop_write(void *userData, bool add)
+{
+	((AgogConn *) userData)->want_write = add;
+	return NATS_OK;
+}
+
+/* nats.c closed the connection. */
+static natsStatus
+loop_detach(void *userData)
+{
+	AgogConn   *conn = (AgogConn *) userData;
+
+	conn->detached = true;
+	conn->want_write = false;
+	return NATS_OK;
+}
+
+/*
+ * loop_wanted
+ *		Whether a connection opened now goes without nats.c's threads: a
+ *		backend's, with single-replica streams and no TLS.
+ */
+static bool
+loop_wanted(const char *url, bool keep_reconnecting)
+{
+	return !keep_reconnecting && agog_stream_replicas == 1 &&
+		!has_setting(agog_tls_ca_file) && !has_setting(agog_tls_cert_file) &&
+		strstr(url, "tls://") == NULL;
+}
+
+/*
+ * loop_turn
+ *		Wait at most wait_ms for the socket, then send what nats.c has
+ *		buffered and take in what arrived (replies, PINGs, the close).
+ *		wait_ms 0 only looks.  Returns NATS_TIMEOUT when nothing happened,
+ *		NATS_CONNECTION_CLOSED once nats.c closed the connection.  Runs inside
+ *		a signal-blocked section, on a thread-less connection.
+ */
+static natsStatus
+loop_turn(AgogConn *conn, int64 wait_ms)
+{
+	struct pollfd p;
+	int			r;
+
+	if (conn->detached)
+		return NATS_CONNECTION_CLOSED;
+	p.fd = conn->sock;
+	p.events = POLLIN | (conn->want_write ? POLLOUT : 0);
+	p.revents = 0;
+	r = poll(&p, 1, (int) Min(wait_ms, INT_MAX));
+	if (r < 0 && errno != EINTR)
+		return NATS_IO_ERROR;
+	if (r <= 0)
+		return NATS_TIMEOUT;
+	if ((p.revents & POLLNVAL) != 0)
+		return NATS_CONNECTION_CLOSED;	/* no socket: never spin on it */
+	if ((p.revents & POLLOUT) != 0)
+		natsConnection_ProcessWriteEvent(conn->nc);
+	if ((p.revents & (POLLIN | POLLHUP | POLLERR)) != 0 && !conn->detached)
+		natsConnection_ProcessReadEvent(conn->nc);
+	return conn->detached ? NATS_CONNECTION_CLOSED : NATS_OK;
+}
+
+/*
+ * loop_catch_up
+ *		Without waiting: send what is buffered (a request just made, PONGs)
+ *		as far as the socket takes it, and take in everything that arrived.
+ *		Runs inside a signal-blocked section, on a thread-less connection.
+ */
+static void
+loop_catch_up(AgogConn *conn)
+{
+	if (conn->want_write && !conn->detached)
+		natsConnection_ProcessWriteEvent(conn->nc);
+	/* bounded: a socket that keeps delivering is left for the next wait */
+	for (int i = 0; i < 64; i++)
+		if (loop_turn(conn, 0) != NATS_OK)
+			break;
+}
+
+/*
+ * next_reply
+ *		The next message on the reply subscription, waiting at most wait_ms.
+ *		On a thread-less connection the backend reads the socket itself.
+ *		Runs inside a signal-blocked section.
+ */
+static natsStatus
+next_reply(AgogConn *conn, natsMsg **m, int64 wait_ms)
+{
+	int64		deadline = nats_Now() + wait_ms;
+
+	if (!conn->threadless)
+		return natsSubscription_NextMsg(m, conn->reply_sub, wait_ms);
+	for (;;)
+	{
+		natsStatus	s = natsSubscription_NextMsg(m, conn->reply_sub, 0);
+		int64		remaining;
+
+		if (s != NATS_TIMEOUT)
+			return s;
+		remaining = deadline - nats_Now();
+		if (remaining <= 0)
+			return NATS_TIMEOUT;
+		s = loop_turn(conn, remaining);
+		if (s != NATS_OK && s != NATS_TIMEOUT)
+			return s;
+	}
+}
+
+/* ----------------------------------------------------------------
  * Requests by hand
  *
- * A backend's direct gets are sent by hand, not through js_DirectGetMsg, so
- * that agog_fetch_report can send one, read the outbox during its round
- * trip, and only then wait for the answer.  Each connection has one
- * synchronous subscription on <inbox>.*, and every request a reply subject
- * of its own, <inbox>.<n>; the caller takes its reply from that
- * subscription itself, and drops the replies that name another n (a slice
- * ran out, or a fetch did not wait).  The connection is opened with
- * SendAsap, so a request is written to the socket by the caller and not
- * left for nats.c's flusher thread, which waits about a millisecond.
+ * A backend's requests (publish, direct get, the stream checks and list)
+ * are sent by hand, not through nats.c's helpers (js_Publish,
+ * js_DirectGetMsg, natsConnection_Request): those wait on a condition
+ * variable for nats.c's reader thread, which a thread-less connection does
+ * not have, and a direct get by hand lets agog_fetch_report send one, read
+ * the outbox during its round trip, and only then wait for the answer.
+ * Each connection has one synchronous subscription on <inbox>.*, and every
+ * request a reply subject of its own, <inbox>.<n>; the caller takes its
+ * reply from that subscription itself, and drops the replies that name
+ * another n (a slice ran out, or a fetch did not wait).  The connection is
+ * opened with SendAsap, so a request is written to the socket by the caller
+ * and not left for nats.c's flusher thread, which waits about a millisecond.
  *
  * A "no responders" status is the one reply that cannot be told apart:
  * natsSubscription_NextMsg consumes it and answers NATS_NO_RESPONDERS,
@@ -1263,6 +1467,8 @@ request_settle(AgogConn *conn)
 	if (conn->unsettled == 0)
 		return NATS_OK;
 	conn->unsettled = 0;
+	if (conn->threadless)
+		loop_catch_up(conn);	/* the replies that arrived are read first */
 	for (;;)
 	{
 		natsMsg    *m = NULL;
@@ -1281,12 +1487,13 @@ request_settle(AgogConn *conn)
 /*
  * request_send
  *		Send one request with a reply subject of its own; *token names the
- *		reply for request_wait.  Runs inside a signal-blocked section: nats.c
- *		and plain C only.
+ *		reply for request_wait.  msg_id, when set, goes out as the
+ *		Nats-Msg-Id header.  Runs inside a signal-blocked section: nats.c and
+ *		plain C only.
  */
 static natsStatus
-request_send(AgogConn *conn, const char *subject, const char *data, int len,
-			 uint64 *token)
+request_send(AgogConn *conn, const char *subject, const char *msg_id,
+			 const char *data, int len, uint64 *token)
 {
 	natsStatus	s = NATS_OK;
 	char		reply[96];
@@ -1317,7 +1524,23 @@ request_send(AgogConn *conn, const char *subject, const char *data, int len,
 		return s;
 	*token = ++conn->reply_seq;
 	snprintf(reply, sizeof(reply), "%s." UINT64_FORMAT, conn->reply_prefix, *token);
-	return natsConnection_PublishRequest(conn->nc, subject, reply, data, len);
+	if (msg_id == NULL)
+		s = natsConnection_PublishRequest(conn->nc, subject, reply, data, len);
+	else
+	{
+		natsMsg    *m = NULL;
+
+		s = natsMsg_Create(&m, subject, reply, data, len);
+		if (s == NATS_OK)
+			s = natsMsgHeader_Set(m, "Nats-Msg-Id", msg_id);
+		if (s == NATS_OK)
+			s = natsConnection_PublishMsg(conn->nc, m);
+		natsMsg_Destroy(m);
+	}
+	/* on the wire now, so the caller may work during the round trip */
+	if (s == NATS_OK && conn->threadless)
+		loop_catch_up(conn);
+	return s;
 }
 
 /*
@@ -1347,7 +1570,7 @@ request_wait(AgogConn *conn, uint64 token, int64 wait_ms, natsMsg **reply)
 		if (remaining <= 0)
 			s = NATS_TIMEOUT;
 		else
-			s = natsSubscription_NextMsg(&m, conn->reply_sub, remaining);
+			s = next_reply(conn, &m, remaining);
 		if (s == NATS_TIMEOUT || s == NATS_NO_RESPONDERS)
 		{
 			/*
@@ -1394,6 +1617,65 @@ request_status(natsMsg *m, const char **text)
 }
 
 /* ----------------------------------------------------------------
+ * JetStream API replies
+ * ----------------------------------------------------------------
+ */
+
+/*
+ * api_reply_parse
+ *		A JetStream API reply (NUL-terminated, body_len bytes) as jsonb.  When
+ *		the reply is an error object ({"error": {"code", "err_code",
+ *		"description"}}) or not a JSON object at all, *err describes it and
+ *		NULL is returned.  Runs after the signal-blocked section: it parses
+ *		with PostgreSQL's JSON code.
+ */
+static Jsonb *
+api_reply_parse(char *body, int body_len, const char *what, AgogError *err)
+{
+	JsonLexContext *lex = makeJsonLexContextCstringLen(body, body_len, PG_UTF8, false);
+	Jsonb	   *doc;
+	JsonbValue	v;
+	JsonbValue *e;
+	jsErrCode	jerr = 0;
+
+	memset(err, 0, sizeof(*err));
+	if (pg_parse_json(lex, &nullSemAction) != JSON_SUCCESS)
+		doc = NULL;
+	else
+		doc = DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum(body)));
+	if (doc == NULL || !JB_ROOT_IS_OBJECT(doc))
+	{
+		char		text[128];
+
+		snprintf(text, sizeof(text), "the server's answer to %s is not a JSON object", what);
+		set_error(err, ERRCODE_PROTOCOL_VIOLATION, text);
+		return NULL;
+	}
+	e = getKeyJsonValueFromContainer(&doc->root, "error", 5, &v);
+	if (e == NULL || e->type != jbvBinary)
+		return doc;
+
+	{
+		JsonbContainer *ec = e->val.binary.data;
+		JsonbValue	f;
+
+		if (getKeyJsonValueFromContainer(ec, "err_code", 8, &f) != NULL &&
+			f.type == jbvNumeric)
+			jerr = (jsErrCode) DatumGetInt32(DirectFunctionCall1(numeric_int4,
+																 NumericGetDatum(f.val.numeric)));
+		err->status = (int) NATS_ERR;
+		err->js_code = (int) jerr;
+		err->sqlstate = map_status(NATS_ERR, jerr, &err->not_found);
+		if (getKeyJsonValueFromContainer(ec, "description", 11, &f) != NULL &&
+			f.type == jbvString && f.val.string.len > 0)
+			snprintf(err->text, sizeof(err->text), "%.*s", f.val.string.len, f.val.string.val);
+		else
+			strlcpy(err->text, "JetStream API error", sizeof(err->text));
+	}
+	return NULL;
+}
+
+/* ----------------------------------------------------------------
  * Publish
  * ----------------------------------------------------------------
  */
@@ -1404,35 +1686,38 @@ typedef struct PublishArgs
 	const char *msg_id;
 	const char *data;
 	int			len;
-	char		stream[AGOG_SERVER_LEN];
-	uint64		seq;
-	bool		duplicate;
+	char	   *ack;			/* the PubAck's JSON, NUL-terminated */
+	int			ack_len;
 } PublishArgs;
 
+/*
+ * publish_attempt
+ *		Send the message by hand and wait one slice for its answer, whose
+ *		body is copied out for agog_conn_publish to read.  "No responders"
+ *		carries the code js_Publish gives it (JetStream not enabled for the
+ *		subject), so its error reads as before.
+ */
 static natsStatus
 publish_attempt(AgogConn *conn, int64 wait_ms, void *arg, AgogError *err)
 {
 	PublishArgs *a = (PublishArgs *) arg;
 	sigset_t	saved;
-	jsPubOptions popts;
-	jsPubAck   *pa = NULL;
-	jsErrCode	jerr = 0;
+	natsMsg    *reply = NULL;
+	uint64		token = 0;
 	natsStatus	s;
 
 	NATS_BEGIN(saved);
-	jsPubOptions_Init(&popts);
-	popts.MsgId = a->msg_id;
-	popts.MaxWait = wait_ms;
-	s = js_Publish(&pa, conn->js, a->subject, a->data, a->len, &popts, &jerr);
+	s = request_send(conn, a->subject, a->msg_id, a->data, a->len, &token);
+	if (s == NATS_OK)
+		s = request_wait(conn, token, wait_ms, &reply);
 	if (s == NATS_OK)
 	{
-		strlcpy(a->stream, pa->Stream ? pa->Stream : "", sizeof(a->stream));
-		a->seq = pa->Sequence;
-		a->duplicate = pa->Duplicate;
+		a->ack_len = natsMsg_GetDataLength(reply);
+		a->ack = copy_bytes_noerror(natsMsg_GetData(reply), a->ack_len);
 	}
 	else if (s != NATS_TIMEOUT)
-		capture_error(err, s, jerr);
-	jsPubAck_Destroy(pa);
+		capture_error(err, s, s == NATS_NO_RESPONDERS ? JSNotEnabledErr : 0);
+	natsMsg_Destroy(reply);
 	NATS_END(saved);
 	return s;
 }
@@ -1453,6 +1738,9 @@ agog_conn_publish(AgogConn *conn, const char *subject, const char *msg_id,
 	int64		max_payload = agog_conn_max_payload(conn);
 	int64		header_len = strlen("NATS/1.0\r\nNats-Msg-Id: \r\n\r\n") + strlen(msg_id);
 	PublishArgs a;
+	Jsonb	   *doc;
+	JsonbValue	v;
+	JsonbValue	seqv;
 
 	if ((int64) len + header_len > max_payload)
 	{
@@ -1473,9 +1761,29 @@ agog_conn_publish(AgogConn *conn, const char *subject, const char *msg_id,
 	a.len = len;
 	if (run_sliced(conn, publish_attempt, &a, agog_stream_replicas > 1, err) != NATS_OK)
 		return false;
-	*stream = pstrdup(a.stream);
-	*seq = a.seq;
-	*duplicate = a.duplicate;
+	if (a.ack == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_OUT_OF_MEMORY),
+				 errmsg("out of memory"),
+				 errdetail("Failed to copy a PubAck of %d bytes.", a.ack_len)));
+	doc = api_reply_parse(a.ack, a.ack_len, "a publish", err);
+	if (doc == NULL)
+		return false;
+	if (getKeyJsonValueFromContainer(&doc->root, "stream", 6, &v) == NULL ||
+		v.type != jbvString ||
+		getKeyJsonValueFromContainer(&doc->root, "seq", 3, &seqv) == NULL ||
+		seqv.type != jbvNumeric)
+	{
+		set_error(err, ERRCODE_PROTOCOL_VIOLATION,
+				  "the server's answer to a publish is not a PubAck");
+		return false;
+	}
+	*stream = pnstrdup(v.val.string.val, v.val.string.len);
+	*seq = (uint64) DatumGetInt64(DirectFunctionCall1(numeric_int8,
+													  NumericGetDatum(seqv.val.numeric)));
+	*duplicate = getKeyJsonValueFromContainer(&doc->root, "duplicate", 9, &v) != NULL &&
+		v.type == jbvBool && v.val.boolean;
+	pfree(a.ack);
 	return true;
 }
 
@@ -1722,7 +2030,7 @@ direct_get_send(AgogConn *conn, const char *stream, const char *subject,
 		snprintf(payload, sizeof(payload), "{\"last_by_subj\":\"%s\"}", subject);
 	else
 		snprintf(payload, sizeof(payload), "{\"seq\":" UINT64_FORMAT "}", seq);
-	return request_send(conn, api, payload, (int) strlen(payload), token);
+	return request_send(conn, api, NULL, payload, (int) strlen(payload), token);
 }
 
 /*
@@ -1767,10 +2075,19 @@ get_attempt(AgogConn *conn, int64 wait_ms, void *arg, AgogError *err)
 	GetArgs    *a = (GetArgs *) arg;
 	sigset_t	saved;
 	natsMsg    *m = NULL;
+	char	   *info = NULL;	/* a stream info reply, read after the section */
+	int			info_len = 0;
 	natsStatus	s;
 
 	NATS_BEGIN(saved);
-	if (a->from_leader)
+	if (a->from_leader && conn->threadless)
+	{
+		/* agog_backend_conn opens a threaded connection for replicated streams */
+		s = NATS_ILLEGAL_STATE;
+		set_error(err, ERRCODE_INTERNAL_ERROR,
+				  "a read through the stream leader needs a connection with nats.c's threads");
+	}
+	else if (a->from_leader)
 	{
 		jsOptions	jopts;
 		jsErrCode	jerr = 0;
@@ -1793,23 +2110,25 @@ get_attempt(AgogConn *conn, int64 wait_ms, void *arg, AgogError *err)
 		 * missing message does (no report); found, the next slice sends the
 		 * get again.
 		 */
-		jsOptions	jopts;
-		jsErrCode	jerr = 0;
-		jsStreamInfo *si = NULL;
+		char		api[AGOG_SERVER_LEN + 32];
+		natsMsg    *reply = NULL;
+		uint64		token = 0;
 
-		jsOptions_Init(&jopts);
-		jopts.Wait = wait_ms;
-		s = js_GetStreamInfo(&si, conn->js, a->stream, &jopts, &jerr);
-		jsStreamInfo_Destroy(si);
+		snprintf(api, sizeof(api), "$JS.API.STREAM.INFO.%s", a->stream);
+		s = request_send(conn, api, NULL, NULL, 0, &token);
+		if (s == NATS_OK)
+			s = request_wait(conn, token, wait_ms, &reply);
 		if (s == NATS_OK)
 		{
-			a->stream_seen = true;
+			info_len = natsMsg_GetDataLength(reply);
+			info = copy_bytes_noerror(natsMsg_GetData(reply), info_len);
 			s = NATS_TIMEOUT;	/* the get itself is still unanswered */
 		}
 		else if (s != NATS_TIMEOUT)
-			capture_error(err, s, jerr);
+			capture_error(err, s, 0);
 		else
 			a->unanswered++;	/* no answer either: do not ask again */
+		natsMsg_Destroy(reply);
 	}
 	else
 	{
@@ -1839,6 +2158,16 @@ get_attempt(AgogConn *conn, int64 wait_ms, void *arg, AgogError *err)
 		a->copied = copy_msg(m, a->stream, a->msg, a->time_text, sizeof(a->time_text));
 	natsMsg_Destroy(m);
 	NATS_END(saved);
+
+	if (info != NULL)
+	{
+		/* the stream exists unless JetStream said otherwise */
+		if (api_reply_parse(info, info_len, "a stream info request", err) != NULL)
+			a->stream_seen = true;
+		else
+			s = err->not_found ? NATS_NOT_FOUND : NATS_ERR;
+		pfree(info);
+	}
 	return s;
 }
 
@@ -2031,11 +2360,14 @@ api_attempt(AgogConn *conn, int64 wait_ms, void *arg, AgogError *err)
 	ApiArgs    *a = (ApiArgs *) arg;
 	sigset_t	saved;
 	natsMsg    *reply = NULL;
+	uint64		token = 0;
 	natsStatus	s;
 
 	a->copied = true;
 	NATS_BEGIN(saved);
-	s = natsConnection_RequestString(&reply, conn->nc, a->subject, a->payload, wait_ms);
+	s = request_send(conn, a->subject, NULL, a->payload, (int) strlen(a->payload), &token);
+	if (s == NATS_OK)
+		s = request_wait(conn, token, wait_ms, &reply);
 	if (s == NATS_OK)
 	{
 		a->len = natsMsg_GetDataLength(reply);

@@ -1,0 +1,92 @@
+
+# A backend's connection without nats.c's threads (single-replica streams,
+# no TLS): the backend reads its socket itself, so nothing answers the
+# server between calls.  Each call must first take in what arrived: the
+# server's PINGs are answered then (a session that calls often keeps its
+# connection), and a connection the server closed while the backend was
+# idle (PINGs unanswered for too long) is opened again before the call
+# sends anything, so the call succeeds.  The server here pings every second
+# and closes a client after two unanswered PINGs.
+
+use strict;
+use warnings;
+
+use Time::HiRes qw(usleep);
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+use AgogNatsTest;
+
+my $nats = AgogNatsTest::NatsServer->new(extra_conf => "ping_interval: \"1s\"\nping_max: 2\n");
+$nats->start;
+my $node = AgogNatsTest::new_node('loop', $nats);
+$node->start;
+$node->safe_psql('postgres', 'CREATE EXTENSION agog_nats');
+ok(AgogNatsTest::wait_for(sub { AgogNatsTest::worker_ready($node) }, 30),
+	'the worker is connected with its streams');
+
+# The connections of a backend, as the server lists them: [open, closed].
+sub backend_conns
+{
+	my ($pid) = @_;
+	my $name = "agog_nats backend $pid";
+	my @open = grep { ($_->{name} // '') eq $name }
+	  @{ $nats->monitor_get('/connz?limit=1024')->{connections} || [] };
+	my @closed = grep { ($_->{name} // '') eq $name }
+	  @{ $nats->monitor_get('/connz?state=closed&limit=1024')->{connections} || [] };
+	return (\@open, \@closed);
+}
+
+my $publish = "SELECT agog_publish_report_now('roy', 'backend', 'loop-%s', 'report %s')";
+my $fetch = "SELECT content FROM agog_fetch_report('roy', 'backend', 'loop-%s')";
+
+# --- the backend starts no thread for its connection ------------------------------
+my $bg = $node->background_psql('postgres');
+my $pid = $bg->query_safe('SELECT pg_backend_pid()');
+like($bg->query_safe(sprintf($publish, 0, 0)), qr/^agog_features_backend\.\d+$/,
+	'a first publish opens the connection');
+opendir(my $dh, "/proc/$pid/task") or die "no /proc/$pid/task: $!";
+my $tasks = grep { /^\d+$/ } readdir($dh);
+closedir($dh);
+# nats.c's library runs a timer, a callback and a garbage-collector thread;
+# a threaded connection would add its reader.
+cmp_ok($tasks, '<=', 4,
+	"the backend runs no nats.c thread for its connection ($tasks tasks: itself and the library's three)");
+
+# --- a backend that calls often answers the PINGs and keeps its connection ------
+for my $i (1 .. 12)
+{
+	is($bg->query_safe(sprintf($fetch, 0)), 'report 0', "busy session: fetch $i")
+	  if $i % 4 == 0;
+	$bg->query_safe(sprintf($publish, $i, $i)) if $i % 4 != 0;
+	usleep(300_000);
+}
+my ($open, $closed) = backend_conns($pid);
+is(scalar(@$open), 1, 'busy session: one open connection after 3.6 s of calls');
+is(scalar(@$closed), 0, 'busy session: the server closed none of its connections')
+  or diag(explain($closed));
+
+# --- an idle backend's connection, closed by the server, is opened again --------
+sleep(5);
+($open, $closed) = backend_conns($pid);
+is(scalar(@$closed), 1, 'idle session: the server closed its connection');
+like($closed->[0]{reason} // '', qr/Stale Connection/i,
+	'idle session: as stale (its PINGs went unanswered)');
+like($bg->query_safe(sprintf($publish, 'after', 'after idle')), qr/^agog_features_backend\.\d+$/,
+	'idle session: the next publish opens a new connection and succeeds');
+is($bg->query_safe(sprintf($fetch, 'after')), 'report after idle',
+	'idle session: the report is in JetStream');
+($open, $closed) = backend_conns($pid);
+is(scalar(@$open), 1, 'idle session: one open connection again');
+
+# the same for a fetch as the first call after the idle time
+sleep(5);
+is($bg->query_safe(sprintf($fetch, 'after')), 'report after idle',
+	'idle session: a fetch as the first call after the close succeeds');
+is($bg->query_safe('SELECT count(*) FROM agog_stream_status()'), '6',
+	'idle session: and the stream list after it');
+
+$bg->quit;
+$node->stop;
+$nats->stop;
+done_testing();
