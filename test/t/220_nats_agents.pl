@@ -281,14 +281,16 @@ sub transient
 			10),
 		"$label: within 10 s the worker's apply ended (an error logged, or the notice acknowledged)");
 	Time::HiRes::sleep(0.5);
-	my $log = AgogNatsTest::log_since($node, $off);
 	my $ci1 = consumer() // {};
 	note("$label: consumer after the failed apply: num_ack_pending $ci1->{num_ack_pending}, "
 		  . "ack floor $ci1->{ack_floor}{stream_seq}, delivered $ci1->{delivered}{stream_seq}");
 	if ($expect_exit)
 	{
-		like($log, qr/background worker "agog_nats worker" \(PID $st0->{pid}\) exited with exit code 1/,
-			"$label: the worker's transaction failed and the worker exited 1");
+		# the exit follows the ERROR once the worker has closed NATS (up to ~1 s)
+		my $exited = qr/background worker "agog_nats worker" \(PID $st0->{pid}\) exited with exit code 1/;
+		ok(AgogNatsTest::wait_for(sub { AgogNatsTest::log_since($node, $off) =~ $exited }, 10),
+			"$label: the worker's transaction failed and the worker exited 1")
+		  or diag(AgogNatsTest::log_since($node, $off));
 	}
 	cmp_ok($ci1->{num_ack_pending} // 0, '>=', 1,
 		"$label: the notice whose apply failed was not acknowledged");
