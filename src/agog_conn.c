@@ -1688,12 +1688,15 @@ typedef struct PublishArgs
 	int			len;
 	char	   *ack;			/* the PubAck's JSON, NUL-terminated */
 	int			ack_len;
+	uint64		token;			/* the last send's reply, 0 before the first */
 } PublishArgs;
 
 /*
  * publish_attempt
  *		Send the message by hand and wait one slice for its answer, whose
- *		body is copied out for agog_conn_publish to read.  "No responders"
+ *		body is copied out for agog_conn_publish to read.  A slice that ran
+ *		out sends the message again (same message id), unless the last send
+ *		is still being written.  "No responders"
  *		carries the code js_Publish gives it (JetStream not enabled for the
  *		subject), so its error reads as before.
  */
@@ -1707,7 +1710,21 @@ publish_attempt(AgogConn *conn, int64 wait_ms, void *arg, AgogError *err)
 	natsStatus	s;
 
 	NATS_BEGIN(saved);
-	s = request_send(conn, a->subject, a->msg_id, a->data, a->len, &token);
+	if (a->token != 0 && conn->threadless && conn->want_write)
+	{
+		/*
+		 * The last send is not on the socket yet (a slow link or a frozen
+		 * server): keep waiting for its answer rather than pile one more
+		 * copy of the message behind it in nats.c's buffer.
+		 */
+		s = NATS_OK;
+		token = a->token;
+		if (conn->unsettled == token)
+			conn->unsettled = 0;
+	}
+	else
+		s = request_send(conn, a->subject, a->msg_id, a->data, a->len, &token);
+	a->token = token;
 	if (s == NATS_OK)
 		s = request_wait(conn, token, wait_ms, &reply);
 	if (s == NATS_OK)

@@ -86,6 +86,41 @@ is($bg->query_safe(sprintf($fetch, 'after')), 'report after idle',
 is($bg->query_safe('SELECT count(*) FROM agog_stream_status()'), '6',
 	'idle session: and the stream list after it');
 
+# --- a frozen server: a large publish is not piled up in nats.c's buffer -------
+# A slice that runs out sends the publish again; while the last copy is still
+# waiting to be written (the server takes nothing), no new copy is added.
+# The 9 MB report fits the socket's buffers only in part, so without that
+# rule every slice of the 2 s timeout would add 9 MB to the backend (65 MB
+# at its peak against 17 MB with it, measured).
+sub vm_hwm_bytes
+{
+	my ($p) = @_;
+	open(my $fh, '<', "/proc/$p/status") or die "no /proc/$p/status: $!";
+	while (<$fh>) { return $1 * 1024 if /^VmHWM:\s+(\d+) kB/; }
+	die "no VmHWM for $p";
+}
+my $big = $node->background_psql('postgres', on_error_stop => 0);
+my $big_pid = $big->query_safe('SELECT pg_backend_pid()');
+$big->query_safe(sprintf($publish, 'warm', 'warm'));
+$big->query_safe("SELECT length(repeat('x', 9000000) || 'y')");    # the statement's own peak
+my $hwm_before = vm_hwm_bytes($big_pid);
+$nats->freeze;
+my $t0 = Time::HiRes::time();
+$big->query("SELECT agog_publish_report_now('roy', 'backend', 'big', repeat('x', 9000000))");
+my $took = Time::HiRes::time() - $t0;
+my $growth = vm_hwm_bytes($big_pid) - $hwm_before;
+$nats->thaw;
+like($big->{stderr}, qr/could not publish the report to NATS JetStream/,
+	'frozen server: a 9 MB publish fails after the timeout');
+$big->{stderr} = '';
+cmp_ok($took, '<', 10, sprintf('frozen server: within a bound (%.1f s)', $took));
+cmp_ok($growth, '<', 40 * 1024 * 1024,
+	sprintf('frozen server: the backend grew by %.0f MB at its peak, not by a copy per slice',
+		$growth / 1024 / 1024));
+like($big->query_safe(sprintf($publish, 'thawed', 'thawed')), qr/^agog_features_backend\.\d+$/,
+	'thawed: the same session publishes again');
+$big->quit;
+
 $bg->quit;
 $node->stop;
 $nats->stop;
