@@ -32,9 +32,13 @@
 #include "agog_nats.h"
 
 #include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <nats/nats.h>
@@ -45,8 +49,6 @@
 #include "storage/fd.h"
 #include "storage/ipc.h"
 #include "storage/latch.h"
-#include "utils/fmgrprotos.h"
-#include "utils/jsonb.h"
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
 #include "utils/wait_event.h"
@@ -67,10 +69,13 @@ struct AgogConn
 	uint64		reply_seq;
 	uint64		unsettled;		/* a request nobody waited for, or 0 */
 	/* a backend's connection without threads, see "The backend as its loop" */
-	bool		threadless;
+	bool		loop_asked;		/* the settings asked for one (loop_wanted) */
+	bool		threadless;		/* and it is one: the server wants no TLS */
 	int			sock;			/* its socket, from loop_attach */
 	bool		want_write;		/* nats.c has buffered bytes to send */
 	bool		detached;		/* nats.c closed the connection */
+	bool		broken;			/* its socket failed under poll(2) */
+	int			left_buffered;	/* bytes still unsent when the last call ended */
 };
 
 /* Slices of a bounded wait, in milliseconds; the last one repeats. */
@@ -123,12 +128,14 @@ static AgogInterruptCheck interrupt_check = default_interrupt_check;
 
 static bool has_setting(const char *v);
 static bool loop_wanted(const char *url, bool keep_reconnecting);
+static bool server_requires_tls(const char *server, int wait_ms);
 static natsStatus loop_attach(void **userData, void *loop, natsConnection *nc,
 							  natsSock sock);
 static natsStatus loop_read(void *userData, bool add);
 static natsStatus loop_write(void *userData, bool add);
 static natsStatus loop_detach(void *userData);
 static void loop_catch_up(AgogConn *conn);
+static void loop_hang_up(AgogConn *conn);
 static char *copy_bytes_noerror(const char *src, int len);
 
 /*
@@ -813,7 +820,9 @@ agog_conn_open(const char *url, const char *name, bool keep_reconnecting,
 		conn_events.pipe_wr = fds[1];
 	}
 	conn = MemoryContextAllocZero(TopMemoryContext, sizeof(AgogConn));
-	conn->threadless = loop_wanted(url, keep_reconnecting);
+	conn->loop_asked = loop_wanted(url, keep_reconnecting);
+	conn->threadless = conn->loop_asked &&
+		!server_requires_tls(servers[0], (int) Min(connect_slices[0], agog_timeout_ms));
 	conn->sock = -1;
 
 	/*
@@ -961,6 +970,8 @@ agog_conn_close(AgogConn *conn)
 	}
 	pthread_mutex_unlock(&batch_mutex);
 	NATS_BEGIN(saved);
+	if (conn->threadless)
+		loop_hang_up(conn);
 	natsSubscription_Destroy(conn->reply_sub);
 	jsCtx_Destroy(conn->js);
 	natsConnection_Destroy(conn->nc);
@@ -973,9 +984,10 @@ agog_conn_close(AgogConn *conn)
  *		True while the connection is connected or reconnecting by itself.  A
  *		thread-less connection first takes in what arrived since its last
  *		use, so a close by the server is seen here, before a request is sent.
- *		One whose earlier requests the server has still not taken off the
- *		socket (a frozen server) is not usable either: nats.c applies no
- *		write deadline to it, and its buffer would grow with every call.
+ *		One whose socket failed, or whose earlier requests the server has not
+ *		taken off the socket any further since the last call ended (a frozen
+ *		server), is not usable either: nats.c applies no write deadline to
+ *		it, and its buffer would grow with every call.
  */
 bool
 agog_conn_is_usable(AgogConn *conn)
@@ -990,7 +1002,13 @@ agog_conn_is_usable(AgogConn *conn)
 	if (conn->threadless)
 	{
 		loop_catch_up(conn);
-		stuck = conn->want_write;
+		if (conn->want_write)
+		{
+			int			left = natsConnection_Buffered(conn->nc);
+
+			stuck = left > 0 && left >= conn->left_buffered;
+		}
+		stuck = stuck || conn->broken;
 	}
 	st = natsConnection_Status(conn->nc);
 	NATS_END(saved);
@@ -1101,7 +1119,7 @@ static bool
 backend_conn_current(const char *settings)
 {
 	return strcmp(backend_conn_url, settings) == 0 &&
-		backend_conn->threadless == loop_wanted(agog_url, false) &&
+		backend_conn->loop_asked == loop_wanted(agog_url, false) &&
 		agog_conn_is_usable(backend_conn);
 }
 
@@ -1271,6 +1289,15 @@ run_sliced(AgogConn *conn, AttemptFn attempt, void *arg,
 		set_timeout_error(err, interrupted);
 	else if (interrupted)
 		set_timeout_error(err, true);
+	if (conn->threadless)
+	{
+		sigset_t	saved;
+
+		/* what the next use compares with, see agog_conn_is_usable */
+		NATS_BEGIN(saved);
+		conn->left_buffered = natsConnection_Buffered(conn->nc);
+		NATS_END(saved);
+	}
 	return s;
 }
 
@@ -1299,14 +1326,25 @@ run_sliced(AgogConn *conn, AttemptFn attempt, void *arg,
  * ----------------------------------------------------------------
  */
 
-/* nats.c attached the connection: remember its socket. */
+/*
+ * loop_attach
+ *		nats.c attached the connection: remember its socket.  With no ping
+ *		of our own, a peer that vanished without a word (its host down, a
+ *		NAT entry dropped) is left to TCP: bytes unacknowledged for twice
+ *		agog_nats.timeout_ms (at least 10 s) fail the socket, and the next
+ *		use opens a new connection.
+ */
 static natsStatus
 loop_attach(void **userData, void *loop, natsConnection *nc, natsSock sock)
 {
 	AgogConn   *conn = (AgogConn *) loop;
+	unsigned int user_timeout = (unsigned int) Max(2 * (int64) agog_timeout_ms, 10000);
 
 	conn->sock = (int) sock;
 	conn->detached = false;
+	conn->broken = false;
+	(void) setsockopt(conn->sock, IPPROTO_TCP, TCP_USER_TIMEOUT,
+					  &user_timeout, sizeof(user_timeout));
 	*userData = conn;
 	return NATS_OK;
 }
@@ -1351,6 +1389,94 @@ loop_wanted(const char *url, bool keep_reconnecting)
 }
 
 /*
+ * server_requires_tls
+ *		Whether a server says, in the INFO line it sends to every client that
+ *		connects, that it requires TLS: nats.c would then switch to TLS by
+ *		itself even though no TLS setting asks for it, and OpenSSL waits
+ *		without a bound inside nats.c when a record arrives in parts, which a
+ *		thread-less connection must never do.  server is the first of
+ *		agog_nats.url's servers, the one nats.c tries first.  Reads at most
+ *		wait_ms (the first connect slice, so a link slower than that keeps
+ *		the threaded connection); a server that cannot be asked counts as
+ *		requiring TLS, so the connection keeps nats.c's threads.  Runs in a
+ *		backend before connecting; never throws.
+ */
+static bool
+server_requires_tls(const char *server, int wait_ms)
+{
+	char		host[256];
+	char		port[16] = "4222";
+	const char *p = server;
+	const char *at;
+	const char *colon;
+	struct addrinfo hints;
+	struct addrinfo *addrs = NULL;
+	char		info[4096];
+	size_t		got = 0;
+	int			fd = -1;
+	bool		requires = true;
+	TimestampTz deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), wait_ms);
+
+	/* [scheme://][user[:password]@]host[:port], host maybe [IPv6] */
+	if (strstr(p, "://") != NULL)
+		p = strstr(p, "://") + 3;
+	if ((at = strrchr(p, '@')) != NULL)
+		p = at + 1;
+	if (*p == '[')
+	{
+		const char *end = strchr(p, ']');
+
+		if (end == NULL)
+			return true;
+		snprintf(host, sizeof(host), "%.*s", (int) (end - p - 1), p + 1);
+		colon = (end[1] == ':') ? end + 1 : NULL;
+	}
+	else
+	{
+		colon = strrchr(p, ':');
+		snprintf(host, sizeof(host), "%.*s", (int) (colon ? colon - p : strlen(p)), p);
+	}
+	if (colon != NULL && colon[1] != '\0')
+		snprintf(port, sizeof(port), "%s", colon + 1);
+
+	memset(&hints, 0, sizeof(hints));
+	hints.ai_family = AF_UNSPEC;
+	hints.ai_socktype = SOCK_STREAM;
+	if (getaddrinfo(host, port, &hints, &addrs) != 0 || addrs == NULL)
+		return true;
+	fd = socket(addrs->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	if (fd >= 0 &&
+		(connect(fd, addrs->ai_addr, addrs->ai_addrlen) == 0 || errno == EINPROGRESS))
+	{
+		for (;;)
+		{
+			long		left = TimestampDifferenceMilliseconds(GetCurrentTimestamp(), deadline);
+			struct pollfd pfd = {fd, POLLIN, 0};
+			ssize_t		n;
+
+			if (left <= 0 || poll(&pfd, 1, (int) left) <= 0)
+				break;
+			n = recv(fd, info + got, sizeof(info) - 1 - got, 0);
+			if (n <= 0)
+				break;
+			got += n;
+			info[got] = '\0';
+			if (strstr(info, "\r\n") != NULL || got == sizeof(info) - 1)
+			{
+				/* nats-server writes its INFO as compact JSON */
+				requires = strncmp(info, "INFO ", 5) != 0 ||
+					strstr(info, "\"tls_required\":true") != NULL;
+				break;
+			}
+		}
+	}
+	if (fd >= 0)
+		close(fd);
+	freeaddrinfo(addrs);
+	return requires;
+}
+
+/*
  * loop_turn
  *		Wait at most wait_ms for the socket, then send what nats.c has
  *		buffered and take in what arrived (replies, PINGs, the close).
@@ -1371,11 +1497,17 @@ loop_turn(AgogConn *conn, int64 wait_ms)
 	p.revents = 0;
 	r = poll(&p, 1, (int) Min(wait_ms, INT_MAX));
 	if (r < 0 && errno != EINTR)
+	{
+		conn->broken = true;	/* replaced at its next use */
 		return NATS_IO_ERROR;
+	}
 	if (r <= 0)
 		return NATS_TIMEOUT;
 	if ((p.revents & POLLNVAL) != 0)
-		return NATS_CONNECTION_CLOSED;	/* no socket: never spin on it */
+	{
+		conn->broken = true;	/* no socket: never spin on it */
+		return NATS_CONNECTION_CLOSED;
+	}
 	if ((p.revents & POLLOUT) != 0)
 		natsConnection_ProcessWriteEvent(conn->nc);
 	if ((p.revents & (POLLIN | POLLHUP | POLLERR)) != 0 && !conn->detached)
@@ -1398,6 +1530,26 @@ loop_catch_up(AgogConn *conn)
 	for (int i = 0; i < 64; i++)
 		if (loop_turn(conn, 0) != NATS_OK)
 			break;
+}
+
+/*
+ * loop_hang_up
+ *		Close a thread-less connection from this side before it is destroyed.
+ *		nats.c's own close of a connected connection flushes what it holds
+ *		(an UNSUB at least) with a PING and waits half a second for a PONG
+ *		that nothing would read.  Shutting the socket down makes the next
+ *		read see its end, and nats.c then closes the connection as lost,
+ *		without that flush.  Runs inside a signal-blocked section.
+ */
+static void
+loop_hang_up(AgogConn *conn)
+{
+	if (conn->detached)
+		return;
+	if (conn->sock >= 0)
+		(void) shutdown(conn->sock, SHUT_RDWR);
+	for (int i = 0; i < 64 && !conn->detached; i++)
+		natsConnection_ProcessReadEvent(conn->nc);
 }
 
 /*
@@ -1621,58 +1773,134 @@ request_status(natsMsg *m, const char **text)
  * ----------------------------------------------------------------
  */
 
-/*
- * api_reply_parse
- *		A JetStream API reply (NUL-terminated, body_len bytes) as jsonb.  When
- *		the reply is an error object ({"error": {"code", "err_code",
- *		"description"}}) or not a JSON object at all, *err describes it and
- *		NULL is returned.  Runs after the signal-blocked section: it parses
- *		with PostgreSQL's JSON code.
- */
-static Jsonb *
-api_reply_parse(char *body, int body_len, const char *what, AgogError *err)
+/* What a JetStream API reply says, as far as this file reads it. */
+typedef struct ApiReply
 {
-	JsonLexContext *lex = makeJsonLexContextCstringLen(body, body_len, PG_UTF8, false);
-	Jsonb	   *doc;
-	JsonbValue	v;
-	JsonbValue *e;
-	jsErrCode	jerr = 0;
+	int			depth;			/* nesting of objects and arrays */
+	bool		is_object;		/* the reply is one JSON object */
+	bool		in_error;		/* inside its "error" object */
+	char	   *field;			/* the field whose value comes next */
+	bool		has_error;
+	int			err_code;
+	char		description[AGOG_ERROR_LEN];
+	bool		has_stream;
+	char		stream[AGOG_SERVER_LEN];
+	bool		has_seq;
+	uint64		seq;
+	bool		duplicate;
+} ApiReply;
 
+static void
+reply_object_start(void *state)
+{
+	ApiReply   *r = (ApiReply *) state;
+
+	if (r->depth == 0)
+		r->is_object = true;
+	else if (r->depth == 1 && r->field != NULL && strcmp(r->field, "error") == 0)
+		r->in_error = r->has_error = true;
+	r->depth++;
+}
+
+static void
+reply_object_end(void *state)
+{
+	ApiReply   *r = (ApiReply *) state;
+
+	if (--r->depth == 1)
+		r->in_error = false;
+}
+
+static void
+reply_array_start(void *state)
+{
+	((ApiReply *) state)->depth++;
+}
+
+static void
+reply_array_end(void *state)
+{
+	((ApiReply *) state)->depth--;
+}
+
+static void
+reply_field(void *state, char *fname, bool isnull)
+{
+	((ApiReply *) state)->field = fname;
+}
+
+static void
+reply_scalar(void *state, char *token, JsonTokenType type)
+{
+	ApiReply   *r = (ApiReply *) state;
+	const char *f = r->field;
+
+	if (f == NULL)
+		return;
+	if (r->depth == 1)
+	{
+		if (strcmp(f, "stream") == 0 && type == JSON_TOKEN_STRING)
+			r->has_stream = strlcpy(r->stream, token, sizeof(r->stream)) < sizeof(r->stream);
+		else if (strcmp(f, "seq") == 0 && type == JSON_TOKEN_NUMBER &&
+				 strspn(token, "0123456789") == strlen(token))
+		{
+			r->seq = strtoull(token, NULL, 10);
+			r->has_seq = true;
+		}
+		else if (strcmp(f, "duplicate") == 0)
+			r->duplicate = (type == JSON_TOKEN_TRUE);
+	}
+	else if (r->depth == 2 && r->in_error)
+	{
+		if (strcmp(f, "err_code") == 0 && type == JSON_TOKEN_NUMBER)
+			r->err_code = (int) strtol(token, NULL, 10);
+		else if (strcmp(f, "description") == 0 && type == JSON_TOKEN_STRING)
+			strlcpy(r->description, token, sizeof(r->description));
+	}
+}
+
+/*
+ * api_reply_read
+ *		Read a JetStream API reply (NUL-terminated, body_len bytes): its
+ *		stream, seq and duplicate fields (a PubAck's), or its error object
+ *		({"error": {"code", "err_code", "description"}}).  Returns false with
+ *		*err set when the reply is an error or not a JSON object.  Runs after
+ *		the signal-blocked section: PostgreSQL's JSON parser, which reports
+ *		bad input as a result, never by throwing.
+ */
+static bool
+api_reply_read(char *body, int body_len, const char *what, ApiReply *r,
+			   AgogError *err)
+{
+	JsonLexContext *lex = makeJsonLexContextCstringLen(body, body_len, PG_UTF8, true);
+	JsonSemAction sem;
+
+	memset(r, 0, sizeof(*r));
+	memset(&sem, 0, sizeof(sem));
+	sem.semstate = r;
+	sem.object_start = reply_object_start;
+	sem.object_end = reply_object_end;
+	sem.array_start = reply_array_start;
+	sem.array_end = reply_array_end;
+	sem.object_field_start = reply_field;
+	sem.scalar = reply_scalar;
 	memset(err, 0, sizeof(*err));
-	if (pg_parse_json(lex, &nullSemAction) != JSON_SUCCESS)
-		doc = NULL;
-	else
-		doc = DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum(body)));
-	if (doc == NULL || !JB_ROOT_IS_OBJECT(doc))
+	if (pg_parse_json(lex, &sem) != JSON_SUCCESS || !r->is_object)
 	{
 		char		text[128];
 
 		snprintf(text, sizeof(text), "the server's answer to %s is not a JSON object", what);
 		set_error(err, ERRCODE_PROTOCOL_VIOLATION, text);
-		return NULL;
+		return false;
 	}
-	e = getKeyJsonValueFromContainer(&doc->root, "error", 5, &v);
-	if (e == NULL || e->type != jbvBinary)
-		return doc;
-
-	{
-		JsonbContainer *ec = e->val.binary.data;
-		JsonbValue	f;
-
-		if (getKeyJsonValueFromContainer(ec, "err_code", 8, &f) != NULL &&
-			f.type == jbvNumeric)
-			jerr = (jsErrCode) DatumGetInt32(DirectFunctionCall1(numeric_int4,
-																 NumericGetDatum(f.val.numeric)));
-		err->status = (int) NATS_ERR;
-		err->js_code = (int) jerr;
-		err->sqlstate = map_status(NATS_ERR, jerr, &err->not_found);
-		if (getKeyJsonValueFromContainer(ec, "description", 11, &f) != NULL &&
-			f.type == jbvString && f.val.string.len > 0)
-			snprintf(err->text, sizeof(err->text), "%.*s", f.val.string.len, f.val.string.val);
-		else
-			strlcpy(err->text, "JetStream API error", sizeof(err->text));
-	}
-	return NULL;
+	if (!r->has_error)
+		return true;
+	err->status = (int) NATS_ERR;
+	err->js_code = r->err_code;
+	err->sqlstate = map_status(NATS_ERR, (jsErrCode) r->err_code, &err->not_found);
+	strlcpy(err->text, r->description[0] ? r->description : "JetStream API error",
+			sizeof(err->text));
+	return false;
 }
 
 /* ----------------------------------------------------------------
@@ -1755,9 +1983,7 @@ agog_conn_publish(AgogConn *conn, const char *subject, const char *msg_id,
 	int64		max_payload = agog_conn_max_payload(conn);
 	int64		header_len = strlen("NATS/1.0\r\nNats-Msg-Id: \r\n\r\n") + strlen(msg_id);
 	PublishArgs a;
-	Jsonb	   *doc;
-	JsonbValue	v;
-	JsonbValue	seqv;
+	ApiReply	r;
 
 	if ((int64) len + header_len > max_payload)
 	{
@@ -1783,23 +2009,17 @@ agog_conn_publish(AgogConn *conn, const char *subject, const char *msg_id,
 				(errcode(ERRCODE_OUT_OF_MEMORY),
 				 errmsg("out of memory"),
 				 errdetail("Failed to copy a PubAck of %d bytes.", a.ack_len)));
-	doc = api_reply_parse(a.ack, a.ack_len, "a publish", err);
-	if (doc == NULL)
+	if (!api_reply_read(a.ack, a.ack_len, "a publish", &r, err))
 		return false;
-	if (getKeyJsonValueFromContainer(&doc->root, "stream", 6, &v) == NULL ||
-		v.type != jbvString ||
-		getKeyJsonValueFromContainer(&doc->root, "seq", 3, &seqv) == NULL ||
-		seqv.type != jbvNumeric)
+	if (!r.has_stream || !r.has_seq)
 	{
 		set_error(err, ERRCODE_PROTOCOL_VIOLATION,
 				  "the server's answer to a publish is not a PubAck");
 		return false;
 	}
-	*stream = pnstrdup(v.val.string.val, v.val.string.len);
-	*seq = (uint64) DatumGetInt64(DirectFunctionCall1(numeric_int8,
-													  NumericGetDatum(seqv.val.numeric)));
-	*duplicate = getKeyJsonValueFromContainer(&doc->root, "duplicate", 9, &v) != NULL &&
-		v.type == jbvBool && v.val.boolean;
+	*stream = pstrdup(r.stream);
+	*seq = r.seq;
+	*duplicate = r.duplicate;
 	pfree(a.ack);
 	return true;
 }
@@ -2140,9 +2360,14 @@ get_attempt(AgogConn *conn, int64 wait_ms, void *arg, AgogError *err)
 			info_len = natsMsg_GetDataLength(reply);
 			info = copy_bytes_noerror(natsMsg_GetData(reply), info_len);
 			s = NATS_TIMEOUT;	/* the get itself is still unanswered */
+			if (info == NULL)
+			{
+				s = NATS_NO_MEMORY;
+				set_error(err, ERRCODE_OUT_OF_MEMORY, "out of memory for a stream info reply");
+			}
 		}
 		else if (s != NATS_TIMEOUT)
-			capture_error(err, s, 0);
+			capture_error(err, s, s == NATS_NO_RESPONDERS ? JSNotEnabledErr : 0);
 		else
 			a->unanswered++;	/* no answer either: do not ask again */
 		natsMsg_Destroy(reply);
@@ -2178,8 +2403,10 @@ get_attempt(AgogConn *conn, int64 wait_ms, void *arg, AgogError *err)
 
 	if (info != NULL)
 	{
+		ApiReply	r;
+
 		/* the stream exists unless JetStream said otherwise */
-		if (api_reply_parse(info, info_len, "a stream info request", err) != NULL)
+		if (api_reply_read(info, info_len, "a stream info request", &r, err))
 			a->stream_seen = true;
 		else
 			s = err->not_found ? NATS_NOT_FOUND : NATS_ERR;

@@ -114,6 +114,8 @@ floor_open(const char *url, bool loop, natsConnection **nc)
 	if (s == NATS_OK && loop)
 		s = natsOptions_SetAllowReconnect(opts, false);
 	if (s == NATS_OK && loop)
+		s = natsOptions_SetPingInterval(opts, 0);	/* no timer thread on it */
+	if (s == NATS_OK && loop)
 		s = natsOptions_SetEventLoop(opts, &loop_state, loop_attach, loop_read,
 									 loop_write, loop_detach);
 	if (s == NATS_OK)
@@ -273,7 +275,7 @@ static natsSubscription *loop_sub;
 static char loop_prefix[64];
 static uint64 loop_seq;
 
-/* nats.c's event-loop callbacks: flags only, they may run on its timer thread */
+/* nats.c's event-loop callbacks: flags only (the connection has no thread) */
 static natsStatus
 loop_attach(void **userData, void *loop, natsConnection *nc, natsSock socket)
 {
@@ -312,7 +314,7 @@ loop_detach(void *userData)
  *		signal-blocked section.
  */
 static natsStatus
-loop_pump(natsMsg **reply, int timeout_ms)
+loop_pump(const char *want, natsMsg **reply, int timeout_ms)
 {
 	natsStatus	s;
 	struct pollfd p;
@@ -328,6 +330,12 @@ loop_pump(natsMsg **reply, int timeout_ms)
 	for (;;)
 	{
 		s = natsSubscription_NextMsg(reply, loop_sub, 0);
+		if (s == NATS_OK && strcmp(natsMsg_GetSubject(*reply), want) != 0)
+		{
+			natsMsg_Destroy(*reply);	/* a late reply to an earlier call */
+			*reply = NULL;
+			continue;
+		}
 		if (s != NATS_TIMEOUT)
 			return s;
 		if (loop_state.detached)
@@ -400,7 +408,7 @@ agog_bench_floor_get_loop(PG_FUNCTION_ARGS)
 		s = natsConnection_PublishRequest(loop_nc, api, reply, NULL, 0);
 	}
 	if (s == NATS_OK)
-		s = loop_pump(&m, 5000);
+		s = loop_pump(reply, &m, 5000);
 	floor_unblock(&saved);
 	if (s != NATS_OK)
 		floor_fail("direct get", s, "");
@@ -446,7 +454,7 @@ agog_bench_floor_publish_loop(PG_FUNCTION_ARGS)
 		s = natsConnection_PublishMsg(loop_nc, msg);
 	natsMsg_Destroy(msg);
 	if (s == NATS_OK)
-		s = loop_pump(&m, 5000);
+		s = loop_pump(reply, &m, 5000);
 	if (s == NATS_OK)
 		len = natsMsg_GetDataLength(m);
 	natsMsg_Destroy(m);

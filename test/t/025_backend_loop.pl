@@ -6,7 +6,9 @@
 # connection), and a connection the server closed while the backend was
 # idle (PINGs unanswered for too long) is opened again before the call
 # sends anything, so the call succeeds.  The server here pings every second
-# and closes a client after two unanswered PINGs.
+# and closes a client after three unanswered PINGs.  A session's end closes
+# its connection at once (nats.c's own close would wait half a second for a
+# PONG nothing reads).
 
 use strict;
 use warnings;
@@ -17,7 +19,7 @@ use PostgreSQL::Test::Utils;
 use Test::More;
 use AgogNatsTest;
 
-my $nats = AgogNatsTest::NatsServer->new(extra_conf => "ping_interval: \"1s\"\nping_max: 2\n");
+my $nats = AgogNatsTest::NatsServer->new(extra_conf => "ping_interval: \"1s\"\nping_max: 3\n");
 $nats->start;
 my $node = AgogNatsTest::new_node('loop', $nats);
 $node->start;
@@ -53,23 +55,26 @@ closedir($dh);
 cmp_ok($tasks, '<=', 4,
 	"the backend runs no nats.c thread for its connection ($tasks tasks: itself and the library's three)");
 
-# --- a backend that calls often answers the PINGs and keeps its connection ------
-for my $i (1 .. 12)
+# --- a backend that calls now and then answers the PINGs, keeps its connection ----
+# The server pings a client that sent nothing for a second; with a call
+# every 1.5 s a PING is outstanding between calls, answered by the next one.
+for my $i (1 .. 6)
 {
+	usleep(1_500_000);
 	is($bg->query_safe(sprintf($fetch, 0)), 'report 0', "busy session: fetch $i")
-	  if $i % 4 == 0;
-	$bg->query_safe(sprintf($publish, $i, $i)) if $i % 4 != 0;
-	usleep(300_000);
+	  if $i % 2 == 0;
+	$bg->query_safe(sprintf($publish, $i, $i)) if $i % 2 != 0;
 }
 my ($open, $closed) = backend_conns($pid);
-is(scalar(@$open), 1, 'busy session: one open connection after 3.6 s of calls');
+is(scalar(@$open), 1, 'busy session: one open connection after 9 s of calls');
 is(scalar(@$closed), 0, 'busy session: the server closed none of its connections')
   or diag(explain($closed));
 
 # --- an idle backend's connection, closed by the server, is opened again --------
-sleep(5);
+ok(AgogNatsTest::wait_for(sub { (backend_conns($pid))[1]->@* >= 1 }, 30),
+	'idle session: the server closed its connection within 30 s');
 ($open, $closed) = backend_conns($pid);
-is(scalar(@$closed), 1, 'idle session: the server closed its connection');
+is(scalar(@$closed), 1, 'idle session: one connection closed');
 like($closed->[0]{reason} // '', qr/Stale Connection/i,
 	'idle session: as stale (its PINGs went unanswered)');
 like($bg->query_safe(sprintf($publish, 'after', 'after idle')), qr/^agog_features_backend\.\d+$/,
@@ -80,7 +85,8 @@ is($bg->query_safe(sprintf($fetch, 'after')), 'report after idle',
 is(scalar(@$open), 1, 'idle session: one open connection again');
 
 # the same for a fetch as the first call after the idle time
-sleep(5);
+ok(AgogNatsTest::wait_for(sub { (backend_conns($pid))[1]->@* >= 2 }, 30),
+	'idle session: the server closed the new connection too');
 is($bg->query_safe(sprintf($fetch, 'after')), 'report after idle',
 	'idle session: a fetch as the first call after the close succeeds');
 is($bg->query_safe('SELECT count(*) FROM agog_stream_status()'), '6',
@@ -120,6 +126,25 @@ cmp_ok($growth, '<', 40 * 1024 * 1024,
 like($big->query_safe(sprintf($publish, 'thawed', 'thawed')), qr/^agog_features_backend\.\d+$/,
 	'thawed: the same session publishes again');
 $big->quit;
+
+# --- a session's end closes its connection without waiting ----------------------
+# The time from a session's client leaving to its backend being gone: with
+# nats.c's own close of the thread-less connection that is half a second.
+my @exit_ms;
+for my $i (1 .. 5)
+{
+	my $s = $node->background_psql('postgres');
+	my $p = $s->query_safe('SELECT pg_backend_pid()');
+	is($s->query_safe(sprintf($fetch, 0)), 'report 0', "session $i fetches");
+	$s->quit;
+	my $t = Time::HiRes::time();
+	usleep(5_000) while -d "/proc/$p" && Time::HiRes::time() - $t < 10;
+	push @exit_ms, (Time::HiRes::time() - $t) * 1000;
+}
+my @sorted = sort { $a <=> $b } @exit_ms;
+cmp_ok($sorted[2], '<', 250,
+	sprintf('a session that used NATS ends promptly (median %.0f ms; %s)',
+		$sorted[2], join(', ', map { sprintf('%.0f', $_) } @exit_ms)));
 
 $bg->quit;
 $node->stop;
