@@ -1790,6 +1790,13 @@ typedef struct ApiReply
 	bool		duplicate;
 } ApiReply;
 
+/*
+ * reply_object_start, reply_object_end, reply_array_start, reply_array_end,
+ * reply_field, reply_scalar
+ *		pg_parse_json's callbacks for api_reply_read: they track the nesting
+ *		and keep the few fields read, in plain C.  They run after the
+ *		signal-blocked section and never throw.
+ */
 static void
 reply_object_start(void *state)
 {
