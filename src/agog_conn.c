@@ -1437,41 +1437,53 @@ server_requires_tls(const char *server, int wait_ms)
 		snprintf(host, sizeof(host), "%.*s", (int) (colon ? colon - p : strlen(p)), p);
 	}
 	if (colon != NULL && colon[1] != '\0')
-		snprintf(port, sizeof(port), "%s", colon + 1);
+		snprintf(port, sizeof(port), "%.*s", (int) strcspn(colon + 1, "/"), colon + 1);
 
 	memset(&hints, 0, sizeof(hints));
 	hints.ai_family = AF_UNSPEC;
 	hints.ai_socktype = SOCK_STREAM;
 	if (getaddrinfo(host, port, &hints, &addrs) != 0 || addrs == NULL)
 		return true;
-	fd = socket(addrs->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-	if (fd >= 0 &&
-		(connect(fd, addrs->ai_addr, addrs->ai_addrlen) == 0 || errno == EINPROGRESS))
+	/* every address in turn, as nats.c does ("localhost" may give ::1 first) */
+	for (struct addrinfo *ai = addrs; ai != NULL; ai = ai->ai_next)
 	{
-		for (;;)
-		{
-			long		left = TimestampDifferenceMilliseconds(GetCurrentTimestamp(), deadline);
-			struct pollfd pfd = {fd, POLLIN, 0};
-			ssize_t		n;
+		bool		answered = false;
 
-			if (left <= 0 || poll(&pfd, 1, (int) left) <= 0)
-				break;
-			n = recv(fd, info + got, sizeof(info) - 1 - got, 0);
-			if (n <= 0)
-				break;
-			got += n;
-			info[got] = '\0';
-			if (strstr(info, "\r\n") != NULL || got == sizeof(info) - 1)
+		fd = socket(ai->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+		if (fd >= 0 &&
+			(connect(fd, ai->ai_addr, ai->ai_addrlen) == 0 || errno == EINPROGRESS))
+		{
+			for (;;)
 			{
-				/* nats-server writes its INFO as compact JSON */
-				requires = strncmp(info, "INFO ", 5) != 0 ||
-					strstr(info, "\"tls_required\":true") != NULL;
-				break;
+				long		left = TimestampDifferenceMilliseconds(GetCurrentTimestamp(), deadline);
+				struct pollfd pfd = {fd, POLLIN, 0};
+				ssize_t		n;
+
+				if (left <= 0 || poll(&pfd, 1, (int) left) <= 0)
+					break;
+				n = recv(fd, info + got, sizeof(info) - 1 - got, 0);
+				if (n <= 0)
+					break;
+				got += n;
+				info[got] = '\0';
+				if (strstr(info, "\r\n") != NULL || got == sizeof(info) - 1)
+				{
+					/* nats-server writes its INFO as compact JSON */
+					requires = strncmp(info, "INFO ", 5) != 0 ||
+						strstr(info, "\"tls_required\":true") != NULL;
+					answered = true;
+					break;
+				}
 			}
 		}
+		if (fd >= 0)
+			close(fd);
+		fd = -1;
+		got = 0;
+		if (answered ||
+			TimestampDifferenceMilliseconds(GetCurrentTimestamp(), deadline) <= 0)
+			break;
 	}
-	if (fd >= 0)
-		close(fd);
 	freeaddrinfo(addrs);
 	return requires;
 }
@@ -1548,7 +1560,8 @@ loop_hang_up(AgogConn *conn)
 		return;
 	if (conn->sock >= 0)
 		(void) shutdown(conn->sock, SHUT_RDWR);
-	for (int i = 0; i < 64 && !conn->detached; i++)
+	/* each read takes at most 32 KB: room for a full receive buffer of late replies */
+	for (int i = 0; i < 1024 && !conn->detached; i++)
 		natsConnection_ProcessReadEvent(conn->nc);
 }
 
