@@ -75,7 +75,7 @@ struct AgogConn
 	bool		want_write;		/* nats.c has buffered bytes to send */
 	bool		detached;		/* nats.c closed the connection */
 	bool		broken;			/* its socket failed under poll(2) */
-	int			left_buffered;	/* bytes still unsent when the last call ended */
+	int			left_buffered;	/* bytes still unsent when the last wait ended */
 };
 
 /* Slices of a bounded wait, in milliseconds; the last one repeats. */
@@ -127,6 +127,7 @@ static bool default_interrupt_check(void);
 static AgogInterruptCheck interrupt_check = default_interrupt_check;
 
 static bool has_setting(const char *v);
+static bool tls_asked(void);
 static bool loop_wanted(const char *url, bool keep_reconnecting);
 static bool server_requires_tls(const char *server, int wait_ms);
 static natsStatus loop_attach(void **userData, void *loop, natsConnection *nc,
@@ -736,6 +737,13 @@ has_setting(const char *v)
 	return v != NULL && v[0] != '\0';
 }
 
+/* Whether the TLS settings ask for a TLS connection (a CA or a certificate). */
+static bool
+tls_asked(void)
+{
+	return has_setting(agog_tls_ca_file) || has_setting(agog_tls_cert_file);
+}
+
 /*
  * agog_conn_settings
  *		What a connection was opened with: url, user, secret and TLS files.  A
@@ -866,7 +874,7 @@ agog_conn_open(const char *url, const char *name, bool keep_reconnecting,
 			s = natsOptions_SetNKeyFromSeed(opts, agog_nkey, agog_nkey_seed_file);
 		if (s == NATS_OK && has_setting(agog_credentials_file))
 			s = natsOptions_SetUserCredentialsFromFiles(opts, agog_credentials_file, NULL);
-		if (s == NATS_OK && (has_setting(agog_tls_ca_file) || has_setting(agog_tls_cert_file)))
+		if (s == NATS_OK && tls_asked())
 		{
 			tls_used = true;
 			s = natsOptions_SetSecure(opts, true);
@@ -1289,15 +1297,6 @@ run_sliced(AgogConn *conn, AttemptFn attempt, void *arg,
 		set_timeout_error(err, interrupted);
 	else if (interrupted)
 		set_timeout_error(err, true);
-	if (conn->threadless)
-	{
-		sigset_t	saved;
-
-		/* what the next use compares with, see agog_conn_is_usable */
-		NATS_BEGIN(saved);
-		conn->left_buffered = natsConnection_Buffered(conn->nc);
-		NATS_END(saved);
-	}
 	return s;
 }
 
@@ -1384,7 +1383,7 @@ static bool
 loop_wanted(const char *url, bool keep_reconnecting)
 {
 	return !keep_reconnecting && agog_stream_replicas == 1 &&
-		!has_setting(agog_tls_ca_file) && !has_setting(agog_tls_cert_file) &&
+		!tls_asked() &&
 		strstr(url, "tls://") == NULL;
 }
 
@@ -1568,30 +1567,35 @@ loop_hang_up(AgogConn *conn)
 /*
  * next_reply
  *		The next message on the reply subscription, waiting at most wait_ms.
- *		On a thread-less connection the backend reads the socket itself.
- *		Runs inside a signal-blocked section.
+ *		On a thread-less connection the backend reads the socket itself, and
+ *		notes the bytes still unsent when it stops waiting (what its next
+ *		use compares with, see agog_conn_is_usable).  Runs inside a
+ *		signal-blocked section.
  */
 static natsStatus
 next_reply(AgogConn *conn, natsMsg **m, int64 wait_ms)
 {
 	int64		deadline = nats_Now() + wait_ms;
+	natsStatus	s;
 
 	if (!conn->threadless)
 		return natsSubscription_NextMsg(m, conn->reply_sub, wait_ms);
 	for (;;)
 	{
-		natsStatus	s = natsSubscription_NextMsg(m, conn->reply_sub, 0);
 		int64		remaining;
 
+		s = natsSubscription_NextMsg(m, conn->reply_sub, 0);
 		if (s != NATS_TIMEOUT)
-			return s;
+			break;
 		remaining = deadline - nats_Now();
 		if (remaining <= 0)
-			return NATS_TIMEOUT;
+			break;
 		s = loop_turn(conn, remaining);
 		if (s != NATS_OK && s != NATS_TIMEOUT)
-			return s;
+			break;
 	}
+	conn->left_buffered = natsConnection_Buffered(conn->nc);
+	return s;
 }
 
 /* ----------------------------------------------------------------
@@ -1944,9 +1948,9 @@ typedef struct PublishArgs
  *		Send the message by hand and wait one slice for its answer, whose
  *		body is copied out for agog_conn_publish to read.  A slice that ran
  *		out sends the message again (same message id), unless the last send
- *		is still being written.  "No responders"
- *		carries the code js_Publish gives it (JetStream not enabled for the
- *		subject), so its error reads as before.
+ *		is still being written.  "No responders" carries the code js_Publish
+ *		gives it (JetStream not enabled for the subject), so its error reads
+ *		as before.
  */
 static natsStatus
 publish_attempt(AgogConn *conn, int64 wait_ms, void *arg, AgogError *err)
