@@ -186,8 +186,10 @@ EOF
     chown postgres:postgres "$WORK/regress.conf"
 
     say "pg_regress (nats 127.0.0.1:$nats_port, postgres port $pg_port)"
+    # TAP_TESTS (this script's list of TAP files) is also a PGXS variable:
+    # left in the environment it makes installcheck run prove on t/*.pl too.
     run_logged "$WORK/regress.log" \
-        as_pg timeout -k 30 "$REGRESS_TIMEOUT" make installcheck PG_CONFIG="$PG_CONFIG" \
+        as_pg env -u TAP_TESTS timeout -k 30 "$REGRESS_TIMEOUT" make installcheck PG_CONFIG="$PG_CONFIG" \
         EXTRA_REGRESS_OPTS="--temp-instance=$WORK/tmp_instance --temp-config=$WORK/regress.conf --port=$pg_port" \
         || rc=$?
 
