@@ -682,6 +682,13 @@ DECLARE
 BEGIN
     PERFORM agog_nats.check_token('feature', feature);
     PERFORM agog_nats.check_token('pipeline', pipeline);
+    -- the worker runs the workflows of agog_nats.database only
+    IF current_database() <> current_setting('agog_nats.database') THEN
+        RAISE EXCEPTION 'workflows can run only in database "%"', current_setting('agog_nats.database')
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = format('The agog_nats worker runs the workflows of agog_nats.database only; a workflow started in database "%s" would never be dispatched.', current_database()),
+                  HINT = format('Connect to database "%s".', current_setting('agog_nats.database'));
+    END IF;
     IF NOT EXISTS (SELECT 1 FROM agog_nats.pipelines p WHERE p.pipeline = agog_start_workflow.pipeline) THEN
         RAISE EXCEPTION 'unknown pipeline "%"', pipeline
             USING ERRCODE = 'undefined_object',

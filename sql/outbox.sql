@@ -189,3 +189,14 @@ VALUES ('c9', 'report', repeat('R', 64), repeat('T', 64), repeat('F', 64),
 -- an update of a good row is checked again
 SELECT try($$UPDATE agog_nats.outbox SET feature = 'other' WHERE msg_id = 'c10'$$);
 ROLLBACK;
+
+-- A report queued in a prepared transaction: COMMIT PREPARED runs no
+-- callback that wakes the worker, so the worker's poll (once a second)
+-- finds it, and it is published.
+BEGIN;
+SELECT agog_publish_report('roy', 'backend', 'two-phase', 'prepared report') > 0 AS queued;
+PREPARE TRANSACTION 'agog_two_phase';
+SELECT count(*) AS visible_before_commit FROM agog_nats.outbox WHERE feature = 'two-phase';
+COMMIT PREPARED 'agog_two_phase';
+SELECT wait_until($$SELECT state = 'published' FROM agog_nats.outbox WHERE feature = 'two-phase'$$);
+SELECT content FROM agog_fetch_report('roy', 'backend', 'two-phase');

@@ -135,3 +135,12 @@ VALUES ('jen', 'frontend', true, true), ('newbie', 'newbie', true, true);
 SELECT agent, builtin, customized FROM agog_nats.agents
  WHERE agent IN ('jen', 'newbie') ORDER BY agent;
 ROLLBACK;
+
+-- A change of the agents cannot be prepared (COMMIT PREPARED would not
+-- tell other processes to read them again); the failed PREPARE rolls the
+-- transaction back.
+BEGIN;
+INSERT INTO agog_nats.agents (agent, task_type) VALUES ('prep', 'prep_tests');
+PREPARE TRANSACTION 'agog_agents';
+SELECT count(*) AS prep_rows FROM agog_nats.agents WHERE agent = 'prep';
+SELECT count(*) AS prepared FROM pg_prepared_xacts WHERE gid = 'agog_agents';

@@ -78,7 +78,6 @@ struct AgogConn
 	int			left_buffered;	/* bytes still unsent when the last wait ended */
 };
 
-/* Slices of a bounded wait, in milliseconds; the last one repeats. */
 /*
  * Slices of a bounded wait, in milliseconds; the last one repeats.  A
  * backend answers query cancel within its longest slice (400 ms); the
@@ -597,6 +596,25 @@ split_servers(const char *url, int *count)
 }
 
 /*
+ * url_has_credentials
+ *		True when one server entry of agog_nats.url carries a user, password
+ *		or token ("nats://user:pass@host:4222").  Looks at the authority only
+ *		(after "scheme://", up to the first '/').
+ */
+static bool
+url_has_credentials(const char *server)
+{
+	const char *p = strstr(server, "://");
+	const char *end;
+
+	p = (p != NULL) ? p + 3 : server;
+	end = strchr(p, '/');
+	if (end == NULL)
+		end = p + strlen(p);
+	return memchr(p, '@', end - p) != NULL;
+}
+
+/*
  * read_secret
  *		The first line of a secret file, without its line end, palloc'd; NULL
  *		when no file is set.  Runs before any signal-blocked section: it
@@ -785,8 +803,8 @@ agog_conn_open(const char *url, const char *name, bool keep_reconnecting,
 	sigset_t	saved;
 	WaitBudget	budget;
 	bool		interrupted = false;
-	char	   *password;
-	char	   *token;
+	char	   *volatile password = NULL;
+	char	   *token = NULL;
 
 	memset(err, 0, sizeof(*err));
 	if (has_setting(agog_credentials_file) && has_setting(agog_nkey))
@@ -803,9 +821,18 @@ agog_conn_open(const char *url, const char *name, bool keep_reconnecting,
 	forget_secret(read_secret("agog_nats.nkey_seed_file", agog_nkey_seed_file));
 	if (has_setting(agog_credentials_file))
 		check_credentials_file(agog_credentials_file);
-	password = read_secret("agog_nats.password_file", agog_password_file);
-	token = read_secret("agog_nats.token_file", agog_token_file);
 	servers = split_servers(url, &nservers);
+	for (int i = 0; i < nservers; i++)
+	{
+		/* the URL is not repeated: it holds the secret */
+		if (url_has_credentials(servers[i]))
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("agog_nats.url must not hold credentials"),
+					 errdetail("Server %d of %d in agog_nats.url has a user, password or token before \"@\"; a setting's value shows in pg_settings and in the configuration files.",
+							   i + 1, nservers),
+					 errhint("Set agog_nats.user and agog_nats.password_file, or agog_nats.token_file, and remove the credentials from agog_nats.url.")));
+	}
 	if (nservers == 0)
 	{
 		set_error(err, ERRCODE_INVALID_PARAMETER_VALUE,
@@ -832,6 +859,23 @@ agog_conn_open(const char *url, const char *name, bool keep_reconnecting,
 	conn->threadless = conn->loop_asked &&
 		!server_requires_tls(servers[0], (int) Min(connect_slices[0], agog_timeout_ms));
 	conn->sock = -1;
+
+	/*
+	 * The secrets are read last: nothing between here and forget_secret
+	 * below throws, so they are wiped on every path.
+	 */
+	PG_TRY();
+	{
+		password = read_secret("agog_nats.password_file", agog_password_file);
+		token = read_secret("agog_nats.token_file", agog_token_file);
+	}
+	PG_CATCH();
+	{
+		forget_secret(password);
+		pfree(conn);
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
 
 	/*
 	 * Connect in attempts of growing length, so cancel and shutdown are

@@ -70,8 +70,9 @@ define_settings(void)
 {
 	DefineCustomStringVariable("agog_nats.url",
 							   "NATS servers to connect to, comma-separated.",
-							   "Each entry is a URL such as nats://127.0.0.1:4222. "
-							   "It may hold credentials, so only superusers can read it.",
+							   "Each entry is a URL such as nats://127.0.0.1:4222, "
+							   "without credentials: they go in agog_nats.user, "
+							   "agog_nats.password_file or agog_nats.token_file.",
 							   &agog_url,
 							   "nats://127.0.0.1:4222",
 							   PGC_SIGHUP,
@@ -366,7 +367,8 @@ agog_agents_changed(PG_FUNCTION_ARGS)
  * agog_xact_callback
  *		At commit, bump the agents generation and set the worker's latch when
  *		this transaction changed the agents.  Post-commit code must not fail:
- *		an atomic add and a latch, no I/O, no allocation.
+ *		an atomic add and a latch, no I/O, no allocation.  Before a PREPARE
+ *		(which may still fail) refuse to prepare a change of the agents.
  */
 static void
 agog_xact_callback(XactEvent event, void *arg)
@@ -382,6 +384,19 @@ agog_xact_callback(XactEvent event, void *arg)
 			}
 			agents_changed_in_xact = false;
 			agog_outbox_at_commit();
+			break;
+		case XACT_EVENT_PRE_PREPARE:
+
+			/*
+			 * COMMIT PREPARED runs no callback of ours: the generation would
+			 * not move, and every process would keep the agents it has.
+			 */
+			if (agents_changed_in_xact)
+				ereport(ERROR,
+						(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+						 errmsg("cannot prepare a transaction that changed agog_nats.agents"),
+						 errdetail("Other sessions and the agog_nats worker read the agents again when the transaction that changed them commits, and COMMIT PREPARED does not tell them."),
+						 errhint("Change agog_nats.agents in a transaction that is not prepared.")));
 			break;
 		case XACT_EVENT_ABORT:
 		case XACT_EVENT_PARALLEL_ABORT:

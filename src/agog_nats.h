@@ -323,6 +323,7 @@ extern void agog_xact_commit(MemoryContext cxt);
 #define AGOG_DRAIN_BATCH 256
 
 extern int64 agog_outbox_next_id(char **msg_id);
+extern void agog_outbox_check_database(void);
 extern void agog_outbox_check_depth(void);
 extern void agog_outbox_insert(int64 id, const char *msg_id, const char *agent,
 							   const char *task_type, const char *feature,

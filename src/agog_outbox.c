@@ -36,6 +36,7 @@
 #include "access/xlog.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_type.h"
+#include "commands/dbcommands.h"
 #include "commands/trigger.h"
 #include "executor/spi.h"
 #include "fmgr.h"
@@ -196,6 +197,36 @@ agog_outbox_check_depth(void)
 				 errdetail("%llu reports are waiting to be published; agog_nats.outbox_max_pending is %d.",
 						   (unsigned long long) pending, agog_outbox_max_pending),
 				 errhint("Check agog_nats.worker_health: the NATS server may be unreachable. Raise agog_nats.outbox_max_pending to queue more.")));
+}
+
+/*
+ * agog_outbox_check_database
+ *		Refuse to queue a report outside agog_nats.database: the worker
+ *		drains that database's outbox only, and a report queued anywhere
+ *		else would stay pending for ever.  Runs in a backend, in a
+ *		transaction; the database is looked up once per backend (the
+ *		setting is fixed at server start, and the database a backend is
+ *		connected to cannot be renamed under it).
+ */
+void
+agog_outbox_check_database(void)
+{
+	static Oid	worker_db = InvalidOid;
+	static bool looked_up = false;
+
+	if (!looked_up)
+	{
+		worker_db = get_database_oid(agog_database, true);
+		looked_up = true;
+	}
+	if (MyDatabaseId != worker_db)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("reports can be queued only in database \"%s\"", agog_database),
+				 errdetail("The agog_nats worker publishes the outbox of agog_nats.database only; a report queued in database \"%s\" would never be published.",
+						   get_database_name(MyDatabaseId)),
+				 errhint("Connect to database \"%s\", or use agog_publish_report_now, which publishes without the worker.",
+						 agog_database)));
 }
 
 /*

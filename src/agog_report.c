@@ -432,6 +432,7 @@ agog_publish_report(PG_FUNCTION_ARGS)
 	int64		id;
 
 	agog_shmem_attach();
+	agog_outbox_check_database();
 	agog_outbox_check_depth();
 	id = agog_outbox_next_id(&msg_id);
 	check_report_size(body->len, msg_id, agog_shared->max_payload, info.max_msg_size);

@@ -136,6 +136,20 @@ is($node->safe_psql('restored',
 		"SELECT count(*) FROM agog_nats.agents GROUP BY agent HAVING count(*) > 1"),
 	'', 'no agent appears twice');
 
+# The worker drains and orchestrates agog_nats.database's rows only: in
+# another database a report would stay pending and a workflow would never
+# be dispatched, so both are refused there, and nothing is written.
+my ($ret, $out, $err) = $node->psql('restored',
+	q{SELECT agog_publish_report('cynthia', 'research', 'elsewhere', 'not here')});
+isnt($ret, 0, 'agog_publish_report fails outside the worker\'s database');
+like($err, qr/ERROR:  reports can be queued only in database "postgres".*HINT:  Connect to database "postgres", or use agog_publish_report_now/s,
+	'and says which database, and what to use instead');
+($ret, $out, $err) = $node->psql('restored', q{SELECT agog_start_workflow('elsewhere')});
+isnt($ret, 0, 'agog_start_workflow fails outside the worker\'s database');
+like($err, qr/ERROR:  workflows can run only in database "postgres"/, 'and says which database');
+is($node->safe_psql('restored', $outbox_sql), $outbox_before, 'nothing was queued there');
+is($node->safe_psql('restored', $wf_sql), $wf_before, 'no workflow was started there');
+
 # A second dump/restore round keeps it so (nothing doubles up).
 my $dump2 = PostgreSQL::Test::Utils::tempdir() . '/restored.sql';
 $node->command_ok([ 'pg_dump', '-d', $node->connstr('restored'), '-f', $dump2 ],

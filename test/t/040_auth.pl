@@ -64,6 +64,18 @@ like($err, qr/ERROR:\s+58P01: could not open file ".*missing" named by agog_nats
 $node->append_conf('postgresql.conf', "agog_nats.password_file = '$good'\n");
 $node->reload;
 
+# Credentials in agog_nats.url are refused: a setting's value shows in
+# pg_settings and postgresql.conf, so secrets go in files.  The error does
+# not repeat the URL.
+my $url = $node->safe_psql('postgres', 'SHOW agog_nats.url');
+(my $url_pw = $url) =~ s{^nats://}{nats://agog:s3cret-pw\@};
+$err = AgogNatsTest::error_after_reload($node, "agog_nats.url = '$url_pw'\n",
+	'agog_nats.url', qr/\@/, 'with a password in it');
+like($err, qr/ERROR:\s+22023: agog_nats\.url must not hold credentials.*HINT:  .*agog_nats\.password_file/s,
+	'a password in agog_nats.url: 22023, pointing to the file settings');
+unlike($err, qr/s3cret-pw/, 'the error does not show the password');
+AgogNatsTest::reconnects_with($node, "agog_nats.url = '$url'\n", 'the URL without credentials');
+
 # --- token ---------------------------------------------------------------
 my $nats2 = AgogNatsTest::NatsServer->new(
 	name => 'natstoken',
