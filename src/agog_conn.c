@@ -17,9 +17,11 @@
  * is sent again after a slice runs out carries the same Nats-Msg-Id, which
  * JetStream's duplicate window makes harmless.
  *
- * The worker's callbacks run on nats.c threads: they only touch
- * process-static counters with atomic builtins and write one byte to a pipe
- * the worker waits on.  A backend's connection has no nats.c thread at all
+ * The worker's callbacks run on nats.c threads and call nothing of
+ * PostgreSQL's: the connection events touch process-static counters with
+ * atomic builtins and write one byte to a pipe the worker waits on; the ack
+ * handler writes a batch's outcome under a pthread mutex and signals a
+ * condition variable.  A backend's connection has no nats.c thread at all
  * (see "The backend as its loop"): its event-loop callbacks run on the
  * backend's own thread, inside a signal-blocked section.
  *
@@ -388,6 +390,11 @@ conn_at_exit(int code, Datum arg)
 		agog_conn_shutdown_library();
 }
 
+/*
+ * register_conn
+ *		Remember an open connection so conn_at_exit closes it.  Runs after a
+ *		successful connect; throws only if a process opens more than it should.
+ */
 static void
 register_conn(AgogConn *conn)
 {
@@ -400,6 +407,10 @@ register_conn(AgogConn *conn)
 	elog(ERROR, "too many NATS connections in one process");
 }
 
+/*
+ * unregister_conn
+ *		Forget a connection being closed.  Never throws.
+ */
 static void
 unregister_conn(AgogConn *conn)
 {
@@ -472,6 +483,11 @@ notify_owner(void)
 	}
 }
 
+/*
+ * on_disconnected
+ *		nats.c's disconnected callback (worker only), on a nats.c thread:
+ *		count it and wake the worker.  Atomics and a pipe write only.
+ */
 static void
 on_disconnected(natsConnection *nc, void *closure)
 {
@@ -479,6 +495,12 @@ on_disconnected(natsConnection *nc, void *closure)
 	notify_owner();
 }
 
+/*
+ * on_bell
+ *		Core-NATS handler of the notice subject (worker only), on a nats.c
+ *		thread: a notice arrived, so count it and wake the worker to pull it
+ *		from its durable consumer.  Atomics and a pipe write only.
+ */
 static void
 on_bell(natsConnection *nc, natsSubscription *sub, natsMsg *msg, void *closure)
 {
@@ -487,6 +509,11 @@ on_bell(natsConnection *nc, natsSubscription *sub, natsMsg *msg, void *closure)
 	notify_owner();
 }
 
+/*
+ * on_reconnected
+ *		nats.c's reconnected callback (worker only), on a nats.c thread:
+ *		count it and wake the worker.  Atomics and a pipe write only.
+ */
 static void
 on_reconnected(natsConnection *nc, void *closure)
 {
@@ -749,6 +776,10 @@ check_credentials_file(const char *path)
 						   has_jwt ? "no seed" : has_seed ? "no JWT" : "neither")));
 }
 
+/*
+ * has_setting
+ *		Whether a string setting is set (not NULL, not empty).
+ */
 static bool
 has_setting(const char *v)
 {
@@ -804,7 +835,7 @@ agog_conn_open(const char *url, const char *name, bool keep_reconnecting,
 	WaitBudget	budget;
 	bool		interrupted = false;
 	char	   *volatile password = NULL;
-	char	   *token = NULL;
+	char	   *volatile token = NULL;
 
 	memset(err, 0, sizeof(*err));
 	if (has_setting(agog_credentials_file) && has_setting(agog_nkey))
@@ -861,129 +892,131 @@ agog_conn_open(const char *url, const char *name, bool keep_reconnecting,
 	conn->sock = -1;
 
 	/*
-	 * The secrets are read last: nothing between here and forget_secret
-	 * below throws, so they are wiped on every path.
+	 * The secrets are read last, and wiped on every path: the interrupt
+	 * check between attempts may throw (query cancel), as may the reads.
 	 */
 	PG_TRY();
 	{
 		password = read_secret("agog_nats.password_file", agog_password_file);
 		token = read_secret("agog_nats.token_file", agog_token_file);
+
+		/*
+		 * Connect in attempts of growing length, so cancel and shutdown are
+		 * served between them even when a server accepts TCP but never
+		 * answers.  A refused connection fails at once and is not retried
+		 * here.
+		 */
+		budget_start(&budget);
+		for (;;)
+		{
+			int64		slice = budget_next_slice(&budget, connect_slices,
+												  nconnect_slices, &interrupted);
+			TimestampTz started = GetCurrentTimestamp();
+
+			if (slice <= 0)
+			{
+				s = NATS_TIMEOUT;
+				set_timeout_error(err, interrupted);
+				break;
+			}
+			opts = NULL;
+			nc = NULL;
+			js = NULL;
+			NATS_BEGIN(saved);
+			s = natsOptions_Create(&opts);
+			if (s == NATS_OK)
+				s = natsOptions_SetServers(opts, servers, nservers);
+			if (s == NATS_OK)
+				s = natsOptions_SetName(opts, name);
+			if (s == NATS_OK)
+				s = natsOptions_SetTimeout(opts, slice);
+			if (s == NATS_OK)
+				s = natsOptions_SetWriteDeadline(opts, agog_timeout_ms);
+			if (s == NATS_OK)
+				s = natsOptions_SetNoRandomize(opts, true);
+			if (s == NATS_OK && agog_user != NULL && agog_user[0] != '\0')
+				s = natsOptions_SetUserInfo(opts, agog_user, password ? password : "");
+			if (s == NATS_OK && token != NULL)
+				s = natsOptions_SetToken(opts, token);
+			if (s == NATS_OK && has_setting(agog_nkey))
+				s = natsOptions_SetNKeyFromSeed(opts, agog_nkey, agog_nkey_seed_file);
+			if (s == NATS_OK && has_setting(agog_credentials_file))
+				s = natsOptions_SetUserCredentialsFromFiles(opts, agog_credentials_file, NULL);
+			if (s == NATS_OK && tls_asked())
+			{
+				tls_used = true;
+				s = natsOptions_SetSecure(opts, true);
+			}
+			if (s == NATS_OK && has_setting(agog_tls_ca_file))
+				s = natsOptions_LoadCATrustedCertificates(opts, agog_tls_ca_file);
+			if (s == NATS_OK && has_setting(agog_tls_cert_file))
+				s = natsOptions_LoadCertificatesChain(opts, agog_tls_cert_file,
+													  has_setting(agog_tls_key_file) ?
+													  agog_tls_key_file : agog_tls_cert_file);
+			if (s == NATS_OK && keep_reconnecting)
+			{
+				s = natsOptions_SetAllowReconnect(opts, true);
+				if (s == NATS_OK)
+					s = natsOptions_SetMaxReconnect(opts, -1);
+				if (s == NATS_OK)
+					s = natsOptions_SetReconnectWait(opts, 250);
+				if (s == NATS_OK)
+					s = natsOptions_SetPingInterval(opts, 2000);
+				if (s == NATS_OK)
+					s = natsOptions_SetMaxPingsOut(opts, 2);
+				if (s == NATS_OK)
+					s = natsOptions_SetDisconnectedCB(opts, on_disconnected, NULL);
+				if (s == NATS_OK)
+					s = natsOptions_SetReconnectedCB(opts, on_reconnected, NULL);
+			}
+			else if (s == NATS_OK)
+			{
+				s = natsOptions_SetAllowReconnect(opts, false);
+				/* a backend's requests go out at once, see request_send */
+				if (s == NATS_OK)
+					s = natsOptions_SetSendAsap(opts, true);
+				/* no reader and no ping thread: see "The backend as its loop" */
+				if (s == NATS_OK && conn->threadless)
+					s = natsOptions_SetPingInterval(opts, 0);
+				if (s == NATS_OK && conn->threadless)
+					s = natsOptions_SetEventLoop(opts, conn, loop_attach, loop_read,
+												 loop_write, loop_detach);
+			}
+			if (s == NATS_OK)
+				s = natsConnection_Connect(&nc, opts);
+			if (s == NATS_OK)
+			{
+				jsOptions_Init(&jsopts);
+				jsopts.Wait = agog_timeout_ms;
+				if (keep_reconnecting)
+				{
+					jsopts.PublishAsync.AckHandler = on_pub_ack;
+					jsopts.PublishAsync.MaxPending = 8192;
+				}
+				s = natsConnection_JetStream(&js, nc, &jsopts);
+			}
+			if (s != NATS_OK)
+			{
+				capture_error(err, s, 0);
+				jsCtx_Destroy(js);
+				natsConnection_Destroy(nc);
+			}
+			natsOptions_Destroy(opts);
+			NATS_END(saved);
+
+			if (s == NATS_OK ||
+				!TimestampDifferenceExceeds(started, GetCurrentTimestamp(), (int) (slice / 2)))
+				break;
+		}
 	}
 	PG_CATCH();
 	{
 		forget_secret(password);
+		forget_secret(token);
 		pfree(conn);
 		PG_RE_THROW();
 	}
 	PG_END_TRY();
-
-	/*
-	 * Connect in attempts of growing length, so cancel and shutdown are
-	 * served between them even when a server accepts TCP but never answers.
-	 * A refused connection fails at once and is not retried here.
-	 */
-	budget_start(&budget);
-	for (;;)
-	{
-		int64		slice = budget_next_slice(&budget, connect_slices,
-											  nconnect_slices, &interrupted);
-		TimestampTz started = GetCurrentTimestamp();
-
-		if (slice <= 0)
-		{
-			s = NATS_TIMEOUT;
-			set_timeout_error(err, interrupted);
-			break;
-		}
-		opts = NULL;
-		nc = NULL;
-		js = NULL;
-		NATS_BEGIN(saved);
-		s = natsOptions_Create(&opts);
-		if (s == NATS_OK)
-			s = natsOptions_SetServers(opts, servers, nservers);
-		if (s == NATS_OK)
-			s = natsOptions_SetName(opts, name);
-		if (s == NATS_OK)
-			s = natsOptions_SetTimeout(opts, slice);
-		if (s == NATS_OK)
-			s = natsOptions_SetWriteDeadline(opts, agog_timeout_ms);
-		if (s == NATS_OK)
-			s = natsOptions_SetNoRandomize(opts, true);
-		if (s == NATS_OK && agog_user != NULL && agog_user[0] != '\0')
-			s = natsOptions_SetUserInfo(opts, agog_user, password ? password : "");
-		if (s == NATS_OK && token != NULL)
-			s = natsOptions_SetToken(opts, token);
-		if (s == NATS_OK && has_setting(agog_nkey))
-			s = natsOptions_SetNKeyFromSeed(opts, agog_nkey, agog_nkey_seed_file);
-		if (s == NATS_OK && has_setting(agog_credentials_file))
-			s = natsOptions_SetUserCredentialsFromFiles(opts, agog_credentials_file, NULL);
-		if (s == NATS_OK && tls_asked())
-		{
-			tls_used = true;
-			s = natsOptions_SetSecure(opts, true);
-		}
-		if (s == NATS_OK && has_setting(agog_tls_ca_file))
-			s = natsOptions_LoadCATrustedCertificates(opts, agog_tls_ca_file);
-		if (s == NATS_OK && has_setting(agog_tls_cert_file))
-			s = natsOptions_LoadCertificatesChain(opts, agog_tls_cert_file,
-												  has_setting(agog_tls_key_file) ?
-												  agog_tls_key_file : agog_tls_cert_file);
-		if (s == NATS_OK && keep_reconnecting)
-		{
-			s = natsOptions_SetAllowReconnect(opts, true);
-			if (s == NATS_OK)
-				s = natsOptions_SetMaxReconnect(opts, -1);
-			if (s == NATS_OK)
-				s = natsOptions_SetReconnectWait(opts, 250);
-			if (s == NATS_OK)
-				s = natsOptions_SetPingInterval(opts, 2000);
-			if (s == NATS_OK)
-				s = natsOptions_SetMaxPingsOut(opts, 2);
-			if (s == NATS_OK)
-				s = natsOptions_SetDisconnectedCB(opts, on_disconnected, NULL);
-			if (s == NATS_OK)
-				s = natsOptions_SetReconnectedCB(opts, on_reconnected, NULL);
-		}
-		else if (s == NATS_OK)
-		{
-			s = natsOptions_SetAllowReconnect(opts, false);
-			/* a backend's requests go out at once, see request_send */
-			if (s == NATS_OK)
-				s = natsOptions_SetSendAsap(opts, true);
-			/* no reader and no ping thread: see "The backend as its loop" */
-			if (s == NATS_OK && conn->threadless)
-				s = natsOptions_SetPingInterval(opts, 0);
-			if (s == NATS_OK && conn->threadless)
-				s = natsOptions_SetEventLoop(opts, conn, loop_attach, loop_read,
-											 loop_write, loop_detach);
-		}
-		if (s == NATS_OK)
-			s = natsConnection_Connect(&nc, opts);
-		if (s == NATS_OK)
-		{
-			jsOptions_Init(&jsopts);
-			jsopts.Wait = agog_timeout_ms;
-			if (keep_reconnecting)
-			{
-				jsopts.PublishAsync.AckHandler = on_pub_ack;
-				jsopts.PublishAsync.MaxPending = 8192;
-			}
-			s = natsConnection_JetStream(&js, nc, &jsopts);
-		}
-		if (s != NATS_OK)
-		{
-			capture_error(err, s, 0);
-			jsCtx_Destroy(js);
-			natsConnection_Destroy(nc);
-		}
-		natsOptions_Destroy(opts);
-		NATS_END(saved);
-
-		if (s == NATS_OK ||
-			!TimestampDifferenceExceeds(started, GetCurrentTimestamp(), (int) (slice / 2)))
-			break;
-	}
 	forget_secret(password);
 	forget_secret(token);
 
@@ -1273,6 +1306,11 @@ budget_next_slice(WaitBudget *b, const int64 *slices, int nslices,
 	return Min(slice, remaining);
 }
 
+/*
+ * set_timeout_error
+ *		Fill *err for a bounded wait that ran out, or that a shutdown
+ *		request cut short.  No I/O; never throws.
+ */
 static void
 set_timeout_error(AgogError *err, bool interrupted)
 {
@@ -2374,6 +2412,11 @@ direct_get_wait(AgogConn *conn, uint64 token, int64 wait_ms, natsMsg **m,
 	return s;
 }
 
+/*
+ * get_attempt
+ *		One attempt of a direct get (or a leader's get), within wait_ms.
+ *		Runs in a signal-blocked section: no palloc, no ereport.
+ */
 static natsStatus
 get_attempt(AgogConn *conn, int64 wait_ms, void *arg, AgogError *err)
 {
@@ -2546,6 +2589,10 @@ agog_conn_get_last_send(AgogConn *conn, const char *stream, const char *subject,
 	sent->token = (s == NATS_OK) ? token : 0;
 }
 
+/*
+ * agog_conn_get_last
+ *		The last message on subject in stream (see get_msg).
+ */
 bool
 agog_conn_get_last(AgogConn *conn, const char *stream, const char *subject,
 				   bool from_leader, AgogSentGet *sent, AgogMsg *msg,
@@ -2554,6 +2601,10 @@ agog_conn_get_last(AgogConn *conn, const char *stream, const char *subject,
 	return get_msg(conn, stream, subject, 0, from_leader, sent, msg, err);
 }
 
+/*
+ * agog_conn_get_seq
+ *		The message at seq in stream (see get_msg).
+ */
 bool
 agog_conn_get_seq(AgogConn *conn, const char *stream, uint64 seq,
 				  bool from_leader, AgogMsg *msg, AgogError *err)
@@ -2571,6 +2622,11 @@ typedef struct NextArgs
 	bool		match;			/* its Nats-Msg-Id is msg_id */
 } NextArgs;
 
+/*
+ * next_attempt
+ *		One attempt of the resend check's walk: the next message on the
+ *		subject from a->next.  Signal-blocked: no palloc, no ereport.
+ */
 static natsStatus
 next_attempt(AgogConn *conn, int64 wait_ms, void *arg, AgogError *err)
 {
@@ -2666,6 +2722,11 @@ typedef struct ApiArgs
 	bool		copied;
 } ApiArgs;
 
+/*
+ * api_attempt
+ *		One attempt of a JetStream API request sent by hand, within
+ *		wait_ms.  Signal-blocked: no palloc, no ereport.
+ */
 static natsStatus
 api_attempt(AgogConn *conn, int64 wait_ms, void *arg, AgogError *err)
 {

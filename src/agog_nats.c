@@ -274,6 +274,11 @@ _PG_init(void)
 	agog_register_worker();
 }
 
+/*
+ * agog_shmem_request_hook
+ *		shmem_request_hook: ask for the extension's shared memory.  Runs in
+ *		the postmaster at start, after shared_preload_libraries are loaded.
+ */
 static void
 agog_shmem_request_hook(void)
 {
@@ -282,6 +287,11 @@ agog_shmem_request_hook(void)
 	agog_shmem_request();
 }
 
+/*
+ * agog_shmem_startup_hook
+ *		shmem_startup_hook: create or attach the shared state.  Runs in the
+ *		postmaster (and in EXEC_BACKEND children); no NATS here.
+ */
 static void
 agog_shmem_startup_hook(void)
 {

@@ -688,6 +688,10 @@ typedef struct Outcomes
 	int			n;
 } Outcomes;
 
+/*
+ * outcomes_init
+ *		Empty arrays of a batch's outcomes, in the current memory context.
+ */
 static void
 outcomes_init(Outcomes *o)
 {

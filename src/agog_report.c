@@ -160,7 +160,7 @@ check_metadata(Jsonb *metadata)
 			ereport(ERROR,
 					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 					 errmsg("metadata must not set \"%s\"", reserved_keys[i]),
-					 errdetail("agog_nats fills agent, taskType, feature and timestamp itself.")));
+					 errdetail("The keys agent, taskType, feature and timestamp are set by agog_nats.")));
 	}
 }
 
@@ -459,8 +459,9 @@ put_report_row(ReturnSetInfo *rsinfo, AgogMsg *msg)
 		!pg_verifymbstr(msg->data, msg->len, true))
 		ereport(ERROR,
 				(errcode(ERRCODE_CHARACTER_NOT_IN_REPERTOIRE),
-				 errmsg("report on %s is not valid text in the database encoding",
-						msg->subject)));
+				 errmsg("report is not valid text in the database encoding"),
+				 errdetail_internal("The message on subject \"%s\" holds a NUL byte or bytes that are not %s.",
+									msg->subject, GetDatabaseEncodingName())));
 
 	if (parse_seed_fast(msg->data, msg->len, &values[0], &values[1]))
 		seed = true;

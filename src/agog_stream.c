@@ -307,7 +307,7 @@ clear_stamps(List *agents, List *stamps, MemoryContext caller)
 		ereport(WARNING,
 				(errcode(edata->sqlerrcode),
 				 errmsg("agog_nats could not clear limits_changed_at of applied agents"),
-				 errdetail_internal("%s", edata->message),
+				 errdetail_internal("The error was: %s.", edata->message),
 				 errhint("The worker tries again at its next check of the streams.")));
 		FreeErrorData(edata);
 	}
@@ -467,6 +467,10 @@ put_pct(Datum *values, bool *nulls, int col, double used, int64 limit)
 		values[col] = Float8GetDatum(100.0 * used / (double) limit);
 }
 
+/*
+ * ms_interval
+ *		An interval Datum for a duration in milliseconds.
+ */
 static Datum
 ms_interval(int64 ms)
 {
@@ -516,6 +520,10 @@ typedef struct ListScan
 	char		error_text[LIST_TEXT_LEN];
 } ListScan;
 
+/*
+ * list_skip_ws
+ *		Skip JSON white space in the stream list's reply.
+ */
 static void
 list_skip_ws(ListScan *s)
 {

@@ -183,6 +183,10 @@ set_connected(AgogConn *conn, bool connected, bool reconnected)
 	LWLockRelease(agog_shared->lock);
 }
 
+/*
+ * ms_until
+ *		Milliseconds from now until when (0 if past), for a latch timeout.
+ */
 static long
 ms_until(TimestampTz when)
 {

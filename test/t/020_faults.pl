@@ -372,6 +372,16 @@ for my $feature (sort keys %not_seed)
 		"$feature: a body that is not seed JSON comes back whole, metadata NULL");
 }
 
+# A body that is not text in the database encoding (here a Latin-1 byte in
+# a UTF-8 database): 22021, the subject in the detail, no crash.
+my $bad = acked_publish("$subj.interop-latin1", "caf\xe9");
+ok($bad && $bad->{seq}, 'interop-latin1: stored');
+my ($fret, $fout, $ferr) = $node->psql('postgres',
+	q{SELECT content FROM agog_fetch_report('cynthia', 'research', 'interop-latin1')},
+	extra_params => [ '-v', 'VERBOSITY=verbose' ]);
+like($ferr, qr/ERROR:\s+22021: report is not valid text in the database encoding\s+DETAIL:\s+The message on subject "\Q$subj\E\.interop-latin1" holds a NUL byte or bytes that are not UTF8\./,
+	'a body that is not UTF-8: 22021 naming the subject in the detail');
+
 # The other direction: nats.c publishes, the plain client reads with a direct get.
 my $id = $node->safe_psql('postgres',
 	"SELECT agog_publish_report_now('cynthia', 'research', 'interop-back', '# From PG', '{\"files\": 3}')");
