@@ -9,10 +9,15 @@
  *					waits, NATS errors mapped to SQLSTATEs)
  *	agog_subject.c	token validation, subject and message-id building
  *	agog_shmem.c	shared state between backends and the worker
+ *	agog_xact.c		the worker's own transactions around SPI
+ *	agog_agents.c	a per-process cache of agog_nats.agents
  *	agog_stream.c	stream provisioning and agog_stream_status()
+ *	agog_outbox.c	the outbox: insert, claim, drain, record, purge
  *	agog_report.c	report encoding, publish and fetch functions
+ *	agog_workflow.c	the worker's side of the workflow engine
  *	agog_worker.c	the background worker's loop
- *	agog_nats.c		_PG_init: settings, shared memory, worker registration
+ *	agog_nats.c		_PG_init: settings, shared memory, worker registration,
+ *					the commit callback
  *
  * Copyright (c) 2026, agog_nats developers
  *

@@ -597,7 +597,7 @@ agog_fetch_report_by_seq(PG_FUNCTION_ARGS)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("sequence must be positive"),
-				 errdetail("Stream sequences start at 1; got " INT64_FORMAT ".", seq)));
+				 errdetail("Stream sequences start at 1; got %lld.", (long long) seq)));
 	stream = agent_info(agent).stream;
 
 	InitMaterializedSRF(fcinfo, 0);
