@@ -682,8 +682,11 @@ DECLARE
 BEGIN
     PERFORM agog_nats.check_token('feature', feature);
     PERFORM agog_nats.check_token('pipeline', pipeline);
-    -- the worker runs the workflows of agog_nats.database only
-    IF current_database() <> current_setting('agog_nats.database') THEN
+    -- the worker runs the workflows of agog_nats.database only (when it
+    -- names no database, the worker cannot start and says so in the log)
+    IF current_database() <> current_setting('agog_nats.database')
+       AND EXISTS (SELECT 1 FROM pg_catalog.pg_database d
+                    WHERE d.datname = current_setting('agog_nats.database')) THEN
         RAISE EXCEPTION 'workflows can run only in database "%"', current_setting('agog_nats.database')
             USING ERRCODE = 'object_not_in_prerequisite_state',
                   DETAIL = format('The agog_nats worker runs the workflows of agog_nats.database only; a workflow started in database "%s" would never be dispatched.', current_database()),

@@ -203,23 +203,21 @@ agog_outbox_check_depth(void)
  * agog_outbox_check_database
  *		Refuse to queue a report outside agog_nats.database: the worker
  *		drains that database's outbox only, and a report queued anywhere
- *		else would stay pending for ever.  Runs in a backend, in a
- *		transaction; the database is looked up once per backend (the
- *		setting is fixed at server start, and the database a backend is
- *		connected to cannot be renamed under it).
+ *		else would stay pending for ever.  When agog_nats.database names no
+ *		database the worker cannot start at all (it logs why) and nothing is
+ *		refused here.  Runs in a backend, in a transaction; the database is
+ *		looked up until found, then kept (the setting is fixed at server
+ *		start, and the database a backend is connected to cannot be renamed
+ *		under it).
  */
 void
 agog_outbox_check_database(void)
 {
 	static Oid	worker_db = InvalidOid;
-	static bool looked_up = false;
 
-	if (!looked_up)
-	{
+	if (!OidIsValid(worker_db))
 		worker_db = get_database_oid(agog_database, true);
-		looked_up = true;
-	}
-	if (MyDatabaseId != worker_db)
+	if (OidIsValid(worker_db) && MyDatabaseId != worker_db)
 		ereport(ERROR,
 				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
 				 errmsg("reports can be queued only in database \"%s\"", agog_database),
