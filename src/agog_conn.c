@@ -623,22 +623,29 @@ split_servers(const char *url, int *count)
 }
 
 /*
+ * server_authority
+ *		Where the authority of one agog_nats.url entry starts: after
+ *		"scheme://" when there is one.  It runs up to the first '/'.
+ */
+static const char *
+server_authority(const char *server)
+{
+	const char *p = strstr(server, "://");
+
+	return (p != NULL) ? p + 3 : server;
+}
+
+/*
  * url_has_credentials
  *		True when one server entry of agog_nats.url carries a user, password
- *		or token ("nats://user:pass@host:4222").  Looks at the authority only
- *		(after "scheme://", up to the first '/').
+ *		or token ("nats://user:pass@host:4222") in its authority.
  */
 static bool
 url_has_credentials(const char *server)
 {
-	const char *p = strstr(server, "://");
-	const char *end;
+	const char *p = server_authority(server);
 
-	p = (p != NULL) ? p + 3 : server;
-	end = strchr(p, '/');
-	if (end == NULL)
-		end = p + strlen(p);
-	return memchr(p, '@', end - p) != NULL;
+	return memchr(p, '@', strcspn(p, "/")) != NULL;
 }
 
 /*
@@ -811,6 +818,143 @@ agog_conn_settings(void)
 }
 
 /*
+ * connect_attempts
+ *		agog_conn_open's connect: attempts of growing length within
+ *		agog_nats.timeout_ms, each with fresh options.  Returns NATS_OK with
+ *		*nc and *js set, or the last failure with *err set.  Runs in a
+ *		backend or the worker, signals blocked around each attempt; throws
+ *		only from the interrupt check between attempts (query cancel), which
+ *		agog_conn_open catches to wipe the secrets.
+ */
+static natsStatus
+connect_attempts(AgogConn *conn, const char **servers, int nservers,
+				 const char *name, bool keep_reconnecting, const char *password,
+				 const char *token, natsConnection **ncp, jsCtx **jsp,
+				 AgogError *err)
+{
+	natsOptions *opts = NULL;
+	natsConnection *nc = NULL;
+	jsCtx	   *js = NULL;
+	jsOptions	jsopts;
+	natsStatus	s = NATS_OK;
+	sigset_t	saved;
+	WaitBudget	budget;
+	bool		interrupted = false;
+
+	/*
+	 * Connect in attempts of growing length, so cancel and shutdown are
+	 * served between them even when a server accepts TCP but never
+	 * answers.  A refused connection fails at once and is not retried
+	 * here.
+	 */
+	budget_start(&budget);
+	for (;;)
+	{
+		int64		slice = budget_next_slice(&budget, connect_slices,
+											  nconnect_slices, &interrupted);
+		TimestampTz started = GetCurrentTimestamp();
+
+		if (slice <= 0)
+		{
+			s = NATS_TIMEOUT;
+			set_timeout_error(err, interrupted);
+			break;
+		}
+		opts = NULL;
+		nc = NULL;
+		js = NULL;
+		NATS_BEGIN(saved);
+		s = natsOptions_Create(&opts);
+		if (s == NATS_OK)
+			s = natsOptions_SetServers(opts, servers, nservers);
+		if (s == NATS_OK)
+			s = natsOptions_SetName(opts, name);
+		if (s == NATS_OK)
+			s = natsOptions_SetTimeout(opts, slice);
+		if (s == NATS_OK)
+			s = natsOptions_SetWriteDeadline(opts, agog_timeout_ms);
+		if (s == NATS_OK)
+			s = natsOptions_SetNoRandomize(opts, true);
+		if (s == NATS_OK && agog_user != NULL && agog_user[0] != '\0')
+			s = natsOptions_SetUserInfo(opts, agog_user, password ? password : "");
+		if (s == NATS_OK && token != NULL)
+			s = natsOptions_SetToken(opts, token);
+		if (s == NATS_OK && has_setting(agog_nkey))
+			s = natsOptions_SetNKeyFromSeed(opts, agog_nkey, agog_nkey_seed_file);
+		if (s == NATS_OK && has_setting(agog_credentials_file))
+			s = natsOptions_SetUserCredentialsFromFiles(opts, agog_credentials_file, NULL);
+		if (s == NATS_OK && tls_asked())
+		{
+			tls_used = true;
+			s = natsOptions_SetSecure(opts, true);
+		}
+		if (s == NATS_OK && has_setting(agog_tls_ca_file))
+			s = natsOptions_LoadCATrustedCertificates(opts, agog_tls_ca_file);
+		if (s == NATS_OK && has_setting(agog_tls_cert_file))
+			s = natsOptions_LoadCertificatesChain(opts, agog_tls_cert_file,
+												  has_setting(agog_tls_key_file) ?
+												  agog_tls_key_file : agog_tls_cert_file);
+		if (s == NATS_OK && keep_reconnecting)
+		{
+			s = natsOptions_SetAllowReconnect(opts, true);
+			if (s == NATS_OK)
+				s = natsOptions_SetMaxReconnect(opts, -1);
+			if (s == NATS_OK)
+				s = natsOptions_SetReconnectWait(opts, 250);
+			if (s == NATS_OK)
+				s = natsOptions_SetPingInterval(opts, 2000);
+			if (s == NATS_OK)
+				s = natsOptions_SetMaxPingsOut(opts, 2);
+			if (s == NATS_OK)
+				s = natsOptions_SetDisconnectedCB(opts, on_disconnected, NULL);
+			if (s == NATS_OK)
+				s = natsOptions_SetReconnectedCB(opts, on_reconnected, NULL);
+		}
+		else if (s == NATS_OK)
+		{
+			s = natsOptions_SetAllowReconnect(opts, false);
+			/* a backend's requests go out at once, see request_send */
+			if (s == NATS_OK)
+				s = natsOptions_SetSendAsap(opts, true);
+			/* no reader and no ping thread: see "The backend as its loop" */
+			if (s == NATS_OK && conn->threadless)
+				s = natsOptions_SetPingInterval(opts, 0);
+			if (s == NATS_OK && conn->threadless)
+				s = natsOptions_SetEventLoop(opts, conn, loop_attach, loop_read,
+											 loop_write, loop_detach);
+		}
+		if (s == NATS_OK)
+			s = natsConnection_Connect(&nc, opts);
+		if (s == NATS_OK)
+		{
+			jsOptions_Init(&jsopts);
+			jsopts.Wait = agog_timeout_ms;
+			if (keep_reconnecting)
+			{
+				jsopts.PublishAsync.AckHandler = on_pub_ack;
+				jsopts.PublishAsync.MaxPending = 8192;
+			}
+			s = natsConnection_JetStream(&js, nc, &jsopts);
+		}
+		if (s != NATS_OK)
+		{
+			capture_error(err, s, 0);
+			jsCtx_Destroy(js);
+			natsConnection_Destroy(nc);
+		}
+		natsOptions_Destroy(opts);
+		NATS_END(saved);
+
+		if (s == NATS_OK ||
+			!TimestampDifferenceExceeds(started, GetCurrentTimestamp(), (int) (slice / 2)))
+			break;
+	}
+	*ncp = nc;
+	*jsp = js;
+	return s;
+}
+
+/*
  * agog_conn_open
  *		Connect to the servers in url.  Runs in a backend or the worker.
  *		keep_reconnecting (the worker) retries forever after a disconnect and
@@ -826,14 +970,9 @@ agog_conn_open(const char *url, const char *name, bool keep_reconnecting,
 	const char **servers;
 	int			nservers;
 	AgogConn   *conn;
-	natsOptions *opts = NULL;
 	natsConnection *nc = NULL;
 	jsCtx	   *js = NULL;
-	jsOptions	jsopts;
-	natsStatus	s = NATS_OK;
-	sigset_t	saved;
-	WaitBudget	budget;
-	bool		interrupted = false;
+	natsStatus	s;
 	char	   *volatile password = NULL;
 	char	   *volatile token = NULL;
 
@@ -899,115 +1038,8 @@ agog_conn_open(const char *url, const char *name, bool keep_reconnecting,
 	{
 		password = read_secret("agog_nats.password_file", agog_password_file);
 		token = read_secret("agog_nats.token_file", agog_token_file);
-
-		/*
-		 * Connect in attempts of growing length, so cancel and shutdown are
-		 * served between them even when a server accepts TCP but never
-		 * answers.  A refused connection fails at once and is not retried
-		 * here.
-		 */
-		budget_start(&budget);
-		for (;;)
-		{
-			int64		slice = budget_next_slice(&budget, connect_slices,
-												  nconnect_slices, &interrupted);
-			TimestampTz started = GetCurrentTimestamp();
-
-			if (slice <= 0)
-			{
-				s = NATS_TIMEOUT;
-				set_timeout_error(err, interrupted);
-				break;
-			}
-			opts = NULL;
-			nc = NULL;
-			js = NULL;
-			NATS_BEGIN(saved);
-			s = natsOptions_Create(&opts);
-			if (s == NATS_OK)
-				s = natsOptions_SetServers(opts, servers, nservers);
-			if (s == NATS_OK)
-				s = natsOptions_SetName(opts, name);
-			if (s == NATS_OK)
-				s = natsOptions_SetTimeout(opts, slice);
-			if (s == NATS_OK)
-				s = natsOptions_SetWriteDeadline(opts, agog_timeout_ms);
-			if (s == NATS_OK)
-				s = natsOptions_SetNoRandomize(opts, true);
-			if (s == NATS_OK && agog_user != NULL && agog_user[0] != '\0')
-				s = natsOptions_SetUserInfo(opts, agog_user, password ? password : "");
-			if (s == NATS_OK && token != NULL)
-				s = natsOptions_SetToken(opts, token);
-			if (s == NATS_OK && has_setting(agog_nkey))
-				s = natsOptions_SetNKeyFromSeed(opts, agog_nkey, agog_nkey_seed_file);
-			if (s == NATS_OK && has_setting(agog_credentials_file))
-				s = natsOptions_SetUserCredentialsFromFiles(opts, agog_credentials_file, NULL);
-			if (s == NATS_OK && tls_asked())
-			{
-				tls_used = true;
-				s = natsOptions_SetSecure(opts, true);
-			}
-			if (s == NATS_OK && has_setting(agog_tls_ca_file))
-				s = natsOptions_LoadCATrustedCertificates(opts, agog_tls_ca_file);
-			if (s == NATS_OK && has_setting(agog_tls_cert_file))
-				s = natsOptions_LoadCertificatesChain(opts, agog_tls_cert_file,
-													  has_setting(agog_tls_key_file) ?
-													  agog_tls_key_file : agog_tls_cert_file);
-			if (s == NATS_OK && keep_reconnecting)
-			{
-				s = natsOptions_SetAllowReconnect(opts, true);
-				if (s == NATS_OK)
-					s = natsOptions_SetMaxReconnect(opts, -1);
-				if (s == NATS_OK)
-					s = natsOptions_SetReconnectWait(opts, 250);
-				if (s == NATS_OK)
-					s = natsOptions_SetPingInterval(opts, 2000);
-				if (s == NATS_OK)
-					s = natsOptions_SetMaxPingsOut(opts, 2);
-				if (s == NATS_OK)
-					s = natsOptions_SetDisconnectedCB(opts, on_disconnected, NULL);
-				if (s == NATS_OK)
-					s = natsOptions_SetReconnectedCB(opts, on_reconnected, NULL);
-			}
-			else if (s == NATS_OK)
-			{
-				s = natsOptions_SetAllowReconnect(opts, false);
-				/* a backend's requests go out at once, see request_send */
-				if (s == NATS_OK)
-					s = natsOptions_SetSendAsap(opts, true);
-				/* no reader and no ping thread: see "The backend as its loop" */
-				if (s == NATS_OK && conn->threadless)
-					s = natsOptions_SetPingInterval(opts, 0);
-				if (s == NATS_OK && conn->threadless)
-					s = natsOptions_SetEventLoop(opts, conn, loop_attach, loop_read,
-												 loop_write, loop_detach);
-			}
-			if (s == NATS_OK)
-				s = natsConnection_Connect(&nc, opts);
-			if (s == NATS_OK)
-			{
-				jsOptions_Init(&jsopts);
-				jsopts.Wait = agog_timeout_ms;
-				if (keep_reconnecting)
-				{
-					jsopts.PublishAsync.AckHandler = on_pub_ack;
-					jsopts.PublishAsync.MaxPending = 8192;
-				}
-				s = natsConnection_JetStream(&js, nc, &jsopts);
-			}
-			if (s != NATS_OK)
-			{
-				capture_error(err, s, 0);
-				jsCtx_Destroy(js);
-				natsConnection_Destroy(nc);
-			}
-			natsOptions_Destroy(opts);
-			NATS_END(saved);
-
-			if (s == NATS_OK ||
-				!TimestampDifferenceExceeds(started, GetCurrentTimestamp(), (int) (slice / 2)))
-				break;
-		}
+		s = connect_attempts(conn, servers, nservers, name, keep_reconnecting,
+							 password, token, &nc, &js, err);
 	}
 	PG_CATCH();
 	{
@@ -1487,8 +1519,7 @@ server_requires_tls(const char *server, int wait_ms)
 {
 	char		host[256];
 	char		port[16] = "4222";
-	const char *p = server;
-	const char *at;
+	const char *p = server_authority(server);
 	const char *colon;
 	struct addrinfo hints;
 	struct addrinfo *addrs = NULL;
@@ -1498,11 +1529,7 @@ server_requires_tls(const char *server, int wait_ms)
 	bool		requires = true;
 	TimestampTz deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), wait_ms);
 
-	/* [scheme://][user[:password]@]host[:port], host maybe [IPv6] */
-	if (strstr(p, "://") != NULL)
-		p = strstr(p, "://") + 3;
-	if ((at = strrchr(p, '@')) != NULL)
-		p = at + 1;
+	/* host[:port], host maybe [IPv6]; credentials were refused before */
 	if (*p == '[')
 	{
 		const char *end = strchr(p, ']');
