@@ -47,12 +47,12 @@ SELECT agog_publish_report_now('jen', 'frontend', 'rolled-back', 'still there') 
 ROLLBACK;
 SELECT content FROM agog_fetch_report('jen', 'frontend', 'rolled-back');
 
--- Every ASCII character but NUL, at every offset of an eight-byte word, and
--- multibyte characters round-trip exactly (reading unescapes the content in
--- runs, eight bytes at a time).
+-- Every ASCII character but NUL, at every offset of a sixteen-byte block, and
+-- multibyte characters round-trip exactly (writing escapes and reading
+-- unescapes the content in runs, sixteen or eight bytes at a time).
 CREATE TEMP VIEW all_bytes AS
 SELECT string_agg(repeat('x', o) || chr(c) || 'é😀', '' ORDER BY o, c) AS content
-  FROM generate_series(1, 127) c, generate_series(0, 8) o;
+  FROM generate_series(1, 127) c, generate_series(0, 16) o;
 SELECT agog_publish_report_now('roy', 'backend', 'all-bytes', content) IS NOT NULL AS published FROM all_bytes;
 SELECT r.content = b.content AS same_content, length(r.content)
   FROM agog_fetch_report('roy', 'backend', 'all-bytes') r, all_bytes b;
@@ -79,6 +79,11 @@ BEGIN;
 SELECT agog_publish_report('roy', 'backend', 'all-bytes', 'v2 ' || content) > 0 AS queued FROM all_bytes;
 SELECT r.content = 'v2 ' || b.content AS same_content, r.message_id IS NULL AS pending
   FROM agog_fetch_report('roy', 'backend', 'all-bytes') r, all_bytes b;
+-- The content is escaped exactly as PostgreSQL's own JSON output escapes it.
+SELECT starts_with(o.body, '{"content":' || to_json('v2 ' || b.content)::text || ',"metadata":')
+       AS same_escaping
+  FROM agog_nats.outbox o, all_bytes b
+ WHERE o.subject = 'agog.deliverables.roy.backend.all-bytes' AND o.state = 'pending';
 ROLLBACK;
 -- A fetch sends its direct get before it reads the outbox, and does not wait
 -- for the answer when the outbox has the report.  That answer (the older

@@ -17,6 +17,10 @@
  */
 #include "agog_nats.h"
 
+#ifdef __SSE2__
+#include <emmintrin.h>
+#endif
+
 #include "catalog/pg_type.h"
 #include "common/jsonapi.h"
 #include "executor/spi.h"
@@ -24,6 +28,7 @@
 #include "funcapi.h"
 #include "mb/pg_wchar.h"
 #include "pgtime.h"
+#include "port/pg_bitutils.h"
 #include "utils/builtins.h"
 #include "utils/json.h"
 #include "utils/jsonb.h"
@@ -167,12 +172,34 @@ check_metadata(Jsonb *metadata)
 /*
  * json_plain_run
  *		The first byte at or after p that a JSON string must escape (a quote,
- *		a backslash or a byte below 0x20), or end.  Eight bytes at a time: a
- *		word has such a byte when one of the three zero-byte tests fires.
+ *		a backslash or a byte below 0x20), or end.  Runs when a report is
+ *		encoded or decoded, over its whole content: sixteen bytes at a time
+ *		with SSE2 (every x86-64 has it), else eight at a time in a word, where
+ *		such a byte sets a high bit in one of the three zero-byte tests.
  */
 static inline const unsigned char *
 json_plain_run(const unsigned char *p, const unsigned char *end)
 {
+#ifdef __SSE2__
+	const __m128i quote = _mm_set1_epi8('"');
+	const __m128i bslash = _mm_set1_epi8('\\');
+	const __m128i ctl_max = _mm_set1_epi8(0x1f);
+
+	while (end - p >= 16)
+	{
+		__m128i		v = _mm_loadu_si128((const __m128i *) p);
+
+		/* unsigned v <= 0x1f exactly when max(v, 0x1f) is 0x1f */
+		__m128i		hit = _mm_or_si128(_mm_or_si128(_mm_cmpeq_epi8(v, quote),
+													_mm_cmpeq_epi8(v, bslash)),
+									   _mm_cmpeq_epi8(_mm_max_epu8(v, ctl_max), ctl_max));
+		int			mask = _mm_movemask_epi8(hit);
+
+		if (mask != 0)
+			return p + pg_rightmost_one_pos32((uint32) mask);
+		p += 16;
+	}
+#endif
 	while (end - p >= 8)
 	{
 		uint64		w;
