@@ -336,28 +336,30 @@ set_error(AgogError *err, int sqlstate, const char *text)
 
 /*
  * agog_raise
- *		Throw the ERROR for a failed NATS call.  Runs in the calling backend,
- *		after the signal-blocked section has ended.
+ *		Throw the ERROR for a failed NATS call, with message as its primary
+ *		message: a whole sentence the caller wrote (marked with
+ *		gettext_noop), never one assembled from pieces.  Runs in the calling
+ *		backend, after the signal-blocked section has ended.
  */
 void
-agog_raise(const AgogError *err, const char *action)
+agog_raise(const AgogError *err, const char *message)
 {
 	if (err->sqlstate == ERRCODE_CONNECTION_FAILURE)
 		ereport(ERROR,
 				(errcode(err->sqlstate),
-				 errmsg("could not %s", action),
+				 errmsg("%s", _(message)),
 				 errdetail_internal("The NATS client reported: %s.", err->text),
 				 errhint("Check that a NATS server with JetStream enabled is reachable at the address set in agog_nats.url.")));
 	else if (err->js_code != 0)
 		ereport(ERROR,
 				(errcode(err->sqlstate),
-				 errmsg("could not %s", action),
+				 errmsg("%s", _(message)),
 				 errdetail_internal("JetStream refused the request with error code %d: %s.",
 									err->js_code, err->text)));
 	else
 		ereport(ERROR,
 				(errcode(err->sqlstate),
-				 errmsg("could not %s", action),
+				 errmsg("%s", _(message)),
 				 errdetail_internal("The NATS client reported: %s.", err->text)));
 	pg_unreachable();
 }
@@ -1271,7 +1273,7 @@ agog_backend_conn(void)
 	snprintf(name, sizeof(name), "agog_nats backend %d", MyProcPid);
 	backend_conn = agog_conn_open(agog_url, name, false, &err);
 	if (backend_conn == NULL)
-		agog_raise(&err, "connect to NATS");
+		agog_raise(&err, gettext_noop("could not connect to NATS"));
 	return backend_conn;
 }
 

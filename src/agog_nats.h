@@ -233,7 +233,7 @@ extern int	agog_conn_notices_fetch(AgogConn *conn, AgogNotice *out, int max,
 extern void agog_conn_notices_ack(AgogConn *conn, int i);
 extern void agog_conn_notices_release(AgogConn *conn);
 pg_attribute_noreturn() extern void agog_raise(const AgogError *err,
-											   const char *action);
+											   const char *message);
 
 /* The backend's cached connection (agog_conn.c). */
 extern AgogConn *agog_backend_conn(void);

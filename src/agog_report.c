@@ -434,7 +434,7 @@ agog_publish_report_now(PG_FUNCTION_ARGS)
 	if (!agog_conn_publish(conn, agog_report_subject(agent, task_type, feature),
 						   msg_id, body->data, body->len,
 						   &stream, &seq, &duplicate, &err))
-		agog_raise(&err, "publish the report to NATS JetStream");
+		agog_raise(&err, gettext_noop("could not publish the report to NATS JetStream"));
 	PG_RETURN_TEXT_P(cstring_to_text(psprintf("%s." UINT64_FORMAT, stream, seq)));
 }
 
@@ -596,7 +596,7 @@ agog_fetch_report(PG_FUNCTION_ARGS)
 								agog_stream_replicas > 1, &sent, &msg, &err))
 		put_report_row(rsinfo, &msg);
 	else if (!err.not_found)
-		agog_raise(&err, "fetch the report from NATS JetStream");
+		agog_raise(&err, gettext_noop("could not fetch the report from NATS JetStream"));
 	return (Datum) 0;
 }
 
@@ -632,6 +632,6 @@ agog_fetch_report_by_seq(PG_FUNCTION_ARGS)
 						  agog_stream_replicas > 1, &msg, &err))
 		put_report_row(rsinfo, &msg);
 	else if (!err.not_found)
-		agog_raise(&err, "fetch the report from NATS JetStream");
+		agog_raise(&err, gettext_noop("could not fetch the report from NATS JetStream"));
 	return (Datum) 0;
 }

@@ -878,7 +878,7 @@ stream_states(int *count)
 				 "{\"offset\":%d,\"subject\":\"" AGOG_SUBJECT_PREFIX ".>\"}", s.n);
 		reply = agog_conn_api_request(agog_backend_conn(), "STREAM.LIST", payload, &err);
 		if (reply == NULL)
-			agog_raise(&err, "read the state of the agent streams");
+			agog_raise(&err, gettext_noop("could not read the state of the agent streams"));
 		s.p = reply;
 		s.end = reply + strlen(reply);
 		s.has_error = false;
