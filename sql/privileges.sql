@@ -77,4 +77,34 @@ SELECT try('DELETE FROM agog_nats.workflows');
 RESET ROLE;
 SELECT count(*) AS reader_sees FROM agog_nats.workflow_progress;
 
-DROP ROLE agog_test_nobody, agog_test_reader, agog_test_writer, agog_test_admin;
+-- A fetch reads the agents and the outbox with the caller's rights: a role
+-- that may call agog_fetch_report and read the agents but not the outbox (or
+-- not use the schema) is refused, as a query of them would be.
+CREATE ROLE agog_test_fetch_only;
+GRANT USAGE ON SCHEMA agog_nats TO agog_test_fetch_only;
+GRANT SELECT ON agog_nats.agents TO agog_test_fetch_only;
+GRANT EXECUTE ON FUNCTION agog_fetch_report(text, text, text) TO agog_test_fetch_only;
+SET ROLE agog_test_fetch_only;
+SELECT try('SELECT * FROM agog_fetch_report(''roy'', ''backend'', ''fetch-only'')');
+RESET ROLE;
+REVOKE USAGE ON SCHEMA agog_nats FROM agog_test_fetch_only;
+GRANT SELECT ON agog_nats.outbox TO agog_test_fetch_only;
+SET ROLE agog_test_fetch_only;
+SELECT try('SELECT * FROM agog_fetch_report(''roy'', ''backend'', ''fetch-only'')');
+RESET ROLE;
+REVOKE ALL ON agog_nats.outbox, agog_nats.agents FROM agog_test_fetch_only;
+REVOKE EXECUTE ON FUNCTION agog_fetch_report(text, text, text) FROM agog_test_fetch_only;
+-- Row security on the outbox, where an administrator turns it on, holds for
+-- the pending reports a fetch serves (rolled back: the policy, the report).
+BEGIN;
+ALTER TABLE agog_nats.outbox ENABLE ROW LEVEL SECURITY;
+CREATE POLICY hide_secret ON agog_nats.outbox USING (feature <> 'rls-secret');
+SELECT agog_publish_report('roy', 'backend', 'rls-secret', 'hidden by the policy') > 0 AS queued;
+SELECT agog_publish_report('roy', 'backend', 'rls-open', 'not hidden') > 0 AS queued;
+SET LOCAL ROLE agog_test_reader;
+SELECT count(*) AS secret_rows FROM agog_fetch_report('roy', 'backend', 'rls-secret');
+SELECT content AS open_content FROM agog_fetch_report('roy', 'backend', 'rls-open');
+ROLLBACK;
+
+DROP ROLE agog_test_nobody, agog_test_reader, agog_test_writer, agog_test_admin,
+          agog_test_fetch_only;
