@@ -739,11 +739,9 @@ round_raw_get(int n, bool drain, bool by_hand, Fig *p50, Fig *p99)
 	double	   *lat = malloc(sizeof(double) * n);
 	uint64_t	st = 7;
 	char		subj[128];
-	char		payload[192];
 	const char *stream = drain ? "agog_features_backend" : "agog_features_research";
-	char		api[64];
+	char		api[256];
 
-	snprintf(api, sizeof(api), "$JS.API.DIRECT.GET.%s", stream);
 	for (int i = 0; i < n; i++)
 	{
 		natsMsg    *m = NULL;
@@ -757,9 +755,10 @@ round_raw_get(int n, bool drain, bool by_hand, Fig *p50, Fig *p99)
 			snprintf(subj, sizeof(subj), "agog.deliverables.cynthia.research.f%04d", k);
 		if (by_hand)
 		{
-			snprintf(payload, sizeof(payload), "{\"last_by_subj\":\"%s\"}", subj);
+			/* as the extension asks: the subject in the API subject, no body */
+			snprintf(api, sizeof(api), "$JS.API.DIRECT.GET.%s.%s", stream, subj);
 			a = now_us();
-			m = hand_request(api, payload, (int) strlen(payload));
+			m = hand_request(api, NULL, 0);
 		}
 		else
 		{
