@@ -32,33 +32,21 @@
  */
 #include "agog_nats.h"
 
-#include "access/genam.h"
-#include "access/nbtree.h"
-#include "access/relation.h"
-#include "access/skey.h"
-#include "access/table.h"
-#include "access/tableam.h"
 #include "access/xact.h"
 #include "access/xlog.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_type.h"
 #include "commands/dbcommands.h"
 #include "commands/trigger.h"
-#include "executor/executor.h"
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "funcapi.h"
 #include "miscadmin.h"
-#include "executor/tuptable.h"
-#include "utils/acl.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
-#include "utils/fmgroids.h"
 #include "utils/guc.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
-#include "utils/rel.h"
-#include "utils/rls.h"
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
@@ -288,110 +276,6 @@ agog_outbox_insert(int64 id, const char *msg_id, const char *agent,
 	outbox_min_id_in_xact = Min(outbox_min_id_in_xact, id);
 }
 
-/* The attribute number of a column of rel by its name, or InvalidAttrNumber. */
-static AttrNumber
-column_number(Relation rel, const char *name)
-{
-	TupleDesc	desc = RelationGetDescr(rel);
-
-	for (int i = 0; i < desc->natts; i++)
-	{
-		Form_pg_attribute att = TupleDescAttr(desc, i);
-
-		if (!att->attisdropped && strcmp(NameStr(att->attname), name) == 0)
-			return att->attnum;
-	}
-	return InvalidAttrNumber;
-}
-
-/*
- * pending_by_hand
- *		agog_outbox_latest_pending's probe as an index scan of
- *		outbox_subject_pending, backwards from the subject's newest entry, in
- *		the caller's active snapshot: what the SPI query's plan does, without
- *		SPI's connection and the executor's start and end around one probe
- *		(about 20 µs of a fetch, on its path: docs/benchmarks.md, twelfth and
- *		thirteenth rounds).  Sets *body (NULL: nothing pending) and returns
- *		true; returns false, having done nothing, whenever the query's own
- *		checks could answer differently: no such index (0.2.0 objects) or an
- *		invalid one, row security on the outbox, a module that checks the
- *		executor's permissions itself (sepgsql), or a caller without USAGE on
- *		the schema or SELECT on the whole table (the SPI query then raises the
- *		usual error).  Runs in a backend, inside agog_fetch_report.
- */
-static bool
-pending_by_hand(Oid nsp, Oid relid, const char *subject, char **body)
-{
-	Oid			indexid = get_relname_relid("outbox_subject_pending", nsp);
-	Relation	rel;
-	Relation	index;
-	AttrNumber	subject_col;
-	AttrNumber	body_col;
-	AttrNumber	state_col;
-	AttrNumber	kind_col;
-	ScanKeyData key;
-	IndexScanDesc scan;
-	TupleTableSlot *slot;
-
-	if (!OidIsValid(indexid) || ExecutorCheckPerms_hook != NULL ||
-		pg_namespace_aclcheck(nsp, GetUserId(), ACL_USAGE) != ACLCHECK_OK ||
-		pg_class_aclcheck(relid, GetUserId(), ACL_SELECT) != ACLCHECK_OK ||
-		check_enable_rls(relid, InvalidOid, true) == RLS_ENABLED)
-		return false;
-
-	rel = table_open(relid, AccessShareLock);
-	index = index_open(indexid, AccessShareLock);
-	subject_col = column_number(rel, "subject");
-	body_col = column_number(rel, "body");
-	state_col = column_number(rel, "state");
-	kind_col = column_number(rel, "kind");
-	if (!index->rd_index->indisvalid || index->rd_index->indrelid != relid ||
-		index->rd_index->indnatts < 1 || subject_col == InvalidAttrNumber ||
-		index->rd_index->indkey.values[0] != subject_col ||
-		body_col == InvalidAttrNumber || state_col == InvalidAttrNumber ||
-		kind_col == InvalidAttrNumber)
-	{
-		index_close(index, AccessShareLock);
-		table_close(rel, AccessShareLock);
-		return false;
-	}
-
-	ScanKeyEntryInitialize(&key, 0, 1, BTEqualStrategyNumber, InvalidOid,
-						   index->rd_indcollation[0], F_TEXTEQ,
-						   CStringGetTextDatum(subject));
-	slot = table_slot_create(rel, NULL);
-	scan = index_beginscan(rel, index, GetActiveSnapshot(), 1, 0);
-	index_rescan(scan, &key, 1, NULL, 0);
-	*body = NULL;
-	while (index_getnext_slot(scan, BackwardScanDirection, slot))
-	{
-		bool		isnull;
-		Datum		value;
-		char	   *state;
-
-		/* the index's predicate, checked on the version the snapshot sees */
-		value = slot_getattr(slot, state_col, &isnull);
-		if (isnull)
-			continue;
-		state = TextDatumGetCString(value);
-		if (strcmp(state, "published") == 0 || strcmp(state, "dead") == 0)
-			continue;
-		value = slot_getattr(slot, kind_col, &isnull);
-		if (isnull || strcmp(TextDatumGetCString(value), "report") != 0)
-			continue;
-		value = slot_getattr(slot, body_col, &isnull);
-		if (isnull)
-			continue;
-		*body = TextDatumGetCString(value);
-		break;
-	}
-	index_endscan(scan);
-	ExecDropSingleTupleTableSlot(slot);
-	index_close(index, AccessShareLock);
-	table_close(rel, AccessShareLock);
-	return true;
-}
-
 /*
  * agog_outbox_latest_pending
  *		The body of the newest report on the subject that is not yet in
@@ -416,12 +300,8 @@ agog_outbox_latest_pending(const char *subject)
 	int			ret;
 	Oid			nsp = get_namespace_oid("agog_nats", true);
 
-	Oid			relid = OidIsValid(nsp) ? get_relname_relid("outbox", nsp) : InvalidOid;
-
-	if (!OidIsValid(relid))
+	if (!OidIsValid(nsp) || !OidIsValid(get_relname_relid("outbox", nsp)))
 		return NULL;
-	if (pending_by_hand(nsp, relid, subject, &body))
-		return body;
 	arg = CStringGetTextDatum(subject);
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
