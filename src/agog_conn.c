@@ -2390,8 +2390,8 @@ typedef struct GetArgs
  *		$JS.API.DIRECT.GET.<stream>.<subject> with no body, or of sequence
  *		seq, as $JS.API.DIRECT.GET.<stream> with {"seq": n}.  The first form
  *		(nats-server 2.9, as direct gets themselves) spares the server a JSON
- *		request to decode: a fetch's request-to-reply time fell to the bare
- *		floor's (docs/benchmarks.md, thirteenth round).  The subject's tokens
+ *		request to decode, as the benchmark's floors ask (a few µs at most,
+ *		docs/benchmarks.md, thirteenth round).  The subject's tokens
  *		were checked (no wildcard, no dot), so it names one subject.  Runs
  *		inside a signal-blocked section.
  */
