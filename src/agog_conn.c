@@ -272,8 +272,9 @@ map_status(natsStatus s, jsErrCode jerr, bool *not_found)
  * no_responders_text
  *		What "no responders" to a publish means: no stream captures the
  *		subject, or, with replicated streams, the stream may be between two
- *		leaders.  Plain C (a static string from a global read): runs on
- *		nats.c's threads too.
+ *		leaders.  Plain C, but it reads a setting that a reload changes: runs
+ *		on the backend's or the worker's own thread, never on nats.c's (the
+ *		ack handler leaves the text to agog_conn_publish_wait).
  */
 static const char *
 no_responders_text(void)
@@ -573,7 +574,7 @@ on_pub_ack(jsCtx *js, natsMsg *msg, jsPubAck *pa, jsPubAckErr *pae,
 			it->err.js_code = (int) pae->ErrCode;
 			it->err.sqlstate = map_status(pae->Err, pae->ErrCode, &it->err.not_found);
 			if (pae->Err == NATS_NO_RESPONDERS)
-				text = no_responders_text();
+				text = "no responders";	/* worded by agog_conn_publish_wait */
 			else if (text == NULL || text[0] == '\0')
 				text = natsStatus_GetText(pae->Err);
 			strlcpy(it->err.text, text ? text : "unknown NATS error", sizeof(it->err.text));
@@ -2239,6 +2240,7 @@ agog_conn_publish_wait(AgogConn *conn, AgogPubItem *items, AgogError *err)
 	bool		interrupted = false;
 	bool		complete = false;
 	PubBatch   *b = NULL;
+	int			n;
 
 	memset(err, 0, sizeof(*err));
 	for (int k = 0; k < AGOG_MAX_BATCHES && b == NULL; k++)
@@ -2291,9 +2293,15 @@ agog_conn_publish_wait(AgogConn *conn, AgogPubItem *items, AgogError *err)
 	}
 
 	pthread_mutex_lock(&batch_mutex);
+	n = b->n;
 	b->items = NULL;
 	b->n = 0;
 	pthread_mutex_unlock(&batch_mutex);
+
+	/* the batch is ours alone now: word its "no responders" on this thread */
+	for (int i = 0; i < n; i++)
+		if (items[i].answered && items[i].err.status == (int) NATS_NO_RESPONDERS)
+			strlcpy(items[i].err.text, no_responders_text(), sizeof(items[i].err.text));
 
 	if (interrupted)
 	{
