@@ -16,9 +16,13 @@
  *	  privileges, as the table's grants say.
  *
  * The generation is read before the rows, so a change committed while they
- * are read is seen on the next call.  The rows are those of the latest
- * committed state, also for a REPEATABLE READ transaction that began
- * before it.
+ * are read is seen on the next call.  The rows are read in a snapshot taken
+ * then, not the caller's: they are those of the latest committed state
+ * (with this transaction's own changes), also for a REPEATABLE READ
+ * transaction, or a statement, that began before the change.  Read in the
+ * caller's snapshot, such a transaction would have cached the state before
+ * the change under the generation after it, for every later call of the
+ * process (isolation spec agents_cache).
  *
  * Copyright (c) 2026, agog_nats developers
  *
@@ -31,6 +35,7 @@
 #include "executor/spi.h"
 #include "miscadmin.h"
 #include "utils/memutils.h"
+#include "utils/snapmgr.h"
 
 /*
  * limits_changed_at is new in 0.3.0: read through to_jsonb, the query also
@@ -53,8 +58,9 @@ static Oid	agents_user = InvalidOid;
 
 /*
  * load_agents
- *		Read every row into agents_cxt.  Runs in a transaction; opens and
- *		closes its own SPI connection.  On error the cache stays invalid.
+ *		Read every row into agents_cxt, in the latest snapshot (see the file
+ *		header).  Runs in a transaction; opens and closes its own SPI
+ *		connection.  On error the cache stays invalid.
  */
 static void
 load_agents(void)
@@ -82,7 +88,8 @@ load_agents(void)
 				 SPI_result_code_string(SPI_result));
 		plan = pl;
 	}
-	ret = SPI_execute_plan(plan, NULL, NULL, true, 0);
+	ret = SPI_execute_snapshot(plan, NULL, NULL, GetLatestSnapshot(), InvalidSnapshot,
+							   true, false, 0);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "reading agog_nats.agents failed: %s", SPI_result_code_string(ret));
 
