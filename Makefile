@@ -7,6 +7,7 @@ OBJS = \
 	src/agog_agents.o \
 	src/agog_shmem.o \
 	src/agog_conn.o \
+	src/agog_auth.o \
 	src/agog_subject.o \
 	src/agog_report.o \
 	src/agog_stream.o \
@@ -36,6 +37,7 @@ include $(PGXS)
 
 # Every file includes the shared header: PGXS tracks no header dependencies.
 $(OBJS): src/agog_nats.h
+src/agog_conn.o src/agog_auth.o: src/agog_auth.h
 
 # ---------------------------------------------------------------------------
 # agog-agent, the agent runner (src/agent/*.c): a libpq program, built and

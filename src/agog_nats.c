@@ -126,7 +126,7 @@ define_settings(void)
 
 	DefineCustomStringVariable("agog_nats.credentials_file",
 							   "File of NATS user credentials (.creds: a user JWT and its NKey seed).",
-							   "For servers in operator (JWT) mode.  nats.c reads it at every connect; the seed signs the server's nonce and never leaves the file otherwise.",
+							   "For servers in operator (JWT) mode.  It is read at every connect; the seed signs the server's nonce and never leaves the file otherwise.",
 							   &agog_credentials_file,
 							   "",
 							   PGC_SIGHUP,

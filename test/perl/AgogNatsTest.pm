@@ -27,6 +27,7 @@ use warnings;
 use File::Basename qw(basename);
 use IO::Socket::INET;
 use Time::HiRes qw(usleep);
+use IPC::Run;
 use PostgreSQL::Test::Utils;
 use PostgreSQL::Test::Cluster;
 
@@ -137,6 +138,29 @@ sub start_secured_node
 			"SELECT content FROM agog_fetch_report('$agent', '$task_type', '$feature')"),
 		$text, '... and fetches');
 	return $node;
+}
+
+# $count backends one after the other, each opening its own NATS connection
+# (pgbench -C), must all connect: with NKey signatures (an NKey or a
+# credentials file) nats.c 3.4.1 leaves a signature whose first byte is zero
+# out of its CONNECT, one connect in 256, and the server refuses it
+# (Test::More assertions).
+sub connects_every_time
+{
+	my ($node, $count, $how) = @_;
+	my $script = PostgreSQL::Test::Utils::tempdir() . '/connect.sql';
+	open(my $fh, '>', $script) or die "cannot write $script: $!";
+	print $fh "SELECT count(*) FROM agog_stream_status();\n";
+	close($fh);
+	my ($stdout, $stderr);
+	my $ok = IPC::Run::run(
+		[ 'pgbench', '-n', '-C', '-c', '1', '-t', $count, '-f', $script,
+		  '-h', $node->host, '-p', $node->port, 'postgres' ],
+		'>', \$stdout, '2>', \$stderr);
+	Test::More::ok($ok, "$how: $count backends in a row connect (pgbench exit code 0)")
+	  or Test::More::diag($stderr);
+	Test::More::like($stdout, qr{actually processed: $count/$count\b},
+		"$how: $count of $count connects");
 }
 
 # A backend's $call must fail to connect with SQLSTATE $sqlstate, and the

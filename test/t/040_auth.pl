@@ -109,6 +109,7 @@ my $node3 = AgogNatsTest::start_secured_node('nkey', $nats3, 'with an NKey',
 	'agog_nats.nkey' => $nkey_pub,
 	'agog_nats.nkey_seed_file' => $nkey_seed);
 $node3->safe_psql('postgres', 'CREATE ROLE peeker LOGIN IN ROLE agog_nats_reader');
+AgogNatsTest::connects_every_time($node3, 2000, 'with an NKey');
 ($ret, $out, $err) = $node3->psql('postgres', 'SHOW agog_nats.nkey_seed_file',
 	extra_params => [ '-U', 'peeker' ]);
 like($err, qr/must be superuser or have privileges of pg_read_all_settings/,

@@ -1,0 +1,498 @@
+/*-------------------------------------------------------------------------
+ *
+ * agog_auth.c
+ *		Secrets for connecting to NATS: secret files, credentials files, and
+ *		the NKey signature of the server's nonce.
+ *
+ * A server that lists NKeys, or that trusts an operator (JWT mode), sends a
+ * nonce in its INFO, and the client signs it with the user's NKey seed.  The
+ * extension signs it here, with nats_Sign, instead of letting nats.c read
+ * the seed or credentials file itself: nats.c 3.4.1 leaves a signature whose
+ * first byte is zero out of its CONNECT, so the server refused one connect in
+ * 256 with "Authorization Violation" (a backend's call failed with 28000).
+ * Signing here sees such a signature, and agog_conn.c connects again at once,
+ * to a new nonce.
+ *
+ * The two callbacks run inside nats.c: on the connecting thread within a
+ * signal-blocked section, or on nats.c's reconnect thread in the worker.
+ * They call nats.c and plain C only, never palloc or ereport.  As nats.c
+ * did, they read the file the setting names at every connect, so a file
+ * replaced in place serves the next connect; every copy of the seed is wiped
+ * before they return.  The path and what the file holds are copied for them
+ * under a pthread mutex by agog_auth_prepare, on the process's own thread.
+ *
+ * Copyright (c) 2026, agog_nats developers
+ *
+ * src/agog_auth.c
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "agog_nats.h"
+#include "agog_auth.h"
+
+#include <fcntl.h>
+#include <pthread.h>
+#include <unistd.h>
+
+#include "storage/fd.h"
+
+/* A credentials file is a JWT of a few kB and a seed; refuse anything huge. */
+#define KEY_FILE_MAX	(64 * 1024)
+
+/* An NKey seed is 58 characters. */
+#define SEED_MAX		128
+
+typedef enum AuthFile
+{
+	AUTH_NONE,					/* no NKey: the callbacks are not set */
+	AUTH_SEED,					/* agog_nats.nkey_seed_file: the seed's line */
+	AUTH_CREDS					/* agog_nats.credentials_file: JWT and seed */
+} AuthFile;
+
+/* Section numbers of a credentials file's values. */
+#define CREDS_JWT	0
+#define CREDS_SEED	1
+
+static pthread_mutex_t auth_mutex = PTHREAD_MUTEX_INITIALIZER;
+static AuthFile auth_file = AUTH_NONE;
+static char auth_path[MAXPGPATH];
+static bool auth_dropped = false;	/* a signature nats.c leaves out */
+
+/*
+ * is_set
+ *		Whether a string setting is set (not NULL, not empty).
+ */
+static bool
+is_set(const char *v)
+{
+	return v != NULL && v[0] != '\0';
+}
+
+/*
+ * next_line
+ *		The line at *p, without its LF or CRLF, and *p moved past it; false at
+ *		the end of the text.  Plain C: runs on nats.c's threads too.
+ */
+static bool
+next_line(const char **p, const char *end, const char **line, size_t *len)
+{
+	const char *nl;
+
+	if (*p >= end)
+		return false;
+	nl = memchr(*p, '\n', end - *p);
+	if (nl == NULL)
+		nl = end;
+	*line = *p;
+	*len = nl - *p;
+	if (*len > 0 && (*line)[*len - 1] == '\r')
+		(*len)--;
+	*p = (nl < end) ? nl + 1 : end;
+	return true;
+}
+
+/*
+ * creds_value
+ *		The value of a section of a credentials file's text (CREDS_JWT, the
+ *		first; CREDS_SEED, the second): a marker line of dashes ("-----BEGIN
+ *		NATS USER JWT-----"), the value on the next line that is not blank,
+ *		and a marker line right after it.  Blank lines are skipped, LF or
+ *		CRLF line ends; a value over two lines is no section.  Plain C.
+ */
+static bool
+creds_value(const char *text, size_t size, int section,
+			const char **value, size_t *value_len)
+{
+	const char *p = text;
+	const char *end = text + size;
+	const char *line;
+	const char *candidate = NULL;
+	size_t		len;
+	size_t		candidate_len = 0;
+	int			done = 0;
+	enum
+	{
+		OUTSIDE, VALUE, CLOSING
+	}			where = OUTSIDE;
+
+	while (next_line(&p, end, &line, &len))
+	{
+		bool		marker;
+
+		if (len == 0)
+			continue;
+		marker = len >= 6 && strncmp(line, "---", 3) == 0 &&
+			strncmp(line + len - 3, "---", 3) == 0;
+		if (where == VALUE && !marker)
+		{
+			candidate = line;
+			candidate_len = len;
+			where = CLOSING;
+		}
+		else if (where == CLOSING && marker)
+		{
+			if (done++ == section)
+			{
+				*value = candidate;
+				*value_len = candidate_len;
+				return true;
+			}
+			where = OUTSIDE;
+		}
+		else if (where == CLOSING)
+			where = OUTSIDE;	/* a second line */
+		else if (marker)
+			where = (where == OUTSIDE) ? VALUE : OUTSIDE;
+	}
+	return false;
+}
+
+/*
+ * key_value
+ *		What the key file's text holds for the callbacks: a seed file's first
+ *		line, or a section of a credentials file.  Plain C.
+ */
+static bool
+key_value(AuthFile file, const char *text, size_t size, int section,
+		  const char **value, size_t *value_len)
+{
+	if (file == AUTH_CREDS)
+		return creds_value(text, size, section, value, value_len);
+	return next_line(&text, text + size, value, value_len) && *value_len > 0;
+}
+
+/*
+ * read_key_file
+ *		The whole file at path in malloc'd memory, or NULL when it cannot be
+ *		read or is larger than KEY_FILE_MAX.  Plain C with an unbuffered
+ *		descriptor: runs on nats.c's threads; the caller wipes and frees it.
+ */
+static char *
+read_key_file(const char *path, size_t *size)
+{
+	int			fd = open(path, O_RDONLY | O_CLOEXEC);
+	char	   *buf;
+	size_t		n = 0;
+	bool		failed = false;
+
+	if (fd < 0)
+		return NULL;
+	buf = malloc(KEY_FILE_MAX + 1);
+	while (buf != NULL && n <= KEY_FILE_MAX)
+	{
+		ssize_t		r = read(fd, buf + n, KEY_FILE_MAX + 1 - n);
+
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r <= 0)
+		{
+			failed = (r < 0);
+			break;
+		}
+		n += r;
+	}
+	close(fd);
+	if (buf != NULL && (failed || n > KEY_FILE_MAX))
+	{
+		explicit_bzero(buf, n);
+		free(buf);
+		buf = NULL;
+	}
+	*size = n;
+	return buf;
+}
+
+/*
+ * forget_key_file
+ *		Wipe and free what read_key_file returned.  Plain C.
+ */
+static void
+forget_key_file(char *text, size_t size)
+{
+	explicit_bzero(text, size);
+	free(text);
+}
+
+/*
+ * current_file
+ *		The file the callbacks read, copied under the mutex.  Plain C.
+ */
+static AuthFile
+current_file(char *path)
+{
+	AuthFile	file;
+
+	pthread_mutex_lock(&auth_mutex);
+	file = auth_file;
+	memcpy(path, auth_path, MAXPGPATH);
+	pthread_mutex_unlock(&auth_mutex);
+	return file;
+}
+
+/*
+ * sign_nonce
+ *		nats.c's signature handler: sign the server's nonce with the seed of
+ *		the file the settings name.  Runs inside nats.c (see the banner): it
+ *		calls nats_Sign and plain C only.  A signature that starts with a zero
+ *		byte is marked for agog_conn.c, which connects again.
+ */
+static natsStatus
+sign_nonce(char **errtxt, unsigned char **sig, int *sig_len,
+		   const char *nonce, void *closure)
+{
+	char		path[MAXPGPATH];
+	char		seed[SEED_MAX];
+	AuthFile	file = current_file(path);
+	size_t		size;
+	char	   *text = read_key_file(path, &size);
+	const char *value;
+	size_t		len;
+	natsStatus	s;
+
+	if (text == NULL)
+	{
+		*errtxt = strdup("could not read the file that holds the NKey seed");
+		return NATS_ERR;
+	}
+	if (!key_value(file, text, size, CREDS_SEED, &value, &len) || len >= SEED_MAX)
+	{
+		forget_key_file(text, size);
+		*errtxt = strdup("the file that should hold the NKey seed holds none");
+		return NATS_ERR;
+	}
+	memcpy(seed, value, len);
+	seed[len] = '\0';
+	forget_key_file(text, size);
+	s = nats_Sign(seed, nonce, sig, sig_len);
+	explicit_bzero(seed, sizeof(seed));
+	if (s == NATS_OK && *sig_len > 0 && (*sig)[0] == 0)
+	{
+		pthread_mutex_lock(&auth_mutex);
+		auth_dropped = true;
+		pthread_mutex_unlock(&auth_mutex);
+	}
+	return s;
+}
+
+/*
+ * user_jwt
+ *		nats.c's user JWT handler: the JWT of the credentials file, malloc'd
+ *		(nats.c frees it).  Runs inside nats.c: plain C only.
+ */
+static natsStatus
+user_jwt(char **jwt, char **errtxt, void *closure)
+{
+	char		path[MAXPGPATH];
+	AuthFile	file = current_file(path);
+	size_t		size;
+	char	   *text = read_key_file(path, &size);
+	const char *value;
+	size_t		len;
+
+	if (text == NULL)
+	{
+		*errtxt = strdup("could not read the credentials file");
+		return NATS_ERR;
+	}
+	if (file != AUTH_CREDS || !creds_value(text, size, CREDS_JWT, &value, &len))
+	{
+		forget_key_file(text, size);
+		*errtxt = strdup("the credentials file holds no user JWT");
+		return NATS_ERR;
+	}
+	*jwt = strndup(value, len);
+	forget_key_file(text, size);
+	return (*jwt != NULL) ? NATS_OK : NATS_NO_MEMORY;
+}
+
+/*
+ * agog_auth_read_secret
+ *		The first line of a secret file, without its line end, palloc'd; NULL
+ *		when no file is set.  Runs in a backend or the worker, outside any
+ *		signal-blocked section: it throws when the file cannot be read or is
+ *		empty.
+ */
+char *
+agog_auth_read_secret(const char *setting, const char *path)
+{
+	FILE	   *f;
+	char		buf[4096];
+	char	   *secret;
+	size_t		len;
+
+	if (!is_set(path))
+		return NULL;
+	f = AllocateFile(path, "r");
+	if (f == NULL)
+		ereport(ERROR,
+				(errcode_for_file_access(),
+				 errmsg("could not open file \"%s\" named by %s: %m", path, setting)));
+	/* no stdio buffer: it would keep a copy of the secret after fclose */
+	setvbuf(f, NULL, _IONBF, 0);
+	if (fgets(buf, sizeof(buf), f) == NULL)
+		buf[0] = '\0';
+	FreeFile(f);
+	len = strcspn(buf, "\r\n");
+	buf[len] = '\0';
+	if (len == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("file \"%s\" named by %s is empty", path, setting)));
+	secret = pstrdup(buf);
+	explicit_bzero(buf, sizeof(buf));
+	return secret;
+}
+
+/*
+ * agog_auth_forget_secret
+ *		Overwrite and free a secret read by agog_auth_read_secret.  Safe on
+ *		NULL.
+ */
+void
+agog_auth_forget_secret(char *secret)
+{
+	if (secret != NULL)
+	{
+		explicit_bzero(secret, strlen(secret));
+		pfree(secret);
+	}
+}
+
+/*
+ * check_credentials_file
+ *		Throw unless the file named by agog_nats.credentials_file can be read
+ *		and holds NATS user credentials as the callbacks read them (see
+ *		creds_value): the first section's value a user JWT (its encoded
+ *		header starts "eyJ"), the second's an NKey user seed ("SU...").  The
+ *		callbacks read the file again at every connect; this turns a wrong
+ *		file into a clear error before any connect.  The buffer that held the
+ *		seed is wiped on every path.
+ */
+static void
+check_credentials_file(const char *path)
+{
+	FILE	   *f;
+	char	   *text;
+	size_t		size;
+	const char *value;
+	size_t		len;
+	bool		has_jwt;
+	bool		has_seed;
+
+	f = AllocateFile(path, "r");
+	if (f == NULL)
+		ereport(ERROR,
+				(errcode_for_file_access(),
+				 errmsg("could not open file \"%s\" named by %s: %m",
+						path, "agog_nats.credentials_file")));
+	setvbuf(f, NULL, _IONBF, 0);	/* as in agog_auth_read_secret */
+	text = palloc(KEY_FILE_MAX + 1);
+	size = fread(text, 1, KEY_FILE_MAX + 1, f);
+	FreeFile(f);
+	has_jwt = creds_value(text, size, CREDS_JWT, &value, &len) &&
+		len > 3 && strncmp(value, "eyJ", 3) == 0;
+	has_seed = creds_value(text, size, CREDS_SEED, &value, &len) &&
+		len > 2 && len < SEED_MAX && strncmp(value, "SU", 2) == 0;
+	explicit_bzero(text, size);
+	pfree(text);
+	if (size > KEY_FILE_MAX)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("file \"%s\" named by %s is larger than %d kB",
+						path, "agog_nats.credentials_file", KEY_FILE_MAX / 1024),
+				 errdetail("A credentials file holds a user JWT and its NKey seed, a few kB.")));
+	if (!has_jwt || !has_seed)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("file \"%s\" named by %s holds no NATS user credentials",
+						path, "agog_nats.credentials_file"),
+				 errdetail("A credentials file holds a user JWT (eyJ...), then that user's NKey seed (SU...), each between a \"-----BEGIN\" and an \"------END\" line, as \"nsc generate creds\" writes them; this one has %s.",
+						   has_jwt ? "no seed" : has_seed ? "no JWT" : "neither")));
+}
+
+/*
+ * agog_auth_check_files
+ *		Throw unless the NKey settings go together and their files can be
+ *		read and hold what they must.  Runs in a backend or the worker before
+ *		a connect, outside any signal-blocked section.
+ */
+void
+agog_auth_check_files(void)
+{
+	if (is_set(agog_credentials_file) && is_set(agog_nkey))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("agog_nats.credentials_file and agog_nats.nkey cannot both be set"),
+				 errhint("A credentials file holds its own NKey seed: set agog_nats.credentials_file for a server in operator (JWT) mode, or agog_nats.nkey and agog_nats.nkey_seed_file for one that lists NKeys.")));
+	if (is_set(agog_nkey) != is_set(agog_nkey_seed_file))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("agog_nats.nkey and agog_nats.nkey_seed_file must be set together"),
+				 errhint("Set agog_nats.nkey to the public key (U...) and agog_nats.nkey_seed_file to the file that holds its seed (SU...).")));
+	agog_auth_forget_secret(agog_auth_read_secret("agog_nats.nkey_seed_file",
+												  agog_nkey_seed_file));
+	if (is_set(agog_credentials_file))
+		check_credentials_file(agog_credentials_file);
+}
+
+/*
+ * agog_auth_prepare
+ *		Before each connect attempt: copy the file the callbacks read from
+ *		the settings, and forget any dropped signature.  Runs on the
+ *		process's own thread, outside any signal-blocked section.
+ */
+void
+agog_auth_prepare(void)
+{
+	pthread_mutex_lock(&auth_mutex);
+	auth_file = AUTH_NONE;
+	auth_path[0] = '\0';
+	if (is_set(agog_nkey))
+	{
+		auth_file = AUTH_SEED;
+		strlcpy(auth_path, agog_nkey_seed_file ? agog_nkey_seed_file : "", MAXPGPATH);
+	}
+	else if (is_set(agog_credentials_file))
+	{
+		auth_file = AUTH_CREDS;
+		strlcpy(auth_path, agog_credentials_file, MAXPGPATH);
+	}
+	auth_dropped = false;
+	pthread_mutex_unlock(&auth_mutex);
+}
+
+/*
+ * agog_auth_set_options
+ *		Sign with the callbacks above when the settings name an NKey or a
+ *		credentials file.  Runs inside a signal-blocked section, after
+ *		agog_auth_prepare: nats.c calls only.
+ */
+natsStatus
+agog_auth_set_options(natsOptions *opts)
+{
+	if (is_set(agog_nkey))
+		return natsOptions_SetNKey(opts, agog_nkey, sign_nonce, NULL);
+	if (is_set(agog_credentials_file))
+		return natsOptions_SetUserCredentialsCallbacks(opts, user_jwt, NULL,
+													   sign_nonce, NULL);
+	return NATS_OK;
+}
+
+/*
+ * agog_auth_take_dropped
+ *		Whether a signature made since agog_auth_prepare started with a zero
+ *		byte, which nats.c 3.4.1 leaves out of its CONNECT: a connect that
+ *		failed then is worth a new attempt at once.  Clears the mark.  Runs
+ *		on the process's own thread.
+ */
+bool
+agog_auth_take_dropped(void)
+{
+	bool		dropped;
+
+	pthread_mutex_lock(&auth_mutex);
+	dropped = auth_dropped;
+	auth_dropped = false;
+	pthread_mutex_unlock(&auth_mutex);
+	return dropped;
+}
