@@ -32,6 +32,7 @@
 
 #include <fcntl.h>
 #include <pthread.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "storage/fd.h"
@@ -56,11 +57,13 @@ typedef enum AuthFile
 static pthread_mutex_t auth_mutex = PTHREAD_MUTEX_INITIALIZER;
 static AuthFile auth_file = AUTH_NONE;
 static char auth_path[MAXPGPATH];
-static bool auth_dropped = false;	/* a signature nats.c leaves out */
+static bool auth_dropped = false;	/* a signature nats.c would leave out */
+static uintptr_t auth_generation = 0;	/* of the last agog_auth_prepare */
 
 /*
  * is_set
- *		Whether a string setting is set (not NULL, not empty).
+ *		Whether a string setting is set (not NULL, not empty).  Plain C, but
+ *		the settings themselves are read on the process's own thread only.
  */
 static bool
 is_set(const char *v)
@@ -70,8 +73,9 @@ is_set(const char *v)
 
 /*
  * next_line
- *		The line at *p, without its LF or CRLF, and *p moved past it; false at
- *		the end of the text.  Plain C: runs on nats.c's threads too.
+ *		The line at *p, without its LF or CRLF and trailing blanks, and *p
+ *		moved past it; false at the end of the text.  Plain C: runs on
+ *		nats.c's threads too.
  */
 static bool
 next_line(const char **p, const char *end, const char **line, size_t *len)
@@ -85,7 +89,8 @@ next_line(const char **p, const char *end, const char **line, size_t *len)
 		nl = end;
 	*line = *p;
 	*len = nl - *p;
-	if (*len > 0 && (*line)[*len - 1] == '\r')
+	while (*len > 0 && ((*line)[*len - 1] == '\r' || (*line)[*len - 1] == ' ' ||
+						(*line)[*len - 1] == '\t'))
 		(*len)--;
 	*p = (nl < end) ? nl + 1 : end;
 	return true;
@@ -149,50 +154,88 @@ creds_value(const char *text, size_t size, int section,
 
 /*
  * key_value
- *		What the key file's text holds for the callbacks: a seed file's first
- *		line, or a section of a credentials file.  Plain C.
+ *		What a key file's text holds: a section of a credentials file, or a
+ *		seed file's seed, its first line that starts with "SU" (an NKey user
+ *		seed; lines before it, a comment for example, are passed over, as
+ *		nats.c did).  A seed must start with "SU" and be shorter than
+ *		SEED_MAX, a JWT start with "eyJ" (an encoded JSON header).  Plain C:
+ *		the check and the callbacks read a file by the same rules.
  */
 static bool
 key_value(AuthFile file, const char *text, size_t size, int section,
 		  const char **value, size_t *value_len)
 {
+	const char *p = text;
+	const char *end = text + size;
+
 	if (file == AUTH_CREDS)
-		return creds_value(text, size, section, value, value_len);
-	return next_line(&text, text + size, value, value_len) && *value_len > 0;
+	{
+		if (!creds_value(text, size, section, value, value_len))
+			return false;
+	}
+	else
+	{
+		bool		found = false;
+
+		while (!found && next_line(&p, end, value, value_len))
+			found = *value_len >= 2 && strncmp(*value, "SU", 2) == 0;
+		if (!found)
+			return false;
+	}
+	if (file == AUTH_CREDS && section == CREDS_JWT)
+		return *value_len > 3 && strncmp(*value, "eyJ", 3) == 0;
+	return *value_len > 2 && *value_len < SEED_MAX && strncmp(*value, "SU", 2) == 0;
 }
 
 /*
  * read_key_file
- *		The whole file at path in malloc'd memory, or NULL when it cannot be
- *		read or is larger than KEY_FILE_MAX.  Plain C with an unbuffered
- *		descriptor: runs on nats.c's threads; the caller wipes and frees it.
+ *		The whole file at path in malloc'd memory, or NULL with *err set: an
+ *		errno of open(2) or read(2), EFBIG when it is larger than
+ *		KEY_FILE_MAX, EINVAL when it is not a regular file (a FIFO or a
+ *		device could block a connect for ever).  Plain C with an unbuffered
+ *		descriptor, closed before returning: runs on nats.c's threads, and in
+ *		agog_auth_check_files.  The caller wipes and frees the text.
  */
 static char *
-read_key_file(const char *path, size_t *size)
+read_key_file(const char *path, size_t *size, int *err)
 {
-	int			fd = open(path, O_RDONLY | O_CLOEXEC);
+	int			fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+	struct stat st;
 	char	   *buf;
 	size_t		n = 0;
-	bool		failed = false;
 
+	*size = 0;
+	*err = 0;
 	if (fd < 0)
+	{
+		*err = errno;
 		return NULL;
+	}
+	if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode))
+	{
+		close(fd);
+		*err = EINVAL;
+		return NULL;
+	}
 	buf = malloc(KEY_FILE_MAX + 1);
+	if (buf == NULL)
+		*err = ENOMEM;
 	while (buf != NULL && n <= KEY_FILE_MAX)
 	{
 		ssize_t		r = read(fd, buf + n, KEY_FILE_MAX + 1 - n);
 
 		if (r < 0 && errno == EINTR)
 			continue;
+		if (r < 0)
+			*err = errno;
 		if (r <= 0)
-		{
-			failed = (r < 0);
 			break;
-		}
 		n += r;
 	}
 	close(fd);
-	if (buf != NULL && (failed || n > KEY_FILE_MAX))
+	if (buf != NULL && *err == 0 && n > KEY_FILE_MAX)
+		*err = EFBIG;
+	if (buf != NULL && *err != 0)
 	{
 		explicit_bzero(buf, n);
 		free(buf);
@@ -234,7 +277,10 @@ current_file(char *path)
  *		nats.c's signature handler: sign the server's nonce with the seed of
  *		the file the settings name.  Runs inside nats.c (see the banner): it
  *		calls nats_Sign and plain C only.  A signature that starts with a zero
- *		byte is marked for agog_conn.c, which connects again.
+ *		byte fails the connect before its CONNECT is sent, and is marked for
+ *		agog_conn.c, which connects again (closure: the generation of
+ *		agog_auth_prepare the connect was made in; an older connection's
+ *		reconnect marks nothing).
  */
 static natsStatus
 sign_nonce(char **errtxt, unsigned char **sig, int *sig_len,
@@ -244,7 +290,8 @@ sign_nonce(char **errtxt, unsigned char **sig, int *sig_len,
 	char		seed[SEED_MAX];
 	AuthFile	file = current_file(path);
 	size_t		size;
-	char	   *text = read_key_file(path, &size);
+	int			err;
+	char	   *text = read_key_file(path, &size, &err);
 	const char *value;
 	size_t		len;
 	natsStatus	s;
@@ -254,7 +301,7 @@ sign_nonce(char **errtxt, unsigned char **sig, int *sig_len,
 		*errtxt = strdup("could not read the file that holds the NKey seed");
 		return NATS_ERR;
 	}
-	if (!key_value(file, text, size, CREDS_SEED, &value, &len) || len >= SEED_MAX)
+	if (!key_value(file, text, size, CREDS_SEED, &value, &len))
 	{
 		forget_key_file(text, size);
 		*errtxt = strdup("the file that should hold the NKey seed holds none");
@@ -267,9 +314,19 @@ sign_nonce(char **errtxt, unsigned char **sig, int *sig_len,
 	explicit_bzero(seed, sizeof(seed));
 	if (s == NATS_OK && *sig_len > 0 && (*sig)[0] == 0)
 	{
+		/*
+		 * nats.c would send the CONNECT without it and the server refuse it
+		 * as a wrong key; fail here instead, before anything is sent.
+		 */
+		free(*sig);
+		*sig = NULL;
+		*sig_len = 0;
 		pthread_mutex_lock(&auth_mutex);
-		auth_dropped = true;
+		if ((uintptr_t) closure == auth_generation)
+			auth_dropped = true;
 		pthread_mutex_unlock(&auth_mutex);
+		*errtxt = strdup("the NKey signature of the server's nonce starts with a zero byte, which this nats.c cannot send");
+		return NATS_ERR;
 	}
 	return s;
 }
@@ -285,7 +342,8 @@ user_jwt(char **jwt, char **errtxt, void *closure)
 	char		path[MAXPGPATH];
 	AuthFile	file = current_file(path);
 	size_t		size;
-	char	   *text = read_key_file(path, &size);
+	int			err;
+	char	   *text = read_key_file(path, &size, &err);
 	const char *value;
 	size_t		len;
 
@@ -294,7 +352,7 @@ user_jwt(char **jwt, char **errtxt, void *closure)
 		*errtxt = strdup("could not read the credentials file");
 		return NATS_ERR;
 	}
-	if (file != AUTH_CREDS || !creds_value(text, size, CREDS_JWT, &value, &len))
+	if (file != AUTH_CREDS || !key_value(file, text, size, CREDS_JWT, &value, &len))
 	{
 		forget_key_file(text, size);
 		*errtxt = strdup("the credentials file holds no user JWT");
@@ -309,8 +367,8 @@ user_jwt(char **jwt, char **errtxt, void *closure)
  * agog_auth_read_secret
  *		The first line of a secret file, without its line end, palloc'd; NULL
  *		when no file is set.  Runs in a backend or the worker, outside any
- *		signal-blocked section: it throws when the file cannot be read or is
- *		empty.
+ *		signal-blocked section, never on nats.c's threads: it throws when the
+ *		file cannot be read or is empty, after wiping its buffer.
  */
 char *
 agog_auth_read_secret(const char *setting, const char *path)
@@ -334,19 +392,30 @@ agog_auth_read_secret(const char *setting, const char *path)
 	FreeFile(f);
 	len = strcspn(buf, "\r\n");
 	buf[len] = '\0';
+	secret = NULL;
+	if (len > 0)
+	{
+		secret = MemoryContextAllocExtended(CurrentMemoryContext, len + 1,
+											MCXT_ALLOC_NO_OOM);
+		if (secret != NULL)
+			memcpy(secret, buf, len + 1);
+	}
+	explicit_bzero(buf, sizeof(buf));
 	if (len == 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("file \"%s\" named by %s is empty", path, setting)));
-	secret = pstrdup(buf);
-	explicit_bzero(buf, sizeof(buf));
+	if (secret == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_OUT_OF_MEMORY),
+				 errmsg("out of memory")));
 	return secret;
 }
 
 /*
  * agog_auth_forget_secret
  *		Overwrite and free a secret read by agog_auth_read_secret.  Safe on
- *		NULL.
+ *		NULL.  Runs where the secret was read; never on nats.c's threads.
  */
 void
 agog_auth_forget_secret(char *secret)
@@ -359,53 +428,60 @@ agog_auth_forget_secret(char *secret)
 }
 
 /*
- * check_credentials_file
- *		Throw unless the file named by agog_nats.credentials_file can be read
- *		and holds NATS user credentials as the callbacks read them (see
- *		creds_value): the first section's value a user JWT (its encoded
- *		header starts "eyJ"), the second's an NKey user seed ("SU...").  The
- *		callbacks read the file again at every connect; this turns a wrong
- *		file into a clear error before any connect.  The buffer that held the
- *		seed is wiped on every path.
+ * check_key_file
+ *		Throw unless the file the setting names holds what the callbacks will
+ *		read from it, by the same reader and rules (read_key_file,
+ *		key_value): an NKey user seed, or a credentials file's user JWT and
+ *		seed.  The callbacks read the file again at every connect; this
+ *		turns a wrong file into a clear error before any connect.  Runs in a
+ *		backend or the worker outside any signal-blocked section, never on
+ *		nats.c's threads; the text is wiped and freed before any throw.
  */
 static void
-check_credentials_file(const char *path)
+check_key_file(const char *setting, const char *path, AuthFile file)
 {
-	FILE	   *f;
-	char	   *text;
 	size_t		size;
+	int			err;
+	char	   *text = read_key_file(path, &size, &err);
 	const char *value;
 	size_t		len;
-	bool		has_jwt;
-	bool		has_seed;
+	bool		has_jwt = false;
+	bool		has_seed = false;
 
-	f = AllocateFile(path, "r");
-	if (f == NULL)
-		ereport(ERROR,
-				(errcode_for_file_access(),
-				 errmsg("could not open file \"%s\" named by %s: %m",
-						path, "agog_nats.credentials_file")));
-	setvbuf(f, NULL, _IONBF, 0);	/* as in agog_auth_read_secret */
-	text = palloc(KEY_FILE_MAX + 1);
-	size = fread(text, 1, KEY_FILE_MAX + 1, f);
-	FreeFile(f);
-	has_jwt = creds_value(text, size, CREDS_JWT, &value, &len) &&
-		len > 3 && strncmp(value, "eyJ", 3) == 0;
-	has_seed = creds_value(text, size, CREDS_SEED, &value, &len) &&
-		len > 2 && len < SEED_MAX && strncmp(value, "SU", 2) == 0;
-	explicit_bzero(text, size);
-	pfree(text);
-	if (size > KEY_FILE_MAX)
+	if (text != NULL)
+	{
+		has_jwt = key_value(file, text, size, CREDS_JWT, &value, &len);
+		has_seed = key_value(file, text, size, CREDS_SEED, &value, &len);
+		forget_key_file(text, size);
+	}
+	if (err == EFBIG)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("file \"%s\" named by %s is larger than %d kB",
-						path, "agog_nats.credentials_file", KEY_FILE_MAX / 1024),
-				 errdetail("A credentials file holds a user JWT and its NKey seed, a few kB.")));
-	if (!has_jwt || !has_seed)
+						path, setting, KEY_FILE_MAX / 1024),
+				 errdetail("An NKey seed is one line of 58 characters, and a credentials file holds a user JWT and a seed, a few kB.")));
+	if (err == EINVAL)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("file \"%s\" named by %s is not a regular file", path, setting)));
+	if (err != 0)
+	{
+		errno = err;
+		ereport(ERROR,
+				(errcode_for_file_access(),
+				 errmsg("could not open file \"%s\" named by %s: %m", path, setting)));
+	}
+	if (file == AUTH_SEED && !has_seed)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("file \"%s\" named by %s holds no NKey user seed", path, setting),
+				 errdetail("The seed is the file's first line that starts with \"SU\"; %s.",
+						   size == 0 ? "the file is empty" : "no line does")));
+	if (file == AUTH_CREDS && (!has_jwt || !has_seed))
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("file \"%s\" named by %s holds no NATS user credentials",
-						path, "agog_nats.credentials_file"),
+						path, setting),
 				 errdetail("A credentials file holds a user JWT (eyJ...), then that user's NKey seed (SU...), each between a \"-----BEGIN\" and an \"------END\" line, as \"nsc generate creds\" writes them; this one has %s.",
 						   has_jwt ? "no seed" : has_seed ? "no JWT" : "neither")));
 }
@@ -414,7 +490,8 @@ check_credentials_file(const char *path)
  * agog_auth_check_files
  *		Throw unless the NKey settings go together and their files can be
  *		read and hold what they must.  Runs in a backend or the worker before
- *		a connect, outside any signal-blocked section.
+ *		a connect, outside any signal-blocked section; never on nats.c's
+ *		threads (it throws).
  */
 void
 agog_auth_check_files(void)
@@ -429,10 +506,10 @@ agog_auth_check_files(void)
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("agog_nats.nkey and agog_nats.nkey_seed_file must be set together"),
 				 errhint("Set agog_nats.nkey to the public key (U...) and agog_nats.nkey_seed_file to the file that holds its seed (SU...).")));
-	agog_auth_forget_secret(agog_auth_read_secret("agog_nats.nkey_seed_file",
-												  agog_nkey_seed_file));
+	if (is_set(agog_nkey_seed_file))
+		check_key_file("agog_nats.nkey_seed_file", agog_nkey_seed_file, AUTH_SEED);
 	if (is_set(agog_credentials_file))
-		check_credentials_file(agog_credentials_file);
+		check_key_file("agog_nats.credentials_file", agog_credentials_file, AUTH_CREDS);
 }
 
 /*
@@ -458,6 +535,7 @@ agog_auth_prepare(void)
 		strlcpy(auth_path, agog_credentials_file, MAXPGPATH);
 	}
 	auth_dropped = false;
+	auth_generation++;
 	pthread_mutex_unlock(&auth_mutex);
 }
 
@@ -470,11 +548,16 @@ agog_auth_prepare(void)
 natsStatus
 agog_auth_set_options(natsOptions *opts)
 {
+	void	   *generation;
+
+	pthread_mutex_lock(&auth_mutex);
+	generation = (void *) auth_generation;
+	pthread_mutex_unlock(&auth_mutex);
 	if (is_set(agog_nkey))
-		return natsOptions_SetNKey(opts, agog_nkey, sign_nonce, NULL);
+		return natsOptions_SetNKey(opts, agog_nkey, sign_nonce, generation);
 	if (is_set(agog_credentials_file))
 		return natsOptions_SetUserCredentialsCallbacks(opts, user_jwt, NULL,
-													   sign_nonce, NULL);
+													   sign_nonce, generation);
 	return NATS_OK;
 }
 

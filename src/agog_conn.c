@@ -816,9 +816,11 @@ connect_attempts(AgogConn *conn, const char **servers, int nservers,
 		NATS_END(saved);
 
 		/*
-		 * A signature nats.c left out of its CONNECT (see agog_auth.c): the
-		 * server's next nonce gives another signature.  One connect in 256
-		 * meets this, so a few tries in a row never all do.
+		 * A signature nats.c would have left out of its CONNECT (see
+		 * agog_auth.c): the server's next nonce gives another signature.  One
+		 * connect in 256 meets this, so four more tries never all do.  Each
+		 * takes a slice of the budget like any attempt, so an interrupt is
+		 * still served, and a budget spent meanwhile reports a timeout.
 		 */
 		if (s != NATS_OK && agog_auth_take_dropped() && ++resigned <= 4)
 			continue;

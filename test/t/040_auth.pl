@@ -115,6 +115,20 @@ AgogNatsTest::connects_every_time($node3, 2000, 'with an NKey');
 like($err, qr/must be superuser or have privileges of pg_read_all_settings/,
 	'a non-superuser cannot read agog_nats.nkey_seed_file');
 
+# The seed is the file's first line that starts with "SU": a comment before
+# it is passed over (as nats.c did); a file with no such line is 22023.
+my $commented = secret_file('commented.seed',
+	"# the agog_nats user's seed\nSUACSSL3UAHUDXKFSNVUZRF5UHPMWZ6BFDTJ7M6USDXIEDNPPQYYYCU3VY");
+$err = AgogNatsTest::error_after_reload($node3, "agog_nats.nkey_seed_file = '$commented'\n",
+	'agog_nats.nkey_seed_file', qr/commented/, 'a seed after a comment line');
+is($err, '', 'a seed after a comment line signs');
+my $seedless = secret_file('seedless.seed', '# no seed here');
+$err = AgogNatsTest::error_after_reload($node3, "agog_nats.nkey_seed_file = '$seedless'\n",
+	'agog_nats.nkey_seed_file', qr/seedless/, 'a file without a seed');
+like($err, qr/ERROR:\s+22023: file ".*seedless\.seed" named by agog_nats\.nkey_seed_file holds no NKey user seed/,
+	'a seed file without a seed: 22023 naming the setting');
+AgogNatsTest::reconnects_with($node3, "agog_nats.nkey_seed_file = '$nkey_seed'\n", 'the seed file');
+
 # The seed of another key: the server refuses the signature, 28000.
 AgogNatsTest::refused_after_reload($node3, 'agog_nats.nkey_seed_file', $other_seed, 'the seed of another key',
 	q{SELECT agog_publish_report_now('jen', 'frontend', 'nkey2', 'x')});
