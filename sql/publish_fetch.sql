@@ -29,6 +29,14 @@ SELECT a.agent, r.content, r.subject
   FROM agog_nats.agents a, agog_fetch_report(a.agent, a.task_type, 'customer-search') r
  ORDER BY a.agent;
 
+-- Called in a target list (ProjectSet, not a function scan) too: the row
+-- type the executor expects is the one the functions fill.
+SELECT (r).content, (r).subject
+  FROM (SELECT agog_fetch_report('cynthia', 'research', 'customer-search') AS r) s;
+SELECT (r).content = E:'content' AS first_by_seq
+  FROM (SELECT agog_fetch_report_by_seq('cynthia', split_part(:'id1', '.', 2)::bigint) AS r) s;
+SELECT count(*) FROM (SELECT agog_fetch_report('cynthia', 'research', 'never-published')) s;
+
 -- Empty content and large content round-trip.
 SELECT agog_publish_report_now('roy', 'backend', 'empty', '') IS NOT NULL AS published;
 SELECT content = '' AS empty_ok, metadata->>'feature' AS feature

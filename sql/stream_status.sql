@@ -9,6 +9,9 @@ SELECT agent, name, subjects, messages > 0 AS has_messages, bytes > 0 AS has_byt
        health
   FROM agog_stream_status() ORDER BY agent;
 
+-- In a target list too (ProjectSet): the same six streams.
+SELECT (s).agent, (s).health FROM (SELECT agog_stream_status() AS s) x ORDER BY 1;
+
 -- The live state matches what fetching sees.
 SELECT s.last_seq = r.sequence AS last_seq_is_latest
   FROM agog_stream_status() s,

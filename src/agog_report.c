@@ -568,7 +568,7 @@ agog_fetch_report(PG_FUNCTION_ARGS)
 	stream = agent_info(agent).stream;
 	subject = agog_report_subject(agent, task_type, feature);
 
-	InitMaterializedSRF(fcinfo, 0);
+	InitMaterializedSRF(fcinfo, MAT_SRF_USE_EXPECTED_DESC);
 
 	/*
 	 * With the connection open, the direct get goes out first and the outbox
@@ -627,7 +627,7 @@ agog_fetch_report_by_seq(PG_FUNCTION_ARGS)
 				 errdetail("Stream sequences start at 1; got %lld.", (long long) seq)));
 	stream = agent_info(agent).stream;
 
-	InitMaterializedSRF(fcinfo, 0);
+	InitMaterializedSRF(fcinfo, MAT_SRF_USE_EXPECTED_DESC);
 	if (agog_conn_get_seq(agog_backend_conn(), stream, (uint64) seq,
 						  agog_stream_replicas > 1, &msg, &err))
 		put_report_row(rsinfo, &msg);

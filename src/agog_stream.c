@@ -925,7 +925,7 @@ agog_stream_status(PG_FUNCTION_ARGS)
 	int			nstates;
 	TimestampTz now = GetCurrentTimestamp();
 
-	InitMaterializedSRF(fcinfo, 0);
+	InitMaterializedSRF(fcinfo, MAT_SRF_USE_EXPECTED_DESC);
 	rows = agog_agents(&nrows);
 	states = stream_states(&nstates);
 
