@@ -273,6 +273,42 @@ current_file(char *path)
 }
 
 /*
+ * current_value
+ *		What the file the settings name holds for section (see key_value), in
+ *		malloc'd memory, NUL-terminated; NULL with *errtxt set (malloc'd, for
+ *		nats.c to free) when the file cannot be read or lacks it.  The file's
+ *		text is wiped before returning; the caller wipes a seed.  Plain C:
+ *		runs inside nats.c.
+ */
+static char *
+current_value(int section, char **errtxt)
+{
+	char		path[MAXPGPATH];
+	AuthFile	file = current_file(path);
+	size_t		size;
+	int			err;
+	char	   *text = read_key_file(path, &size, &err);
+	const char *value;
+	size_t		len;
+	char	   *copy = NULL;
+
+	if (text == NULL)
+	{
+		*errtxt = strdup(file == AUTH_CREDS ? "could not read the credentials file" :
+						 "could not read the NKey seed file");
+		return NULL;
+	}
+	if (file == AUTH_NONE || (section == CREDS_JWT && file != AUTH_CREDS) ||
+		!key_value(file, text, size, section, &value, &len))
+		*errtxt = strdup(section == CREDS_JWT ? "the credentials file holds no user JWT" :
+						 "the file holds no NKey user seed");
+	else if ((copy = strndup(value, len)) == NULL)
+		*errtxt = strdup("out of memory");
+	forget_key_file(text, size);
+	return copy;
+}
+
+/*
  * sign_nonce
  *		nats.c's signature handler: sign the server's nonce with the seed of
  *		the file the settings name.  Runs inside nats.c (see the banner): it
@@ -286,32 +322,14 @@ static natsStatus
 sign_nonce(char **errtxt, unsigned char **sig, int *sig_len,
 		   const char *nonce, void *closure)
 {
-	char		path[MAXPGPATH];
-	char		seed[SEED_MAX];
-	AuthFile	file = current_file(path);
-	size_t		size;
-	int			err;
-	char	   *text = read_key_file(path, &size, &err);
-	const char *value;
-	size_t		len;
+	char	   *seed = current_value(CREDS_SEED, errtxt);
 	natsStatus	s;
 
-	if (text == NULL)
-	{
-		*errtxt = strdup("could not read the file that holds the NKey seed");
+	if (seed == NULL)
 		return NATS_ERR;
-	}
-	if (!key_value(file, text, size, CREDS_SEED, &value, &len))
-	{
-		forget_key_file(text, size);
-		*errtxt = strdup("the file that should hold the NKey seed holds none");
-		return NATS_ERR;
-	}
-	memcpy(seed, value, len);
-	seed[len] = '\0';
-	forget_key_file(text, size);
 	s = nats_Sign(seed, nonce, sig, sig_len);
-	explicit_bzero(seed, sizeof(seed));
+	explicit_bzero(seed, strlen(seed));
+	free(seed);
 	if (s == NATS_OK && *sig_len > 0 && (*sig)[0] == 0)
 	{
 		/*
@@ -339,28 +357,8 @@ sign_nonce(char **errtxt, unsigned char **sig, int *sig_len,
 static natsStatus
 user_jwt(char **jwt, char **errtxt, void *closure)
 {
-	char		path[MAXPGPATH];
-	AuthFile	file = current_file(path);
-	size_t		size;
-	int			err;
-	char	   *text = read_key_file(path, &size, &err);
-	const char *value;
-	size_t		len;
-
-	if (text == NULL)
-	{
-		*errtxt = strdup("could not read the credentials file");
-		return NATS_ERR;
-	}
-	if (file != AUTH_CREDS || !key_value(file, text, size, CREDS_JWT, &value, &len))
-	{
-		forget_key_file(text, size);
-		*errtxt = strdup("the credentials file holds no user JWT");
-		return NATS_ERR;
-	}
-	*jwt = strndup(value, len);
-	forget_key_file(text, size);
-	return (*jwt != NULL) ? NATS_OK : NATS_NO_MEMORY;
+	*jwt = current_value(CREDS_JWT, errtxt);
+	return (*jwt != NULL) ? NATS_OK : NATS_ERR;
 }
 
 /*
