@@ -19,7 +19,8 @@
  * did, they read the file the setting names at every connect, so a file
  * replaced in place serves the next connect; every copy of the seed is wiped
  * before they return.  The path and what the file holds are copied for them
- * under a pthread mutex by agog_auth_prepare, on the process's own thread.
+ * under a pthread mutex by agog_auth_set_options, on the process's own
+ * thread.
  *
  * Copyright (c) 2026, agog_nats developers
  *
@@ -58,18 +59,7 @@ static pthread_mutex_t auth_mutex = PTHREAD_MUTEX_INITIALIZER;
 static AuthFile auth_file = AUTH_NONE;
 static char auth_path[MAXPGPATH];
 static bool auth_dropped = false;	/* a signature nats.c would leave out */
-static uintptr_t auth_generation = 0;	/* of the last agog_auth_prepare */
-
-/*
- * is_set
- *		Whether a string setting is set (not NULL, not empty).  Plain C, but
- *		the settings themselves are read on the process's own thread only.
- */
-static bool
-is_set(const char *v)
-{
-	return v != NULL && v[0] != '\0';
-}
+static uintptr_t auth_generation = 0;	/* of the last agog_auth_set_options */
 
 /*
  * next_line
@@ -315,7 +305,7 @@ current_value(int section, char **errtxt)
  *		calls nats_Sign and plain C only.  A signature that starts with a zero
  *		byte fails the connect before its CONNECT is sent, and is marked for
  *		agog_conn.c, which connects again (closure: the generation of
- *		agog_auth_prepare the connect was made in; an older connection's
+ *		agog_auth_set_options the connect was made in; an older connection's
  *		reconnect marks nothing).
  */
 static natsStatus
@@ -376,7 +366,7 @@ agog_auth_read_secret(const char *setting, const char *path)
 	char	   *secret;
 	size_t		len;
 
-	if (!is_set(path))
+	if (!agog_setting_is_set(path))
 		return NULL;
 	f = AllocateFile(path, "r");
 	if (f == NULL)
@@ -494,66 +484,56 @@ check_key_file(const char *setting, const char *path, AuthFile file)
 void
 agog_auth_check_files(void)
 {
-	if (is_set(agog_credentials_file) && is_set(agog_nkey))
+	if (agog_setting_is_set(agog_credentials_file) && agog_setting_is_set(agog_nkey))
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("agog_nats.credentials_file and agog_nats.nkey cannot both be set"),
 				 errhint("A credentials file holds its own NKey seed: set agog_nats.credentials_file for a server in operator (JWT) mode, or agog_nats.nkey and agog_nats.nkey_seed_file for one that lists NKeys.")));
-	if (is_set(agog_nkey) != is_set(agog_nkey_seed_file))
+	if (agog_setting_is_set(agog_nkey) != agog_setting_is_set(agog_nkey_seed_file))
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("agog_nats.nkey and agog_nats.nkey_seed_file must be set together"),
 				 errhint("Set agog_nats.nkey to the public key (U...) and agog_nats.nkey_seed_file to the file that holds its seed (SU...).")));
-	if (is_set(agog_nkey_seed_file))
+	if (agog_setting_is_set(agog_nkey_seed_file))
 		check_key_file("agog_nats.nkey_seed_file", agog_nkey_seed_file, AUTH_SEED);
-	if (is_set(agog_credentials_file))
+	if (agog_setting_is_set(agog_credentials_file))
 		check_key_file("agog_nats.credentials_file", agog_credentials_file, AUTH_CREDS);
 }
 
 /*
- * agog_auth_prepare
- *		Before each connect attempt: copy the file the callbacks read from
- *		the settings, and forget any dropped signature.  Runs on the
- *		process's own thread, outside any signal-blocked section.
- */
-void
-agog_auth_prepare(void)
-{
-	pthread_mutex_lock(&auth_mutex);
-	auth_file = AUTH_NONE;
-	auth_path[0] = '\0';
-	if (is_set(agog_nkey))
-	{
-		auth_file = AUTH_SEED;
-		strlcpy(auth_path, agog_nkey_seed_file ? agog_nkey_seed_file : "", MAXPGPATH);
-	}
-	else if (is_set(agog_credentials_file))
-	{
-		auth_file = AUTH_CREDS;
-		strlcpy(auth_path, agog_credentials_file, MAXPGPATH);
-	}
-	auth_dropped = false;
-	auth_generation++;
-	pthread_mutex_unlock(&auth_mutex);
-}
-
-/*
  * agog_auth_set_options
- *		Sign with the callbacks above when the settings name an NKey or a
- *		credentials file.  Runs inside a signal-blocked section, after
- *		agog_auth_prepare: nats.c calls only.
+ *		Before each connect attempt: copy the file the callbacks read from
+ *		the settings, start a new generation (forgetting any dropped
+ *		signature), and sign with the callbacks above when the settings name
+ *		an NKey or a credentials file.  Runs on the process's own thread
+ *		inside a signal-blocked section: nats.c and plain C only.
  */
 natsStatus
 agog_auth_set_options(natsOptions *opts)
 {
+	AuthFile	file = AUTH_NONE;
 	void	   *generation;
 
 	pthread_mutex_lock(&auth_mutex);
-	generation = (void *) auth_generation;
+	auth_path[0] = '\0';
+	if (agog_setting_is_set(agog_nkey))
+	{
+		file = AUTH_SEED;
+		strlcpy(auth_path, agog_nkey_seed_file ? agog_nkey_seed_file : "", MAXPGPATH);
+	}
+	else if (agog_setting_is_set(agog_credentials_file))
+	{
+		file = AUTH_CREDS;
+		strlcpy(auth_path, agog_credentials_file, MAXPGPATH);
+	}
+	auth_file = file;
+	auth_dropped = false;
+	generation = (void *) ++auth_generation;
 	pthread_mutex_unlock(&auth_mutex);
-	if (is_set(agog_nkey))
+
+	if (file == AUTH_SEED)
 		return natsOptions_SetNKey(opts, agog_nkey, sign_nonce, generation);
-	if (is_set(agog_credentials_file))
+	if (file == AUTH_CREDS)
 		return natsOptions_SetUserCredentialsCallbacks(opts, user_jwt, NULL,
 													   sign_nonce, generation);
 	return NATS_OK;
@@ -561,7 +541,7 @@ agog_auth_set_options(natsOptions *opts)
 
 /*
  * agog_auth_take_dropped
- *		Whether a signature made since agog_auth_prepare started with a zero
+ *		Whether a signature made since agog_auth_set_options started with a zero
  *		byte, which nats.c 3.4.1 leaves out of its CONNECT: a connect that
  *		failed then is worth a new attempt at once.  Clears the mark.  Runs
  *		on the process's own thread.

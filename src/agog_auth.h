@@ -18,7 +18,6 @@
 extern char *agog_auth_read_secret(const char *setting, const char *path);
 extern void agog_auth_forget_secret(char *secret);
 extern void agog_auth_check_files(void);
-extern void agog_auth_prepare(void);
 extern natsStatus agog_auth_set_options(natsOptions *opts);
 extern bool agog_auth_take_dropped(void);
 

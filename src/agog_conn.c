@@ -129,7 +129,6 @@ static void set_timeout_error(AgogError *err, bool interrupted);
 static bool default_interrupt_check(void);
 static AgogInterruptCheck interrupt_check = default_interrupt_check;
 
-static bool has_setting(const char *v);
 static bool tls_asked(void);
 static bool loop_wanted(const char *url, bool keep_reconnecting);
 static bool server_requires_tls(const char *server, int wait_ms);
@@ -653,21 +652,11 @@ url_has_credentials(const char *server)
 	return memchr(p, '@', strcspn(p, "/")) != NULL;
 }
 
-/*
- * has_setting
- *		Whether a string setting is set (not NULL, not empty).
- */
-static bool
-has_setting(const char *v)
-{
-	return v != NULL && v[0] != '\0';
-}
-
 /* Whether the TLS settings ask for a TLS connection (a CA or a certificate). */
 static bool
 tls_asked(void)
 {
-	return has_setting(agog_tls_ca_file) || has_setting(agog_tls_cert_file);
+	return agog_setting_is_set(agog_tls_ca_file) || agog_setting_is_set(agog_tls_cert_file);
 }
 
 /*
@@ -734,7 +723,6 @@ connect_attempts(AgogConn *conn, const char **servers, int nservers,
 		opts = NULL;
 		nc = NULL;
 		js = NULL;
-		agog_auth_prepare();
 		NATS_BEGIN(saved);
 		s = natsOptions_Create(&opts);
 		if (s == NATS_OK)
@@ -747,7 +735,7 @@ connect_attempts(AgogConn *conn, const char **servers, int nservers,
 			s = natsOptions_SetWriteDeadline(opts, agog_timeout_ms);
 		if (s == NATS_OK)
 			s = natsOptions_SetNoRandomize(opts, true);
-		if (s == NATS_OK && agog_user != NULL && agog_user[0] != '\0')
+		if (s == NATS_OK && agog_setting_is_set(agog_user))
 			s = natsOptions_SetUserInfo(opts, agog_user, password ? password : "");
 		if (s == NATS_OK && token != NULL)
 			s = natsOptions_SetToken(opts, token);
@@ -758,11 +746,11 @@ connect_attempts(AgogConn *conn, const char **servers, int nservers,
 			tls_used = true;
 			s = natsOptions_SetSecure(opts, true);
 		}
-		if (s == NATS_OK && has_setting(agog_tls_ca_file))
+		if (s == NATS_OK && agog_setting_is_set(agog_tls_ca_file))
 			s = natsOptions_LoadCATrustedCertificates(opts, agog_tls_ca_file);
-		if (s == NATS_OK && has_setting(agog_tls_cert_file))
+		if (s == NATS_OK && agog_setting_is_set(agog_tls_cert_file))
 			s = natsOptions_LoadCertificatesChain(opts, agog_tls_cert_file,
-												  has_setting(agog_tls_key_file) ?
+												  agog_setting_is_set(agog_tls_key_file) ?
 												  agog_tls_key_file : agog_tls_cert_file);
 		if (s == NATS_OK && keep_reconnecting)
 		{

@@ -67,6 +67,16 @@ extern int	agog_task_lease_s;
 extern int	agog_event_retention_s;
 extern int	agog_workflow_retention_s;
 
+/*
+ * Whether a string setting is set (not NULL, not empty).  Plain C, but the
+ * settings themselves are read on the process's own thread only.
+ */
+static inline bool
+agog_setting_is_set(const char *v)
+{
+	return v != NULL && v[0] != '\0';
+}
+
 /* ----------------------------------------------------------------
  * Connection wrapper (agog_conn.c).  No nats.c type leaves that file.
  * ----------------------------------------------------------------
