@@ -87,8 +87,8 @@ like($err, qr/ERROR:\s+22023: file ".*garbage\.creds" named by agog_nats\.creden
 	'a file that is not a credentials file: 22023 naming the setting');
 like($err, qr/this one has neither/, '... and saying what it lacks');
 
-# The JWT and the seed without their marker lines (nats.c finds each on the
-# line after one): also 22023.
+# The JWT and the seed without their marker lines (each value is read from
+# the line after a marker): also 22023.
 (my $unmarked = slurp_file($good)) =~ s/^-.*\n//mg;
 write_creds('bare', $unmarked);
 $err = AgogNatsTest::error_after_reload($node, "agog_nats.credentials_file = '$dir/bare.creds'\n",
@@ -96,8 +96,8 @@ $err = AgogNatsTest::error_after_reload($node, "agog_nats.credentials_file = '$d
 like($err, qr/ERROR:\s+22023: file ".*bare\.creds" named by agog_nats\.credentials_file holds no NATS user credentials/,
 	'JWT and seed without their marker lines: 22023');
 
-# The seed's section first and the JWT's second (nats.c takes the first
-# section for the JWT): 22023; blank lines after a marker are fine.
+# The seed's section first and the JWT's second (the first section is read
+# as the JWT): 22023; blank lines after a marker are fine.
 my @sections = slurp_file($good) =~ /(-+BEGIN[^\n]*\n[^\n]+\n-+END[^\n]*\n)/g;
 is(scalar(@sections), 2, 'the credentials file has two sections');
 write_creds('swapped', $sections[1] . "\n" . $sections[0]);
