@@ -408,6 +408,26 @@ setup_session(char **why)
 	return 0;
 }
 
+/*
+ * Take every notification libpq holds, read from the socket or queued with
+ * the answer to a statement.  Returns whether there was one.  Only while
+ * connected.
+ */
+static bool
+take_notifies(void)
+{
+	PGnotify   *nf;
+	bool		any = false;
+
+	while ((nf = db_notifies()) != NULL)
+	{
+		log_debug("notified: task %s", nf->extra);
+		any = true;
+		PQfreemem(nf);
+	}
+	return any;
+}
+
 static double
 min_d(double a, double b)
 {
@@ -467,7 +487,6 @@ main(int argc, char **argv)
 	{
 		double		now = now_mono(),
 					timeout;
-		PGnotify   *nf;
 
 		/* SIGTERM / SIGINT: stop claiming; a second one ends commands now. */
 		if (stop_requests != handled_stops)
@@ -542,12 +561,8 @@ main(int argc, char **argv)
 
 		if (db_connected())
 		{
-			while ((nf = db_notifies()) != NULL)
-			{
-				log_debug("notified: task %s", nf->extra);
+			if (take_notifies())
 				want_claim = true;
-				PQfreemem(nf);
-			}
 			for (i = 0; i < opt.jobs && db_connected(); i++)
 				if (jobs[i].phase == JOB_ENDED)
 					finish_job(&jobs[i]);
@@ -623,6 +638,16 @@ main(int argc, char **argv)
 		}
 		if (timeout < 0)
 			timeout = 0;
+		/*
+		 * A notification that came in with the answer to one of the
+		 * statements above is in libpq's queue, not on the socket: take it
+		 * now, or it would wait for the next heartbeat or poll.
+		 */
+		if (db_connected() && take_notifies())
+		{
+			want_claim = true;
+			timeout = 0;
+		}
 		if (db_connected())
 		{
 			if (agent_wait(db_socket(), POLLIN, timeout) && !db_consume())

@@ -8,7 +8,8 @@
 # of its stderr); bad result files; a command that outlives its deadline
 # (stopped with SIGTERM, or SIGKILL when it ignores SIGTERM, before the
 # deadline, so that its failed notice arrives); heartbeats keeping a lease
-# longer than itself; --jobs (commands at once) and --once.
+# longer than itself; a notification queued by libpq with the answer to a
+# heartbeat (taken at once); --jobs (commands at once) and --once.
 
 use strict;
 use warnings;
@@ -324,6 +325,51 @@ is(AgogAgentTest::wait_workflow($node, $wf, 30), 'completed',
 my @hb = $r6->log_text =~ /(heartbeat, lease until)/g;
 cmp_ok(scalar(@hb), '>=', 3, 'heartbeats every second (a third of the lease)');
 stop_ok($r6, 'the heartbeating runner');
+
+# --- a notification that arrives with another statement's answer --------------
+# A NOTIFY that commits while one of the runner's statements runs reaches the
+# runner with that statement's answer, and libpq queues it: the socket stays
+# quiet. The runner must take it before it sleeps, not at its next poll (10 s),
+# or a retried attempt can wait past its deadline. Made certain here: the
+# runner's heartbeat waits for a row lock held by this test while the next
+# task is dispatched (and notified), then the lock goes.
+psql(q{SELECT agog_define_pipeline('queued', '[{"stage": "one", "agent": "sylvia", "timeout": "60 seconds",
+	"max_attempts": 1}]')});
+my $gate = script('gate.sh', <<'EOS');
+cat >/dev/null
+date +%s.%N >"$CAPTURE/gate.$AGOG_FEATURE.start"
+while [ "$AGOG_FEATURE" = q-first ] && [ ! -e "$CAPTURE/gate.open" ]; do sleep 0.1; done
+echo "# through the gate"
+EOS
+my $r7 = runner(agent => 'sylvia', args => [ '--jobs', '2', '--lease', '15' ], command => [$gate]);
+my $wf_first = AgogAgentTest::start_workflow($node, 'q-first', 'queued');
+ok(AgogNatsTest::wait_for(sub { -e "$cap/gate.q-first.start" }, 15), 'the first task runs');
+my $holder = $node->background_psql('postgres');
+$holder->query_safe("BEGIN; SELECT 1 FROM agog_nats.tasks WHERE workflow_id = $wf_first FOR UPDATE");
+ok(AgogNatsTest::wait_for(
+		sub {
+			psql(q{SELECT count(*) FROM pg_stat_activity
+				    WHERE application_name = 'agog-agent sylvia' AND wait_event_type = 'Lock'}) == 1;
+		},
+		15),
+	'its heartbeat waits for the row lock');
+my $wf_second = AgogAgentTest::start_workflow($node, 'q-second', 'queued');
+ok(AgogNatsTest::wait_for(
+		sub { psql("SELECT count(*) FROM agog_nats.tasks WHERE workflow_id = $wf_second AND state = 'dispatched'") == 1 },
+		15),
+	'the second task is dispatched (and notified) meanwhile');
+my $released = Time::HiRes::time();
+$holder->query_safe('COMMIT');
+ok(AgogNatsTest::wait_for(sub { -e "$cap/gate.q-second.start" }, 15), 'the second task runs');
+my $picked = slurp("$cap/gate.q-second.start") - $released;
+cmp_ok($picked, '<', 2.5,
+	"... taken from libpq's queue at once (in $picked s), not at the next heartbeat (5 s) or poll (10 s)");
+open(my $fh, '>', "$cap/gate.open") or die "gate.open: $!";
+close $fh;
+is(AgogAgentTest::wait_workflow($node, $wf_first, 30), 'completed', 'the first workflow completes');
+is(AgogAgentTest::wait_workflow($node, $wf_second, 30), 'completed', 'the second too');
+$holder->quit;
+stop_ok($r7, 'the gated runner');
 
 # --- --jobs and --once -------------------------------------------------------------
 psql(q{SELECT agog_define_pipeline('batch', '[{"stage": "count", "agent": "priya", "timeout": "60 seconds",
