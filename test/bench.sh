@@ -77,6 +77,7 @@ max_wal_size = 8GB
 checkpoint_timeout = 30min
 track_commit_timestamp = on
 log_autovacuum_min_duration = 0
+log_checkpoints = on
 CONF
 runuser -u postgres -- "$PGBIN/pg_ctl" -D "$PGDATA" -l "$WORK/postgresql.log" -w start >/dev/null
 

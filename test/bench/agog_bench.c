@@ -1197,6 +1197,215 @@ round_drain(PGconn *mon, int worker_pid, int n, Fig *rate, Fig *worker_cpu_per_k
 }
 
 /*
+ * The kernel's writeback during a lag round, sampled every 20 ms from
+ * /proc/meminfo by a thread of its own: on a machine whose one disk holds
+ * both nats-server's store (written without fsync) and PostgreSQL's WAL,
+ * the kernel writes the dirty pages out in bursts, and every fsync waits
+ * behind a burst, the claim's commit in the worker included.
+ */
+#define WB_MAX_SAMPLES	(20 * 60 * 50)	/* 20 minutes at one every 20 ms */
+#define WB_BURST_KB		(16 * 1024)	/* "a burst": 16 MB or more under writeback */
+
+typedef struct WbSample
+{
+	int64_t		wall;			/* us */
+	int			kb;				/* Writeback: in /proc/meminfo */
+} WbSample;
+
+static struct
+{
+	pthread_t	thread;
+	volatile bool stop;
+	bool		running;
+	int			n;
+	WbSample   *s;
+}			wb;
+
+static int
+writeback_kb(void)
+{
+	FILE	   *f = fopen("/proc/meminfo", "r");
+	char		line[128];
+	int			kb = -1;
+
+	if (f == NULL)
+		return -1;
+	while (fgets(line, sizeof(line), f))
+		if (sscanf(line, "Writeback: %d kB", &kb) == 1)
+			break;
+	fclose(f);
+	return kb;
+}
+
+static void *
+wb_main(void *arg)
+{
+	(void) arg;
+	while (!wb.stop && wb.n < WB_MAX_SAMPLES)
+	{
+		int			kb = writeback_kb();
+
+		if (kb < 0)
+			break;
+		wb.s[wb.n].wall = wall_us();
+		wb.s[wb.n].kb = kb;
+		wb.n++;
+		usleep(20000);
+	}
+	return NULL;
+}
+
+/* Start sampling (a no-op where /proc/meminfo cannot be read). */
+static void
+wb_start(void)
+{
+	wb.n = 0;
+	wb.stop = false;
+	wb.running = false;
+	if (writeback_kb() < 0)
+		return;
+	if (wb.s == NULL)
+		wb.s = malloc(sizeof(WbSample) * WB_MAX_SAMPLES);
+	wb.running = pthread_create(&wb.thread, NULL, wb_main, NULL) == 0;
+}
+
+static void
+wb_stop(void)
+{
+	if (!wb.running)
+		return;
+	wb.stop = true;
+	pthread_join(wb.thread, NULL);
+	wb.running = false;
+}
+
+/* The most kB under writeback sampled in [from, to] (wall us); -1: no samples. */
+static int
+wb_max(int64_t from, int64_t to)
+{
+	int			max = -1;
+
+	for (int i = 0; i < wb.n; i++)
+		if (wb.s[i].wall >= from && wb.s[i].wall <= to && wb.s[i].kb > max)
+			max = wb.s[i].kb;
+	return max;
+}
+
+/* The times of one report in the lag phase, wall clock in us */
+typedef struct LagTimes
+{
+	int64_t		id;				/* the outbox row */
+	int64_t		commit;			/* the client's commit returned */
+	int64_t		sent;			/* first_sent_at: the claim's start */
+	int64_t		acked;			/* published_at: the record's start */
+	int64_t		recorded;		/* the record's commit timestamp */
+	int64_t		stored;			/* the JetStream message's time (tail only) */
+} LagTimes;
+
+static int
+cmp_lag_commit(const void *a, const void *b)
+{
+	int64_t		x = ((const LagTimes *) a)->commit;
+	int64_t		y = ((const LagTimes *) b)->commit;
+
+	return (x > y) - (x < y);
+}
+
+/*
+ * lag_tail
+ *		Where the slowest 1 % of a lag round spent their time, on stderr:
+ *		the reports whose lag is at or over the round's p99, grouped into
+ *		episodes (commits less than 200 ms apart), each with its wall time
+ *		(to set beside the PostgreSQL log's autovacuum and checkpoint lines)
+ *		and the mean of the lag's parts: commit to claim (the worker had
+ *		not come to the report yet), claim to stored (the claim's commit,
+ *		its WAL flush, and the send; "stored" is the time nats-server gave
+ *		the message), stored to PubAck (the acks of the batch in), PubAck to
+ *		the record's commit; and the most the kernel had under writeback.
+ */
+static void
+lag_tail(PGconn *mon, LagTimes *t, int n)
+{
+	double	   *lag = malloc(sizeof(double) * n);
+	double		p99;
+	int			shown = 0;
+
+	if (n == 0)
+	{
+		free(lag);
+		return;
+	}
+	for (int i = 0; i < n; i++)
+		lag[i] = (t[i].recorded - t[i].commit) / 1000.0;
+	p99 = quantile(lag, n, 0.99);
+	free(lag);
+	qsort(t, n, sizeof(LagTimes), cmp_lag_commit);
+	for (int i = 0; i < n;)
+	{
+		int			m = 0;
+		double		wait = 0,
+					send = 0,
+					ack = 0,
+					record = 0,
+					worst = 0;
+		int64_t		start = 0,
+					last = 0;
+		int			j;
+
+		for (j = i; j < n; j++)
+		{
+			double		l = (t[j].recorded - t[j].commit) / 1000.0;
+
+			if (l < p99)
+				continue;
+			if (m > 0 && t[j].commit - last > 200000)
+				break;
+			if (m == 0)
+				start = t[j].commit;
+			last = t[j].commit;
+			m++;
+			worst = l > worst ? l : worst;
+			if (t[j].stored == 0)
+			{
+				char		id[32];
+				const char *p[1] = {id};
+				PGresult   *r;
+
+				snprintf(id, sizeof(id), "%" PRId64, t[j].id);
+				r = pg_run(mon, "stored_at", 1, p);
+				t[j].stored = PQntuples(r) == 1 ? strtoll(PQgetvalue(r, 0, 0), NULL, 10) : t[j].acked;
+				PQclear(r);
+			}
+			wait += (t[j].sent - t[j].commit) / 1000.0;
+			send += (t[j].stored - t[j].sent) / 1000.0;
+			ack += (t[j].acked - t[j].stored) / 1000.0;
+			record += (t[j].recorded - t[j].acked) / 1000.0;
+		}
+		if (m == 0)
+			break;
+		if (shown++ < 8)
+		{
+			time_t		secs = (time_t) (start / 1000000);
+			struct tm	tm;
+			char		hms[16];
+
+			gmtime_r(&secs, &tm);
+			strftime(hms, sizeof(hms), "%H:%M:%S", &tm);
+			int			kb = wb_max(start, last + (int64_t) (worst * 1000));
+
+			note("    lag tail at %s.%03d UTC: %d report(s) over %.0f ms, worst %.1f ms; "
+				 "commit->claim %.1f, claim->stored %.1f, stored->PubAck %.1f, "
+				 "PubAck->recorded %.1f ms (means); "
+				 "kernel writeback up to %s%.0f MB",
+				 hms, (int) (start / 1000 % 1000), m, (last - start) / 1000.0, worst,
+				 wait / m, send / m, ack / m, record / m, kb < 0 ? "(not sampled) " : "",
+				 kb < 0 ? 0.0 : kb / 1024.0);
+		}
+		i = j;
+	}
+}
+
+/*
  * round_lag
  *		4 clients paced at total_rate reports/s for about secs seconds; the
  *		lag of each report is measured from the client's wall clock after its
@@ -1207,7 +1416,8 @@ round_drain(PGconn *mon, int worker_pid, int n, Fig *rate, Fig *worker_cpu_per_k
  */
 static void
 round_lag(PGconn *mon, Client *cls, int nthreads, double total_rate, double secs,
-		  Fig *vis_p50, Fig *vis_p99, Fig *ack_p50, Fig *ack_p99, Fig *achieved)
+		  Fig *vis_p50, Fig *vis_p99, Fig *ack_p50, Fig *ack_p99, Fig *achieved,
+		  Fig *quiet_p99, Fig *quiet_share)
 {
 	int			per = (int) (total_rate * secs / nthreads);
 	double		interval = 1e6 * nthreads / total_rate;
@@ -1218,6 +1428,7 @@ round_lag(PGconn *mon, Client *cls, int nthreads, double total_rate, double secs
 	int			total;
 	double	   *vis,
 			   *ack;
+	LagTimes   *tail;
 	char		slo[32],
 				shi[32];
 	const char *p[2] = {slo, shi};
@@ -1228,11 +1439,13 @@ round_lag(PGconn *mon, Client *cls, int nthreads, double total_rate, double secs
 		per = 10;
 	total = per * nthreads;
 	wait_outbox_idle(mon);
+	wb_start();
 	t0 = run_clients(cls, nthreads, SQL_PUBLISH, per, interval, "lagbench", true);
 	for (int t = 0; t < nthreads; t++)
 		tc = cls[t].t_done > tc ? cls[t].t_done : tc;
 	ids_range(cls, nthreads, &lo, &hi);
 	wait_published(mon, lo, hi, total);
+	wb_stop();
 	if (achieved)
 		fig_add(achieved, total / ((tc - t0) / 1e6));
 
@@ -1241,6 +1454,7 @@ round_lag(PGconn *mon, Client *cls, int nthreads, double total_rate, double secs
 	r = pg_run(mon, "lag_times", 2, p);
 	vis = malloc(sizeof(double) * total);
 	ack = malloc(sizeof(double) * total);
+	tail = malloc(sizeof(LagTimes) * total);
 	for (int t = 0; t < nthreads; t++)
 		for (int i = 0; i < cls[t].n; i++)
 		{
@@ -1266,9 +1480,32 @@ round_lag(PGconn *mon, Client *cls, int nthreads, double total_rate, double secs
 				die("no commit timestamp: is track_commit_timestamp on?");
 			ack[k] = (strtoll(PQgetvalue(r, row, 1), NULL, 10) - cls[t].commit_wall[i]) / 1000.0;
 			vis[k] = (strtoll(PQgetvalue(r, row, 2), NULL, 10) - cls[t].commit_wall[i]) / 1000.0;
+			tail[k].id = id;
+			tail[k].stored = 0;
+			tail[k].commit = cls[t].commit_wall[i];
+			tail[k].sent = strtoll(PQgetvalue(r, row, 3), NULL, 10);
+			tail[k].acked = strtoll(PQgetvalue(r, row, 1), NULL, 10);
+			tail[k].recorded = strtoll(PQgetvalue(r, row, 2), NULL, 10);
 			k++;
 		}
 	PQclear(r);
+	lag_tail(mon, tail, k);
+	if (quiet_p99 != NULL && wb.n > 0)
+	{
+		/* the reports whose lag saw no writeback burst */
+		double	   *quiet = malloc(sizeof(double) * k);
+		int			q = 0;
+
+		for (int i = 0; i < k; i++)
+			if (wb_max(tail[i].commit, tail[i].recorded) < WB_BURST_KB)
+				quiet[q++] = (tail[i].recorded - tail[i].commit) / 1000.0;
+		if (q > 0)
+			fig_add(quiet_p99, quantile(quiet, q, 0.99));
+		if (quiet_share != NULL)
+			fig_add(quiet_share, 100.0 * (k - q) / k);
+		free(quiet);
+	}
+	free(tail);
 	fig_add(vis_p99, quantile(vis, k, 0.99));
 	fig_add(vis_p50, quantile(vis, k, 0.5));
 	fig_add(ack_p99, quantile(ack, k, 0.99));
@@ -1709,7 +1946,8 @@ main(int argc, char **argv)
 	Fig			e2e1 = {0}, e2e4 = {0}, e2e1_client = {0}, e2e4_client = {0};
 	Fig			drain_rate = {0}, drain_wcpu = {0}, drain_ncpu = {0};
 	Fig			dsync_rate = {0}, dasync_rate = {0}, dasync_ncpu = {0};
-	Fig			lag_vis50 = {0}, lag_vis99 = {0}, lag_ack50 = {0}, lag_ack99 = {0}, lag_rate = {0};
+	Fig			lag_vis50 = {0}, lag_vis99 = {0}, lag_ack50 = {0}, lag_ack99 = {0}, lag_rate = {0},
+				lag_quiet99 = {0}, lag_burst_share = {0};
 	Fig			fetch_p50 = {0}, fetch_p99 = {0}, status_p50 = {0};
 	Fig			hget_p50 = {0}, hsel_p50 = {0}, hfetch_p50 = {0};
 	int64_t		hist_rows = 0;
@@ -1776,8 +2014,13 @@ main(int argc, char **argv)
 			   "FROM generate_series(1, $2::int) i) s", 2);
 	pg_prepare(mon, "lag_times",
 			   "SELECT id, (extract(epoch FROM published_at) * 1000000)::bigint, "
-			   "(extract(epoch FROM pg_xact_commit_timestamp(xmin)) * 1000000)::bigint "
+			   "(extract(epoch FROM pg_xact_commit_timestamp(xmin)) * 1000000)::bigint, "
+			   "(extract(epoch FROM first_sent_at) * 1000000)::bigint "
 			   "FROM agog_nats.outbox WHERE id BETWEEN $1 AND $2 ORDER BY id", 2);
+	pg_prepare(mon, "stored_at",
+			   "SELECT (extract(epoch FROM f.published_at) * 1000000)::bigint "
+			   "FROM agog_nats.outbox o, agog_fetch_report_by_seq(o.agent, o.seq) f "
+			   "WHERE o.id = $1", 1);
 	for (int i = 0; i < 4; i++)
 	{
 		memset(&cls[i], 0, sizeof(cls[i]));
@@ -1899,7 +2142,7 @@ main(int argc, char **argv)
 				round_raw_async(10000, DRAIN_SUBJECTS, raw_body, raw_len, &f1, &f3);
 			else if (strcmp(only, "lag") == 0)
 				round_lag(mon, cls, 4, atof(getenv("AGOG_BENCH_LAG_RATE") ? getenv("AGOG_BENCH_LAG_RATE") : "400"),
-						  3.0, &f1, &f2, &f3, &f4, &f5);
+						  3.0, &f1, &f2, &f3, &f4, &f5, NULL, NULL);
 			else
 				die("unknown AGOG_BENCH_ONLY phase \"%s\"", only);
 			/* publish_now, fetch and status: their raw baseline + SELECT 1 */
@@ -2010,7 +2253,8 @@ main(int argc, char **argv)
 		note("commit-to-published lag at %.0f reports/s (half of the 4-client end-to-end rate)", half);
 		for (int r = 0; r < rounds; r++)
 			round_lag(mon, cls, 4, half, scale_div > 1 ? 1.0 : 3.0,
-					  &lag_vis50, &lag_vis99, &lag_ack50, &lag_ack99, &lag_rate);
+					  &lag_vis50, &lag_vis99, &lag_ack50, &lag_ack99, &lag_rate,
+					  &lag_quiet99, &lag_burst_share);
 	}
 
 	/* ---- backend memory over 100,000 operations ---- */
@@ -2186,6 +2430,14 @@ main(int argc, char **argv)
 			m, "", "", "", "info");
 		fmt_fig(m, sizeof(m), &lag_ack99, "ms", 2);
 		row("(lag to `published_at`, p99)", m, "", "", "", "info");
+		if (lag_quiet99.n > 0)
+		{
+			fmt_fig(m, sizeof(m), &lag_quiet99, "ms", 2);
+			row("(lag p99 of the reports whose lag saw no kernel writeback burst of 16 MB or more)",
+				m, "", "", "", "info");
+			fmt_fig(m, sizeof(m), &lag_burst_share, "%", 1);
+			row("(share of the reports whose lag saw such a burst)", m, "", "", "", "info");
+		}
 
 		latency_row("`agog_fetch_report`, p50 (10,000 msgs on 1,000 subjects)", &fetch_p50,
 					"direct get p50 + SELECT 1 p50", fig_med(&get_p50) + sel, "<= 1.1x", 1.1);
