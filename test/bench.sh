@@ -78,6 +78,7 @@ checkpoint_timeout = 30min
 track_commit_timestamp = on
 log_autovacuum_min_duration = 0
 log_checkpoints = on
+log_timezone = 'UTC'
 CONF
 runuser -u postgres -- "$PGBIN/pg_ctl" -D "$PGDATA" -l "$WORK/postgresql.log" -w start >/dev/null
 

@@ -1205,6 +1205,8 @@ round_drain(PGconn *mon, int worker_pid, int n, Fig *rate, Fig *worker_cpu_per_k
  */
 #define WB_MAX_SAMPLES	(20 * 60 * 50)	/* 20 minutes at one every 20 ms */
 #define WB_BURST_KB		(16 * 1024)	/* "a burst": 16 MB or more under writeback */
+#define WB_INTERVAL_US	20000		/* one sample every 20 ms */
+#define TAIL_SHOWN		8			/* tail episodes printed per round */
 
 typedef struct WbSample
 {
@@ -1215,7 +1217,7 @@ typedef struct WbSample
 static struct
 {
 	pthread_t	thread;
-	volatile bool stop;
+	bool		stop;			/* __atomic: set by the main thread */
 	bool		running;
 	int			n;
 	WbSample   *s;
@@ -1241,7 +1243,7 @@ static void *
 wb_main(void *arg)
 {
 	(void) arg;
-	while (!wb.stop && wb.n < WB_MAX_SAMPLES)
+	while (!__atomic_load_n(&wb.stop, __ATOMIC_RELAXED) && wb.n < WB_MAX_SAMPLES)
 	{
 		int			kb = writeback_kb();
 
@@ -1250,7 +1252,7 @@ wb_main(void *arg)
 		wb.s[wb.n].wall = wall_us();
 		wb.s[wb.n].kb = kb;
 		wb.n++;
-		usleep(20000);
+		usleep(WB_INTERVAL_US);
 	}
 	return NULL;
 }
@@ -1266,6 +1268,8 @@ wb_start(void)
 		return;
 	if (wb.s == NULL)
 		wb.s = malloc(sizeof(WbSample) * WB_MAX_SAMPLES);
+	if (wb.s == NULL)
+		return;
 	wb.running = pthread_create(&wb.thread, NULL, wb_main, NULL) == 0;
 }
 
@@ -1274,7 +1278,7 @@ wb_stop(void)
 {
 	if (!wb.running)
 		return;
-	wb.stop = true;
+	__atomic_store_n(&wb.stop, true, __ATOMIC_RELAXED);
 	pthread_join(wb.thread, NULL);
 	wb.running = false;
 }
@@ -1365,7 +1369,7 @@ lag_tail(PGconn *mon, LagTimes *t, int n)
 			last = t[j].commit;
 			m++;
 			worst = l > worst ? l : worst;
-			if (t[j].stored == 0)
+			if (shown < TAIL_SHOWN && t[j].stored == 0)
 			{
 				char		id[32];
 				const char *p[1] = {id};
@@ -1373,7 +1377,8 @@ lag_tail(PGconn *mon, LagTimes *t, int n)
 
 				snprintf(id, sizeof(id), "%" PRId64, t[j].id);
 				r = pg_run(mon, "stored_at", 1, p);
-				t[j].stored = PQntuples(r) == 1 ? strtoll(PQgetvalue(r, 0, 0), NULL, 10) : t[j].acked;
+				t[j].stored = (PQntuples(r) == 1 && !PQgetisnull(r, 0, 0)) ?
+					strtoll(PQgetvalue(r, 0, 0), NULL, 10) : t[j].acked;
 				PQclear(r);
 			}
 			wait += (t[j].sent - t[j].commit) / 1000.0;
@@ -1383,26 +1388,30 @@ lag_tail(PGconn *mon, LagTimes *t, int n)
 		}
 		if (m == 0)
 			break;
-		if (shown++ < 8)
+		if (shown++ < TAIL_SHOWN)
 		{
 			time_t		secs = (time_t) (start / 1000000);
 			struct tm	tm;
 			char		hms[16];
+			char		wbs[48];
+			int			kb = wb_max(start - WB_INTERVAL_US, last + (int64_t) (worst * 1000));
 
 			gmtime_r(&secs, &tm);
 			strftime(hms, sizeof(hms), "%H:%M:%S", &tm);
-			int			kb = wb_max(start, last + (int64_t) (worst * 1000));
-
+			if (kb < 0)
+				snprintf(wbs, sizeof(wbs), "not sampled");
+			else
+				snprintf(wbs, sizeof(wbs), "up to %.0f MB", kb / 1024.0);
 			note("    lag tail at %s.%03d UTC: %d report(s) over %.0f ms, worst %.1f ms; "
 				 "commit->claim %.1f, claim->stored %.1f, stored->PubAck %.1f, "
-				 "PubAck->recorded %.1f ms (means); "
-				 "kernel writeback up to %s%.0f MB",
+				 "PubAck->recorded %.1f ms (means); kernel writeback %s",
 				 hms, (int) (start / 1000 % 1000), m, (last - start) / 1000.0, worst,
-				 wait / m, send / m, ack / m, record / m, kb < 0 ? "(not sampled) " : "",
-				 kb < 0 ? 0.0 : kb / 1024.0);
+				 wait / m, send / m, ack / m, record / m, wbs);
 		}
 		i = j;
 	}
+	if (shown > TAIL_SHOWN)
+		note("    (%d more tail episodes in this round)", shown - TAIL_SHOWN);
 }
 
 /*
@@ -1497,7 +1506,7 @@ round_lag(PGconn *mon, Client *cls, int nthreads, double total_rate, double secs
 		int			q = 0;
 
 		for (int i = 0; i < k; i++)
-			if (wb_max(tail[i].commit, tail[i].recorded) < WB_BURST_KB)
+			if (wb_max(tail[i].commit - WB_INTERVAL_US, tail[i].recorded) < WB_BURST_KB)
 				quiet[q++] = (tail[i].recorded - tail[i].commit) / 1000.0;
 		if (q > 0)
 			fig_add(quiet_p99, quantile(quiet, q, 0.99));
