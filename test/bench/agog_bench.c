@@ -1303,7 +1303,8 @@ typedef struct LagTimes
 	int64_t		sent;			/* first_sent_at: the claim's start */
 	int64_t		acked;			/* published_at: the record's start */
 	int64_t		recorded;		/* the record's commit timestamp */
-	int64_t		stored;			/* the JetStream message's time (tail only) */
+	int64_t		stored;			/* the JetStream message's time (set by lag_tail for
+								 * the episodes it prints) */
 } LagTimes;
 
 static int
@@ -1313,6 +1314,23 @@ cmp_lag_commit(const void *a, const void *b)
 	int64_t		y = ((const LagTimes *) b)->commit;
 
 	return (x > y) - (x < y);
+}
+
+/* The JetStream time of outbox row id's message (wall us), or fallback. */
+static int64_t
+stored_at(PGconn *mon, int64_t id, int64_t fallback)
+{
+	char		sid[32];
+	const char *p[1] = {sid};
+	PGresult   *r;
+	int64_t		t = fallback;
+
+	snprintf(sid, sizeof(sid), "%" PRId64, id);
+	r = pg_run(mon, "stored_at", 1, p);
+	if (PQntuples(r) == 1 && !PQgetisnull(r, 0, 0))
+		t = strtoll(PQgetvalue(r, 0, 0), NULL, 10);
+	PQclear(r);
+	return t;
 }
 
 /*
@@ -1326,26 +1344,17 @@ cmp_lag_commit(const void *a, const void *b)
  *		its WAL flush, and the send; "stored" is the time nats-server gave
  *		the message), stored to PubAck (the acks of the batch in), PubAck to
  *		the record's commit; and the most the kernel had under writeback.
+ *		p99 is the round's, in ms.  Sorts t by commit.
  */
 static void
-lag_tail(PGconn *mon, LagTimes *t, int n)
+lag_tail(PGconn *mon, LagTimes *t, int n, double p99)
 {
-	double	   *lag = malloc(sizeof(double) * n);
-	double		p99;
 	int			shown = 0;
 
-	if (n == 0)
-	{
-		free(lag);
-		return;
-	}
-	for (int i = 0; i < n; i++)
-		lag[i] = (t[i].recorded - t[i].commit) / 1000.0;
-	p99 = quantile(lag, n, 0.99);
-	free(lag);
 	qsort(t, n, sizeof(LagTimes), cmp_lag_commit);
 	for (int i = 0; i < n;)
 	{
+		bool		show = shown < TAIL_SHOWN;
 		int			m = 0;
 		double		wait = 0,
 					send = 0,
@@ -1369,18 +1378,9 @@ lag_tail(PGconn *mon, LagTimes *t, int n)
 			last = t[j].commit;
 			m++;
 			worst = l > worst ? l : worst;
-			if (shown < TAIL_SHOWN && t[j].stored == 0)
-			{
-				char		id[32];
-				const char *p[1] = {id};
-				PGresult   *r;
-
-				snprintf(id, sizeof(id), "%" PRId64, t[j].id);
-				r = pg_run(mon, "stored_at", 1, p);
-				t[j].stored = (PQntuples(r) == 1 && !PQgetisnull(r, 0, 0)) ?
-					strtoll(PQgetvalue(r, 0, 0), NULL, 10) : t[j].acked;
-				PQclear(r);
-			}
+			if (!show)
+				continue;		/* counted, not printed: no look-up */
+			t[j].stored = stored_at(mon, t[j].id, t[j].acked);
 			wait += (t[j].sent - t[j].commit) / 1000.0;
 			send += (t[j].stored - t[j].sent) / 1000.0;
 			ack += (t[j].acked - t[j].stored) / 1000.0;
@@ -1388,7 +1388,8 @@ lag_tail(PGconn *mon, LagTimes *t, int n)
 		}
 		if (m == 0)
 			break;
-		if (shown++ < TAIL_SHOWN)
+		shown++;
+		if (show)
 		{
 			time_t		secs = (time_t) (start / 1000000);
 			struct tm	tm;
@@ -1438,6 +1439,7 @@ round_lag(PGconn *mon, Client *cls, int nthreads, double total_rate, double secs
 	double	   *vis,
 			   *ack;
 	LagTimes   *tail;
+	double		lag_p99;
 	char		slo[32],
 				shi[32];
 	const char *p[2] = {slo, shi};
@@ -1490,7 +1492,6 @@ round_lag(PGconn *mon, Client *cls, int nthreads, double total_rate, double secs
 			ack[k] = (strtoll(PQgetvalue(r, row, 1), NULL, 10) - cls[t].commit_wall[i]) / 1000.0;
 			vis[k] = (strtoll(PQgetvalue(r, row, 2), NULL, 10) - cls[t].commit_wall[i]) / 1000.0;
 			tail[k].id = id;
-			tail[k].stored = 0;
 			tail[k].commit = cls[t].commit_wall[i];
 			tail[k].sent = strtoll(PQgetvalue(r, row, 3), NULL, 10);
 			tail[k].acked = strtoll(PQgetvalue(r, row, 1), NULL, 10);
@@ -1498,7 +1499,8 @@ round_lag(PGconn *mon, Client *cls, int nthreads, double total_rate, double secs
 			k++;
 		}
 	PQclear(r);
-	lag_tail(mon, tail, k);
+	lag_p99 = quantile(vis, k, 0.99);
+	lag_tail(mon, tail, k, lag_p99);
 	if (quiet_p99 != NULL && wb.n > 0)
 	{
 		/* the reports whose lag saw no writeback burst */
@@ -1515,7 +1517,7 @@ round_lag(PGconn *mon, Client *cls, int nthreads, double total_rate, double secs
 		free(quiet);
 	}
 	free(tail);
-	fig_add(vis_p99, quantile(vis, k, 0.99));
+	fig_add(vis_p99, lag_p99);
 	fig_add(vis_p50, quantile(vis, k, 0.5));
 	fig_add(ack_p99, quantile(ack, k, 0.99));
 	fig_add(ack_p50, quantile(ack, k, 0.5));
