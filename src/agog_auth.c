@@ -438,7 +438,7 @@ check_key_file(const char *setting, const char *path, AuthFile file)
 
 	if (text != NULL)
 	{
-		has_jwt = key_value(file, text, size, CREDS_JWT, &value, &len);
+		has_jwt = file == AUTH_CREDS && key_value(file, text, size, CREDS_JWT, &value, &len);
 		has_seed = key_value(file, text, size, CREDS_SEED, &value, &len);
 		forget_key_file(text, size);
 	}
