@@ -34,10 +34,15 @@ TAP_TIMEOUT=${AGOG_TAP_TIMEOUT:-900}
 PASSED=0
 FAILED=0
 FINISHED=0
+FAILURES=()     # one line per failure, repeated just above the closing line
 WORK=
 NATS_DIR=
 
 say() { echo "=== $*"; }
+
+# fail_note TEXT: remember a failure for the summary that finish prints last,
+# so that the tail of a CI log names what failed.
+fail_note() { FAILURES+=("$*"); }
 
 # Stop everything this run started (by recorded pid / data directory only).
 cleanup() {
@@ -65,6 +70,10 @@ finish() {
     if [ "$PASSED" -eq 0 ] && [ "$FAILED" -eq 0 ]; then
         say "no test ran"
     fi
+    if [ ${#FAILURES[@]} -gt 0 ]; then
+        say "what failed:"
+        printf '  %s\n' "${FAILURES[@]}"
+    fi
     echo "$PASSED passed, $FAILED failed"
     exit "$rc"
 }
@@ -75,6 +84,7 @@ finish() {
 on_signal() {
     trap - INT TERM HUP
     say "interrupted"
+    fail_note "interrupted by a signal"
     if declare -F agog_kill_tree >/dev/null; then agog_kill_tree $$ TERM; fi
     FAILED=$((FAILED + 1))
     finish
@@ -85,6 +95,7 @@ on_exit() {
     local rc=$?
     [ "$FINISHED" = 1 ] && return 0
     say "FAILED: test/run.sh stopped unexpectedly (status $rc)"
+    fail_note "test/run.sh stopped unexpectedly (status $rc)"
     FAILED=$((FAILED + 1))
     finish
 }
@@ -169,6 +180,7 @@ run_regress() {
     nats_port=$(agog_free_port)
     if ! agog_start_nats "$NATS_DIR" "$nats_port"; then
         say "FAILED: could not start nats-server for pg_regress"
+        fail_note "could not start nats-server for pg_regress"
         FAILED=$((FAILED + 1))
         return
     fi
@@ -205,6 +217,11 @@ EOF
         f=1     # pg_regress (or make) failed without a failing test: setup error
     fi
     say "pg_regress: $p passed, $f failed (exit status $rc)"
+    if [ "$f" -ne 0 ]; then
+        fail_note "pg_regress (exit status $rc):" \
+            $(grep -oE '^(test +| +)[^ ]+ +\.\.\. +(FAILED|failed \(ignored\))' "$WORK/regress.log" \
+              | awk '{print ($1 == "test") ? $2 : $1}' | tr '\n' ' ')
+    fi
     PASSED=$((PASSED + p))
     FAILED=$((FAILED + f))
 
@@ -233,6 +250,7 @@ run_tap() {
             rel=${f#"$REPO"/}           # accept absolute paths into the repo too
             if [ ! -f "$WORK/$rel" ]; then
                 say "FAILED: TAP file $f not found"
+                fail_note "TAP file $f not found"
                 FAILED=$((FAILED + 1))
                 continue
             fi
@@ -274,6 +292,14 @@ run_tap() {
         PASSED=$((PASSED + p))
         FAILED=$((FAILED + n))
         if [ "$n" -ne 0 ]; then
+            # The failing assertions, what prove said of a death or a bad
+            # plan, and the last assertion that passed (where a death came).
+            fail_note "TAP $f: $p passed, $n failed (exit status $rc)"
+            while IFS= read -r line; do
+                fail_note "    $line"
+            done < <( { grep -E '^not ok|# *(TODO|SKIP)' "$out" | head -n 10
+                        grep -E '^# Looks like|Dubious|died|^Bail out|timed out|Parse errors' "$out" | head -n 5
+                        grep -E '^ok [0-9]+' "$out" | tail -n 1 | sed 's/^/last passing: /'; } | cut -c1-200)
             for log in "$WORK/tap/tmp_check/log/regress_log_$base" "$WORK/tap/tmp_check/log/${base}_"*.log; do
                 [ -f "$log" ] || continue
                 say "tail of $log"
