@@ -298,7 +298,7 @@ run_tap() {
             while IFS= read -r line; do
                 fail_note "    $line"
             done < <( { grep -E '^not ok|# *(TODO|SKIP)' "$out" | head -n 10
-                        grep -E '^# Looks like|Dubious|died|^Bail out|timed out|Parse errors' "$out" | head -n 5
+                        grep -E '^# Looks like|Dubious|died|^Bail out|timed out|Parse errors|^error running SQL|[^#].* line [0-9]+\.$' "$out" | head -n 8
                         grep -E '^ok [0-9]+' "$out" | tail -n 1 | sed 's/^/last passing: /'; } | cut -c1-200)
             for log in "$WORK/tap/tmp_check/log/regress_log_$base" "$WORK/tap/tmp_check/log/${base}_"*.log; do
                 [ -f "$log" ] || continue
