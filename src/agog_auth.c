@@ -44,6 +44,9 @@
 /* An NKey seed is 58 characters. */
 #define SEED_MAX		128
 
+/* The longest password or token a secret file's first line may hold. */
+#define AGOG_SECRET_MAX	4095
+
 typedef enum AuthFile
 {
 	AUTH_NONE,					/* no NKey: the callbacks are not set */
@@ -362,9 +365,10 @@ char *
 agog_auth_read_secret(const char *setting, const char *path)
 {
 	FILE	   *f;
-	char		buf[4096];
+	char		buf[AGOG_SECRET_MAX + 2];
 	char	   *secret;
 	size_t		len;
+	bool		too_long;
 
 	if (!agog_setting_is_set(path))
 		return NULL;
@@ -380,8 +384,15 @@ agog_auth_read_secret(const char *setting, const char *path)
 	FreeFile(f);
 	len = strcspn(buf, "\r\n");
 	buf[len] = '\0';
+
+	/*
+	 * The buffer holds one byte more than a secret may have: a line that
+	 * fills it would be cut short, and a cut secret must not be sent as if
+	 * it were the whole one.
+	 */
+	too_long = len > AGOG_SECRET_MAX;
 	secret = NULL;
-	if (len > 0)
+	if (len > 0 && !too_long)
 	{
 		secret = MemoryContextAllocExtended(CurrentMemoryContext, len + 1,
 											MCXT_ALLOC_NO_OOM);
@@ -393,6 +404,13 @@ agog_auth_read_secret(const char *setting, const char *path)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("file \"%s\" named by %s is empty", path, setting)));
+	if (too_long)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("first line of file \"%s\" named by %s is longer than %d bytes",
+						path, setting, AGOG_SECRET_MAX),
+				 errdetail("The secret is the file's first line, without its line end."),
+				 errhint("Put the password or token alone on the file's first line.")));
 	if (secret == NULL)
 		ereport(ERROR,
 				(errcode(ERRCODE_OUT_OF_MEMORY),

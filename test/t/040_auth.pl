@@ -61,6 +61,20 @@ $err = AgogNatsTest::error_after_reload($node, "agog_nats.password_file = '$dir/
 	'agog_nats.password_file', qr/missing/, 'a missing file');
 like($err, qr/ERROR:\s+58P01: could not open file ".*missing" named by agog_nats\.password_file/,
 	'a missing password file: 58P01 naming the setting');
+
+# A first line longer than a secret may be is refused, not cut short and
+# sent as a wrong password; one of exactly the longest length is read whole
+# and sent (nats-server's default 4 KB max_control_line refuses its CONNECT).
+my $long = secret_file('long', 'x' x 5000);
+$err = AgogNatsTest::error_after_reload($node, "agog_nats.password_file = '$long'\n",
+	'agog_nats.password_file', qr/long/, 'a file with a 5,000-byte line');
+like($err, qr/ERROR:\s+22023: first line of file ".*long" named by agog_nats\.password_file is longer than 4095 bytes/,
+	'a 5,000-byte password line: 22023, not cut short');
+my $longest = secret_file('longest', 'y' x 4095);
+$err = AgogNatsTest::error_after_reload($node, "agog_nats.password_file = '$longest'\n",
+	'agog_nats.password_file', qr/longest/, 'a file with a 4,095-byte line');
+like($err, qr/ERROR:\s+\w{5}: .*The NATS client reported: .*maximum control line exceeded/s,
+	'a 4,095-byte password line is read and sent (too long a CONNECT for the server)');
 $node->append_conf('postgresql.conf', "agog_nats.password_file = '$good'\n");
 $node->reload;
 
