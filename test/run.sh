@@ -208,8 +208,9 @@ EOF
     # PG15 prints one line per test: "test name   ... ok   12 ms" (or, in a
     # parallel group, indented without "test"), "... FAILED" or "... failed (ignored)".
     # An ignored failure is still a failure here: nothing hides one.
+    local failed_re='^(test +| +)[^ ]+ +\.\.\. +(FAILED|failed \(ignored\))'
     p=$(grep -cE '^(test +| +)[^ ]+ +\.\.\. +ok' "$WORK/regress.log" || true)
-    f=$(grep -cE '^(test +| +)[^ ]+ +\.\.\. +(FAILED|failed \(ignored\))' "$WORK/regress.log" || true)
+    f=$(grep -cE "$failed_re" "$WORK/regress.log" || true)
     if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
         say "FAILED: pg_regress timed out after ${REGRESS_TIMEOUT}s"
     fi
@@ -219,7 +220,7 @@ EOF
     say "pg_regress: $p passed, $f failed (exit status $rc)"
     if [ "$f" -ne 0 ]; then
         fail_note "pg_regress (exit status $rc):" \
-            $(grep -oE '^(test +| +)[^ ]+ +\.\.\. +(FAILED|failed \(ignored\))' "$WORK/regress.log" \
+            $(grep -oE "$failed_re" "$WORK/regress.log" \
               | awk '{print ($1 == "test") ? $2 : $1}' | tr '\n' ' ')
     fi
     PASSED=$((PASSED + p))
