@@ -1114,36 +1114,88 @@ wait_outbox_idle(PGconn *mon)
 }
 
 /*
+ * The CPU a 4-client round costs, per 1,000 rows: the clients' backends,
+ * and for agog_publish_report the worker and nats-server as well (they
+ * share the machine's cores with the clients; a plain INSERT has neither).
+ */
+typedef struct CpuSplit
+{
+	Fig			clients;
+	Fig			worker;
+	Fig			nats;
+	Fig			total;
+} CpuSplit;
+
+/* utime + stime of the clients' backends, ms; -1 when one cannot be read */
+static double
+clients_cpu_ms(Client *cls, int nthreads)
+{
+	double		sum = 0;
+
+	for (int t = 0; t < nthreads; t++)
+	{
+		double		ms = proc_cpu_ms(PQbackendPID(cls[t].conn));
+
+		if (ms < 0)
+			return -1;
+		sum += ms;
+	}
+	return sum;
+}
+
+/*
  * round_e2e
  *		nthreads clients, n autocommit agog_publish_report calls each; the
  *		rate is rows / (time until every row of the round is published).
- *		*client_rate gets the rate at which the clients committed.
+ *		*client_rate gets the rate at which the clients committed; *cpu the
+ *		CPU per 1,000 reports of the clients' backends, the worker and
+ *		nats-server from the start until the last one was published.
  */
 static void
-round_e2e(PGconn *mon, Client *cls, int nthreads, int n, Fig *rate, Fig *client_rate)
+round_e2e(PGconn *mon, Client *cls, int nthreads, int n, int worker_pid, Fig *rate,
+		  Fig *client_rate, CpuSplit *cpu)
 {
 	double		t0,
 				t1,
 				tc = 0;
 	int64_t		lo,
 				hi;
+	double		ccpu0,
+				wcpu0,
+				ncpu0;
+	double		rows = (double) nthreads * n;
 
 	wait_outbox_idle(mon);
+	ccpu0 = clients_cpu_ms(cls, nthreads);
+	wcpu0 = proc_cpu_ms(worker_pid);
+	ncpu0 = proc_cpu_ms(nats_pid);
 	t0 = run_clients(cls, nthreads, SQL_PUBLISH, n, 0, "e2ebench", true);
 	for (int t = 0; t < nthreads; t++)
 		tc = cls[t].t_done > tc ? cls[t].t_done : tc;
 	ids_range(cls, nthreads, &lo, &hi);
 	t1 = wait_published(mon, lo, hi, (int64_t) nthreads * n);
+	if (cpu && ccpu0 >= 0 && wcpu0 >= 0 && ncpu0 >= 0)
+	{
+		double		c = (clients_cpu_ms(cls, nthreads) - ccpu0) * 1000.0 / rows;
+		double		w = (proc_cpu_ms(worker_pid) - wcpu0) * 1000.0 / rows;
+		double		s = (proc_cpu_ms(nats_pid) - ncpu0) * 1000.0 / rows;
+
+		fig_add(&cpu->clients, c);
+		fig_add(&cpu->worker, w);
+		fig_add(&cpu->nats, s);
+		fig_add(&cpu->total, c + w + s);
+	}
 	if (rate)
-		fig_add(rate, (double) nthreads * n / ((t1 - t0) / 1e6));
+		fig_add(rate, rows / ((t1 - t0) / 1e6));
 	if (client_rate)
-		fig_add(client_rate, (double) nthreads * n / ((tc - t0) / 1e6));
+		fig_add(client_rate, rows / ((tc - t0) / 1e6));
 }
 
-/* nthreads clients of plain INSERTs: rows/s. */
+/* nthreads clients of plain INSERTs: rows/s, and their backends' CPU per 1,000 rows. */
 static void
-round_insert(Client *cls, int nthreads, int n, Fig *rate)
+round_insert(Client *cls, int nthreads, int n, Fig *rate, Fig *cpu_per_k)
 {
+	double		cpu0 = clients_cpu_ms(cls, nthreads);
 	double		t0 = run_clients(cls, nthreads, SQL_INSERT, n, 0, "plain", false);
 	double		t1 = 0;
 
@@ -1151,6 +1203,8 @@ round_insert(Client *cls, int nthreads, int n, Fig *rate)
 		t1 = cls[t].t_done > t1 ? cls[t].t_done : t1;
 	if (rate)
 		fig_add(rate, (double) nthreads * n / ((t1 - t0) / 1e6));
+	if (cpu_per_k && cpu0 >= 0)
+		fig_add(cpu_per_k, (clients_cpu_ms(cls, nthreads) - cpu0) * 1000.0 / ((double) nthreads * n));
 }
 
 /*
@@ -1949,7 +2003,8 @@ main(int argc, char **argv)
 	/* figures */
 	Fig			sync_rate = {0}, sync_p50 = {0}, async_rate = {0}, async_ncpu = {0};
 	Fig			get_p50 = {0}, get_p99 = {0}, info_p50 = {0}, sel_p50 = {0};
-	Fig			ins1 = {0}, ins4 = {0};
+	Fig			ins1 = {0}, ins4 = {0}, ins4_cpu = {0};
+	CpuSplit	e2e4_cpu = {0};
 	Fig			now_p50 = {0}, now_rate = {0}, carry_in_p50 = {0}, carry_out_p50 = {0};
 	Fig			floor_pub_p50 = {0}, floor_get_p50 = {0};
 	Fig			loop_pub_p50 = {0}, loop_get_p50 = {0};
@@ -2096,8 +2151,8 @@ main(int argc, char **argv)
 	round_sql(c, SQL_FLOOR_PUBLISH_LOOP, scaled(300), NULL, NULL, NULL);
 	round_sql(c, SQL_FLOOR_GET_LOOP, scaled(300), NULL, NULL, NULL);
 	round_sql(c, SQL_STATUS, scaled(100), NULL, NULL, NULL);
-	round_insert(cls, 4, scaled(200), NULL);
-	round_e2e(mon, cls, 4, scaled(200), NULL, NULL);
+	round_insert(cls, 4, scaled(200), NULL, NULL);
+	round_e2e(mon, cls, 4, scaled(200), worker_pid, NULL, NULL, NULL);
 	round_drain(mon, worker_pid, scaled(2000), NULL, NULL, NULL);
 
 	if (getenv("AGOG_BENCH_ONLY") != NULL)
@@ -2107,6 +2162,7 @@ main(int argc, char **argv)
 		double		end;
 		int			client_pid = (int) pg_int(c, "SELECT pg_backend_pid()");
 		Fig			f1 = {0}, f2 = {0}, f3 = {0}, f4 = {0}, f5 = {0}, f6 = {0};
+		CpuSplit	split = {0};
 
 		note("profile: phase %s for %.0f s; single-client backend pid %d, worker pid %d, "
 			 "4-client backend pids %d %d %d %d",
@@ -2144,9 +2200,9 @@ main(int argc, char **argv)
 				round_sql(c, SQL_STATUS, 300, &f1, NULL, NULL);
 			}
 			else if (strcmp(only, "insert4") == 0)
-				round_insert(cls, 4, 500, &f1);
+				round_insert(cls, 4, 500, &f1, &f2);
 			else if (strcmp(only, "e2e4") == 0)
-				round_e2e(mon, cls, 4, 500, &f1, NULL);
+				round_e2e(mon, cls, 4, 500, worker_pid, &f1, NULL, &split);
 			else if (strcmp(only, "drain") == 0)
 				round_drain(mon, worker_pid, 10000, &f1, &f2, &f3);
 			else if (strcmp(only, "async") == 0)
@@ -2160,7 +2216,16 @@ main(int argc, char **argv)
 			if (strcmp(only, "publish_now") == 0 || strcmp(only, "fetch") == 0 ||
 				strcmp(only, "status") == 0)
 				base = f3.v[f3.n - 1] + f4.v[f4.n - 1];
-			if (strcmp(only, "drain") == 0 || strcmp(only, "async") == 0)
+			if (strcmp(only, "insert4") == 0 && f2.n)
+				note("  insert4: %.0f rows/s; CPU ms per 1,000: the clients' backends %.0f",
+					 f1.v[f1.n - 1], f2.v[f2.n - 1]);
+			else if (strcmp(only, "e2e4") == 0 && split.total.n)
+				note("  e2e4: %.0f reports/s; CPU ms per 1,000: the clients' backends %.0f, "
+					 "worker %.0f, nats-server %.0f, together %.0f",
+					 f1.v[f1.n - 1], split.clients.v[split.clients.n - 1],
+					 split.worker.v[split.worker.n - 1], split.nats.v[split.nats.n - 1],
+					 split.total.v[split.total.n - 1]);
+			else if (strcmp(only, "drain") == 0 || strcmp(only, "async") == 0)
 				note("  %s: %.0f msgs/s; CPU ms per 1,000: worker %.0f, nats-server %.0f",
 					 only, f1.v[f1.n - 1], f2.n ? f2.v[f2.n - 1] : NAN,
 					 f3.n ? f3.v[f3.n - 1] : NAN);
@@ -2225,10 +2290,10 @@ main(int argc, char **argv)
 	note("agog_publish_report end to end and plain INSERT, 1 and 4 clients");
 	for (int r = 0; r < rounds; r++)
 	{
-		round_insert(cls, 1, scaled(1000), &ins1);
-		round_e2e(mon, cls, 1, scaled(1000), &e2e1, &e2e1_client);
-		round_insert(cls, 4, scaled(500), &ins4);
-		round_e2e(mon, cls, 4, scaled(500), &e2e4, &e2e4_client);
+		round_insert(cls, 1, scaled(1000), &ins1, NULL);
+		round_e2e(mon, cls, 1, scaled(1000), worker_pid, &e2e1, &e2e1_client, NULL);
+		round_insert(cls, 4, scaled(500), &ins4, &ins4_cpu);
+		round_e2e(mon, cls, 4, scaled(500), worker_pid, &e2e4, &e2e4_client, &e2e4_cpu);
 	}
 
 	/* ---- drain of a pre-filled outbox ---- */
@@ -2401,6 +2466,21 @@ main(int argc, char **argv)
 		fmt_fig(m, sizeof(m), &e2e4_client, "reports/s", 0);
 		snprintf(r, sizeof(r), "%.2fx", fig_med(&e2e4_client) / fig_med(&ins4));
 		row("(the same, commits only: rate at which the 4 clients' calls returned)", m, b, r, "", "info");
+		if (ins4_cpu.n > 0 && e2e4_cpu.total.n > 0)
+		{
+			fmt_fig(m, sizeof(m), &ins4_cpu, "CPU ms", 0);
+			row("(plain INSERT, 4 clients: their backends' CPU per 1,000 rows)", m, "", "", "", "info");
+			fmt_fig(m, sizeof(m), &e2e4_cpu.clients, "CPU ms", 0);
+			row("(end to end, 4 clients: the clients' backends' CPU per 1,000 reports)", m, "", "", "", "info");
+			fmt_fig(m, sizeof(m), &e2e4_cpu.worker, "CPU ms", 0);
+			row("(end to end, 4 clients: the worker's CPU per 1,000 reports)", m, "", "", "", "info");
+			fmt_fig(m, sizeof(m), &e2e4_cpu.nats, "CPU ms", 0);
+			row("(end to end, 4 clients: nats-server's CPU per 1,000 reports)", m, "", "", "", "info");
+			fmt_fig(m, sizeof(m), &e2e4_cpu.total, "CPU ms", 0);
+			snprintf(b, sizeof(b), "plain INSERT's backends: %.0f CPU ms per 1,000 rows", fig_med(&ins4_cpu));
+			snprintf(r, sizeof(r), "%.2fx", fig_med(&e2e4_cpu.total) / fig_med(&ins4_cpu));
+			row("(end to end, 4 clients: the three together, per 1,000 reports)", m, b, r, "", "info");
+		}
 
 		raw_publish_rows(" on the drain's 100 subjects", " of 10,000", &dsync_rate, &dasync_rate,
 						 &dasync_ncpu);
