@@ -349,6 +349,18 @@ agog_worker_main(Datum main_arg)
 	 * flush_outcomes in agog_outbox.c.)
 	 */
 	SetConfigOption("synchronous_commit", "on", PGC_SUSET, PGC_S_SESSION);
+
+	/*
+	 * The worker runs as the bootstrap superuser, and its own statements
+	 * name functions and operators (now(), =) without a schema.  The
+	 * search_path the database's settings give it is the database owner's
+	 * to choose, and a schema of theirs before pg_catalog would have the
+	 * worker run their functions as superuser.  Pinned, as a session value
+	 * above the database's and role's settings, to what the extension's own
+	 * functions pin for themselves (every object of the extension it uses is
+	 * named with its schema).
+	 */
+	SetConfigOption("search_path", "pg_catalog, pg_temp", PGC_SUSET, PGC_S_SESSION);
 	pgstat_report_appname("agog_nats worker");
 
 	LWLockAcquire(agog_shared->lock, LW_EXCLUSIVE);
