@@ -2241,7 +2241,10 @@ main(int argc, char **argv)
 				note("  %s: %.3f (p99 / lag p99: %.3f; baseline %.3f, ratio %.2f)", only,
 					 f1.v[f1.n - 1], f2.n ? f2.v[f2.n - 1] : NAN, base, f1.v[f1.n - 1] / base);
 			if (f1.n >= (int) (sizeof(f1.v) / sizeof(f1.v[0])))
+			{
 				f1.n = f2.n = f3.n = f4.n = f5.n = f6.n = 0;
+				split.clients.n = split.worker.n = split.nats.n = split.total.n = 0;
+			}
 		}
 		return 0;
 	}
