@@ -350,6 +350,24 @@ setup_session(char **why)
 			   *sql;
 
 	*why = NULL;
+
+	/*
+	 * First, before anything else runs: the database's search_path is its
+	 * owner's to set, and this session's role may be more privileged than
+	 * the owner.  Every statement of the agent names the extension's objects
+	 * with their schema and takes all else from pg_catalog, so a schema of
+	 * the owner's in the path could only shadow pg_catalog's functions.
+	 */
+	if (!db_exec("SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', false)",
+				 0, NULL, &q))
+	{
+		int			rc = q.status == Q_CONNERR ? -1 : EXIT_USAGE;
+
+		*why = xasprintf("could not set the session's search_path: %s", q.message);
+		q_clear(&q);
+		return rc;
+	}
+	q_clear(&q);
 	if (!db_exec("SELECT quote_ident(n.nspname), e.extversion, "
 				 "  to_regprocedure(quote_ident(n.nspname) || '.agog_claim_task(text,text,interval)') IS NOT NULL "
 				 "FROM pg_catalog.pg_extension e JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace "

@@ -7,7 +7,9 @@
 # superuser could put a schema of their own before pg_catalog and have the
 # worker run their now() as superuser.  The worker pins its search_path to
 # pg_catalog, pg_temp: the owner's function must never run in it, and the
-# worker must still publish.
+# worker must still publish.  agog-agent, a client that may connect as a
+# more privileged role than the owner, pins its session's search_path the
+# same way (it names the extension's functions with their schema).
 
 use strict;
 use warnings;
@@ -16,6 +18,7 @@ use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
 use AgogNatsTest;
+use AgogAgentTest;
 
 my $nats = AgogNatsTest::NatsServer->new(name => 'natspath');
 $nats->start;
@@ -38,13 +41,21 @@ ok(AgogNatsTest::wait_for(sub { AgogNatsTest::worker_ready($node) }, 30),
 $node->safe_psql('postgres', q{
 	SET ROLE mallory;
 	CREATE SCHEMA trap;
-	CREATE TABLE trap.calls (who name, backend_type text);
+	CREATE TABLE trap.calls (fn text, who name, backend_type text, app text);
 	GRANT INSERT ON trap.calls TO PUBLIC;
-	CREATE FUNCTION trap.now() RETURNS timestamptz LANGUAGE sql AS $$
+	CREATE FUNCTION trap.note(fn text) RETURNS void LANGUAGE sql AS $$
 		INSERT INTO trap.calls
-		SELECT current_user, (SELECT backend_type FROM pg_catalog.pg_stat_activity
-							   WHERE pid = pg_catalog.pg_backend_pid());
+		SELECT fn, current_user, backend_type, application_name
+		  FROM pg_catalog.pg_stat_activity WHERE pid = pg_catalog.pg_backend_pid();
+	$$;
+	CREATE FUNCTION trap.now() RETURNS timestamptz LANGUAGE sql AS $$
+		SELECT trap.note('now');
 		SELECT pg_catalog.now();
+	$$;
+	-- an exact match for quote_ident(name), which pg_catalog's (text) is not
+	CREATE FUNCTION trap.quote_ident(name) RETURNS text LANGUAGE sql AS $$
+		SELECT trap.note('quote_ident');
+		SELECT pg_catalog.quote_ident($1::text);
 	$$;
 	ALTER DATABASE postgres SET search_path = trap, pg_catalog, public;
 });
@@ -75,14 +86,25 @@ ok(AgogNatsTest::wait_for(
 
 is($node->safe_psql('postgres', "$su SELECT count(*) FROM trap.calls"), '0',
 	'the worker never ran the database owner\'s now()')
-  or diag($node->safe_psql('postgres', "$su SELECT who, backend_type, count(*) FROM trap.calls GROUP BY 1, 2"));
+  or diag($node->safe_psql('postgres', "$su SELECT fn, who, backend_type, count(*) FROM trap.calls GROUP BY 1, 2, 3"));
 is($node->safe_psql('postgres', 'SELECT rolsuper FROM pg_roles WHERE rolname = \'mallory\''),
 	'f', 'the database owner is still not a superuser');
 
-# The trap is real: a session that takes the database's search_path calls it.
-$node->safe_psql('postgres', 'SELECT now()');
-is($node->safe_psql('postgres', "$su SELECT count(*) > 0 FROM trap.calls"), 't',
-	'a session on the database\'s search_path does call the owner\'s now()');
+# agog-agent looks up the extension's schema with quote_ident(nspname)
+# first thing after it connects; --once with nothing dispatched exits then.
+my ($rc, $out) = AgogAgentTest::run_agent(60, '--agent', 'cynthia', '--once', '--dsn',
+	$node->connstr('postgres'), '--', 'true');
+is($rc, 0, 'agog-agent --once ran and exited 0') or diag($out);
+is($node->safe_psql('postgres', "$su SELECT count(*) FROM trap.calls WHERE app LIKE 'agog-agent%'"),
+	'0', 'agog-agent never ran the database owner\'s quote_ident(name)')
+  or diag($node->safe_psql('postgres', "$su SELECT fn, who, app, count(*) FROM trap.calls GROUP BY 1, 2, 3"));
+
+# The traps are real: a session that takes the database's search_path calls
+# both.
+$node->safe_psql('postgres', 'SELECT now(), quote_ident(nspname) FROM pg_namespace LIMIT 1');
+is($node->safe_psql('postgres', "$su SELECT string_agg(DISTINCT fn, ',' ORDER BY fn) FROM trap.calls"),
+	'now,quote_ident',
+	'a session on the database\'s search_path does call the owner\'s now() and quote_ident(name)');
 
 $node->stop;
 $nats->stop;
