@@ -1195,6 +1195,7 @@ round_e2e(PGconn *mon, Client *cls, int nthreads, int n, int worker_pid, Fig *ra
 static void
 round_insert(Client *cls, int nthreads, int n, Fig *rate, Fig *cpu_per_k)
 {
+	double		rows = (double) nthreads * n;
 	double		cpu0 = clients_cpu_ms(cls, nthreads);
 	double		t0 = run_clients(cls, nthreads, SQL_INSERT, n, 0, "plain", false);
 	double		t1 = 0;
@@ -1202,9 +1203,9 @@ round_insert(Client *cls, int nthreads, int n, Fig *rate, Fig *cpu_per_k)
 	for (int t = 0; t < nthreads; t++)
 		t1 = cls[t].t_done > t1 ? cls[t].t_done : t1;
 	if (rate)
-		fig_add(rate, (double) nthreads * n / ((t1 - t0) / 1e6));
+		fig_add(rate, rows / ((t1 - t0) / 1e6));
 	if (cpu_per_k && cpu0 >= 0)
-		fig_add(cpu_per_k, (clients_cpu_ms(cls, nthreads) - cpu0) * 1000.0 / ((double) nthreads * n));
+		fig_add(cpu_per_k, (clients_cpu_ms(cls, nthreads) - cpu0) * 1000.0 / rows);
 }
 
 /*
