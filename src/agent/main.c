@@ -354,9 +354,11 @@ setup_session(char **why)
 	/*
 	 * First, before anything else runs: the database's search_path is its
 	 * owner's to set, and this session's role may be more privileged than
-	 * the owner.  Every statement of the agent names the extension's objects
-	 * with their schema and takes all else from pg_catalog, so a schema of
-	 * the owner's in the path could only shadow pg_catalog's functions.
+	 * the owner: a function of the owner's that matches a call better than
+	 * pg_catalog's (a quote_ident(name)) would run as this role.  Every
+	 * statement of the agent names the extension's objects with their schema
+	 * and wants everything else from pg_catalog, so nothing else belongs in
+	 * the path.
 	 */
 	if (!db_exec("SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', false)",
 				 0, NULL, &q))
