@@ -53,6 +53,7 @@
 #include "storage/fd.h"
 #include "storage/ipc.h"
 #include "storage/latch.h"
+#include "utils/json.h"
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
 #include "utils/wait_event.h"
@@ -2685,10 +2686,13 @@ agog_conn_api_request(AgogConn *conn, const char *api, const char *payload,
 /*
  * config_matches
  *		Whether a stream's live configuration already is the desired one.
+ *		description is the wanted description as written (want's is
+ *		escaped for the request; nats.c hands back the live one unescaped).
  *		Plain C over nats.c's structure; runs inside a blocked section.
  */
 static bool
-config_matches(const jsStreamConfig *live, const jsStreamConfig *want)
+config_matches(const jsStreamConfig *live, const jsStreamConfig *want,
+			   const char *description)
 {
 	if (live->SubjectsLen != 1 || strcmp(live->Subjects[0], want->Subjects[0]) != 0)
 		return false;
@@ -2703,7 +2707,7 @@ config_matches(const jsStreamConfig *live, const jsStreamConfig *want)
 		live->Duplicates == want->Duplicates &&
 		live->AllowDirect == want->AllowDirect &&
 		strcmp(live->Description ? live->Description : "",
-			   want->Description ? want->Description : "") == 0;
+			   description ? description : "") == 0;
 }
 
 /*
@@ -2724,8 +2728,32 @@ keep_larger(int64 live, int64 *want)
 typedef struct EnsureArgs
 {
 	const AgogStreamSpec *spec;
+	const char *description_json;	/* spec's description, JSON-escaped */
 	AgogEnsureResult result;
 } EnsureArgs;
+
+/*
+ * json_string_body
+ *		s escaped as the inside of a JSON string, without the quotes.
+ *		nats.c writes a stream's description into the configuration's JSON
+ *		as it is given: a quote in it would end the string there, and what
+ *		follows would be read as fields of the configuration (sealed,
+ *		sources, republish), sent with the worker's credentials by whoever
+ *		may change agog_nats.agents.  Runs in the worker, before any blocked
+ *		section; the result is palloc'd in the current memory context.
+ */
+static char *
+json_string_body(const char *s)
+{
+	StringInfoData buf;
+	char	   *body;
+
+	initStringInfo(&buf);
+	escape_json(&buf, s);
+	body = pnstrdup(buf.data + 1, buf.len - 2);
+	pfree(buf.data);
+	return body;
+}
 
 /*
  * ensure_attempt
@@ -2753,7 +2781,7 @@ ensure_attempt(AgogConn *conn, int64 wait_ms, void *arg, AgogError *err)
 	jopts.Wait = wait_ms;
 	jsStreamConfig_Init(&cfg);
 	cfg.Name = spec->name;
-	cfg.Description = spec->description;
+	cfg.Description = a->description_json;
 	cfg.Subjects = subjects;
 	cfg.SubjectsLen = 1;
 	cfg.Retention = js_LimitsPolicy;
@@ -2794,7 +2822,7 @@ ensure_attempt(AgogConn *conn, int64 wait_ms, void *arg, AgogError *err)
 				a->result.live_max_age_ms = live->MaxAge / 1000000;
 			}
 		}
-		if (!config_matches(si->Config, &cfg))
+		if (!config_matches(si->Config, &cfg, spec->description))
 		{
 			s = js_UpdateStream(NULL, conn->js, &cfg, &jopts, &jerr);
 			a->result.updated = (s == NATS_OK);
@@ -2823,8 +2851,11 @@ agog_conn_ensure_stream(AgogConn *conn, const AgogStreamSpec *spec,
 
 	memset(&a, 0, sizeof(a));
 	a.spec = spec;
+	a.description_json = spec->description ? json_string_body(spec->description) : NULL;
 	ok = run_sliced(conn, ensure_attempt, &a, false, err) == NATS_OK;
 	*result = a.result;
+	if (a.description_json)
+		pfree((char *) a.description_json);
 	return ok;
 }
 

@@ -1,0 +1,84 @@
+
+# An agent's description (agog_nats.agents.description, which
+# agog_nats_admin may change) becomes its stream's description in the
+# stream's configuration.  nats.c writes that configuration's JSON with the
+# description between quotes as it is given, unescaped: a description with
+# a quote in it could end the string and add fields of its own (sealed,
+# sources, republish) to a configuration the worker sends with its own
+# credentials, and one with a backslash or a line break made the request
+# invalid.  The worker escapes the description: JetStream keeps it as
+# written, and nothing else of the configuration comes from it.  The next
+# reconcile finds the stream as wanted and does not update it again.
+
+use strict;
+use warnings;
+
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+use AgogNatsTest;
+
+my $nats = AgogNatsTest::NatsServer->new(name => 'natsdesc');
+$nats->start;
+my $node = AgogNatsTest::new_node('desc', $nats);
+$node->start;
+$node->safe_psql('postgres', q{
+	CREATE EXTENSION agog_nats;
+	CREATE ROLE ada LOGIN;
+	GRANT agog_nats_admin TO ada;
+});
+ok(AgogNatsTest::wait_for(sub { AgogNatsTest::worker_ready($node) }, 30),
+	'the worker is connected with its streams');
+
+my $stream = 'agog_features_research';
+sub live_config { return ($nats->stream_info($_[0]) // {})->{config} // {}; }
+
+# --- A. a description that tries to add fields to the configuration -----------
+# As the administrator role, not a superuser.
+my $inject = 'x","sealed":true,"deny_delete":true,"deny_purge":true,"x":"';
+$node->safe_psql('postgres',
+	"SET ROLE ada; UPDATE agog_nats.agents SET description = \$d\$$inject\$d\$ WHERE agent = 'cynthia'");
+ok(AgogNatsTest::wait_for(sub { (live_config($stream)->{description} // '') eq $inject }, 15),
+	'A: the stream keeps the description as written, quotes and all')
+  or diag(explain(live_config($stream)));
+my $cfg = live_config($stream);
+ok(!$cfg->{sealed}, 'A: the stream is not sealed');
+ok(!$cfg->{deny_delete} && !$cfg->{deny_purge}, 'A: nor denies deletes or purges');
+is($node->safe_psql('postgres', 'SELECT streams_failed FROM agog_worker_status()'), '0',
+	'A: every stream is in place');
+# the stream still takes reports
+like($node->safe_psql('postgres',
+		"SELECT agog_publish_report_now('cynthia', 'research', 'desc', 'still open')"),
+	qr/^agog_features_research\.\d+$/, 'A: the stream still takes reports');
+
+# --- B. every character JSON escapes ---------------------------------------------
+# A backslash, a quote, a line break, a tab, a control character, the
+# characters Go's encoder writes as \u escapes (< > &), and UTF-8.
+my $sql_desc = q{'back\slash "quoted" ' || chr(10) || 'tab' || chr(9) || 'bell' || chr(1) || ' <a&b> caf' || chr(233)};
+my $want = $node->safe_psql('postgres', "SELECT $sql_desc");
+$node->safe_psql('postgres',
+	"SET ROLE ada; UPDATE agog_nats.agents SET description = $sql_desc WHERE agent = 'cynthia'");
+ok(AgogNatsTest::wait_for(sub { (live_config($stream)->{description} // '') eq $want }, 15),
+	'B: a description with every kind of escape arrives as written')
+  or diag(explain(live_config($stream)->{description}));
+is($node->safe_psql('postgres', 'SELECT streams_failed FROM agog_worker_status()'), '0',
+	'B: every stream is in place');
+
+# --- C. the next reconcile leaves the stream alone -------------------------------
+# Another agent's change makes the worker reconcile every stream; the
+# research stream already is as wanted and must not be updated again.
+my $off = AgogNatsTest::log_offset($node);
+$node->safe_psql('postgres',
+	"SET ROLE ada; UPDATE agog_nats.agents SET description = 'Sylvia, again' WHERE agent = 'sylvia'");
+ok(AgogNatsTest::wait_for(
+		sub { (live_config('agog_features_critique')->{description} // '') eq 'Sylvia, again' }, 15),
+	'C: the worker reconciled after another agent changed');
+ok(AgogNatsTest::wait_for(
+		sub { AgogNatsTest::log_since($node, $off) =~ /updated JetStream stream "agog_features_critique"/ }, 5),
+	'C: ... and logged that update');
+unlike(AgogNatsTest::log_since($node, $off), qr/updated JetStream stream "$stream"/,
+	'C: the research stream, already as wanted, is not updated again');
+
+$node->stop;
+$nats->stop;
+done_testing();
