@@ -2725,6 +2725,21 @@ keep_larger(int64 live, int64 *want)
 	return true;
 }
 
+/*
+ * window_within_age
+ *		JetStream refuses a duplicate window longer than the stream's max
+ *		age, and an agent's max_age may be as short as a second.  A message
+ *		older than its stream's max age is gone, so a resend later than that
+ *		cannot make a second copy: the window may end at the max age.  Plain
+ *		C; runs inside ensure_attempt's signal-blocked section.
+ */
+static void
+window_within_age(jsStreamConfig *cfg)
+{
+	if (cfg->MaxAge > 0 && cfg->Duplicates > cfg->MaxAge)
+		cfg->Duplicates = cfg->MaxAge;
+}
+
 typedef struct EnsureArgs
 {
 	const AgogStreamSpec *spec;
@@ -2799,6 +2814,7 @@ ensure_attempt(AgogConn *conn, int64 wait_ms, void *arg, AgogError *err)
 	if (s == NATS_NOT_FOUND || jerr == JSStreamNotFoundErr)
 	{
 		jerr = 0;
+		window_within_age(&cfg);
 		s = js_AddStream(NULL, conn->js, &cfg, &jopts, &jerr);
 		a->result.created = (s == NATS_OK);
 		a->result.create_refused = (s != NATS_OK && jerr != 0);
@@ -2822,6 +2838,7 @@ ensure_attempt(AgogConn *conn, int64 wait_ms, void *arg, AgogError *err)
 				a->result.live_max_age_ms = live->MaxAge / 1000000;
 			}
 		}
+		window_within_age(&cfg);	/* of the max age kept, if it was */
 		if (!config_matches(si->Config, &cfg, spec->description))
 		{
 			s = js_UpdateStream(NULL, conn->js, &cfg, &jopts, &jerr);

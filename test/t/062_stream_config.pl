@@ -9,6 +9,11 @@
 # invalid.  The worker escapes the description: JetStream keeps it as
 # written, and nothing else of the configuration comes from it.  The next
 # reconcile finds the stream as wanted and does not update it again.
+#
+# An agent's max_age may be as short as a second, but JetStream refuses a
+# stream whose duplicate window (agog_nats.duplicate_window, 2 minutes by
+# default) is longer than its max age: such an agent got no stream at all.
+# Its stream's duplicate window is its max age.
 
 use strict;
 use warnings;
@@ -78,6 +83,42 @@ ok(AgogNatsTest::wait_for(
 	'C: ... and logged that update');
 unlike(AgogNatsTest::log_since($node, $off), qr/updated JetStream stream "$stream"/,
 	'C: the research stream, already as wanted, is not updated again');
+
+# --- D. an agent whose max_age is shorter than the duplicate window ---------------
+my $NS_PER_S = 1_000_000_000;
+$node->safe_psql('postgres', q{
+	SET ROLE ada;
+	INSERT INTO agog_nats.agents (agent, task_type, description, max_age)
+	VALUES ('flash', 'flash', 'short-lived', '30 seconds');
+});
+ok(AgogNatsTest::wait_for(sub { defined $nats->stream_info('agog_features_flash') }, 15),
+	'D: an agent whose max_age (30 s) is below the duplicate window (120 s) gets its stream')
+  or diag($node->safe_psql('postgres', 'SELECT streams_failed, last_error FROM agog_worker_status()'));
+$cfg = live_config('agog_features_flash');
+is($cfg->{max_age}, 30 * $NS_PER_S, 'D: ... with its max_age');
+is($cfg->{duplicate_window}, 30 * $NS_PER_S, 'D: ... and a duplicate window of its max_age');
+is($cfg->{description}, 'short-lived', 'D: ... and its description');
+like($node->safe_psql('postgres',
+		"SELECT agog_publish_report_now('flash', 'flash', 'quick', 'gone in 30 s')"),
+	qr/^agog_features_flash\.1$/, 'D: it takes reports');
+# lowered further, then raised past the window: the window follows, up to the setting
+$node->safe_psql('postgres',
+	"SET ROLE ada; UPDATE agog_nats.agents SET max_age = '20 seconds' WHERE agent = 'flash'");
+ok(AgogNatsTest::wait_for(
+		sub { (live_config('agog_features_flash')->{duplicate_window} // 0) == 20 * $NS_PER_S }, 15),
+	'D: max_age lowered to 20 s: the window follows it')
+  or diag(explain(live_config('agog_features_flash')));
+is(live_config('agog_features_flash')->{max_age}, 20 * $NS_PER_S, 'D: ... and the max_age is 20 s');
+$node->safe_psql('postgres',
+	"SET ROLE ada; UPDATE agog_nats.agents SET max_age = '1 hour' WHERE agent = 'flash'");
+ok(AgogNatsTest::wait_for(
+		sub { (live_config('agog_features_flash')->{duplicate_window} // 0) == 120 * $NS_PER_S }, 15),
+	'D: max_age raised to an hour: the window is the setting\'s 2 minutes again')
+  or diag(explain(live_config('agog_features_flash')));
+is(live_config($stream)->{duplicate_window}, 120 * $NS_PER_S,
+	'D: the other streams keep the 2-minute window');
+is($node->safe_psql('postgres', 'SELECT streams_failed FROM agog_worker_status()'), '0',
+	'D: every stream is in place');
 
 $node->stop;
 $nats->stop;
