@@ -2313,6 +2313,71 @@ direct_get_wait(AgogConn *conn, uint64 token, int64 wait_ms, natsMsg **m,
 }
 
 /*
+ * stream_probe_ask
+ *		JetStream takes a direct get of a stream that does not exist and
+ *		never answers it, so a get that went unanswered for a slice asks,
+ *		once, whether the stream exists: this sends that stream info request
+ *		and waits for its reply within wait_ms.  With a reply, *info is a
+ *		copy of it (palloc'd; stream_probe_read frees it after the section)
+ *		and the result is NATS_TIMEOUT: the get itself is still unanswered.
+ *		Without one, *unanswered is raised so that it is not asked again.
+ *		Runs inside a signal-blocked section: no palloc, no ereport.
+ */
+static natsStatus
+stream_probe_ask(AgogConn *conn, const char *stream, int64 wait_ms,
+				 char **info, int *info_len, int *unanswered, AgogError *err)
+{
+	char		api[AGOG_SERVER_LEN + 32];
+	natsMsg    *reply = NULL;
+	uint64		token = 0;
+	natsStatus	s;
+
+	snprintf(api, sizeof(api), "$JS.API.STREAM.INFO.%s", stream);
+	s = request_send(conn, api, NULL, NULL, 0, &token);
+	if (s == NATS_OK)
+		s = request_wait(conn, token, wait_ms, &reply);
+	if (s == NATS_OK)
+	{
+		*info_len = natsMsg_GetDataLength(reply);
+		*info = copy_bytes_noerror(natsMsg_GetData(reply), *info_len);
+		s = NATS_TIMEOUT;
+		if (*info == NULL)
+		{
+			s = NATS_NO_MEMORY;
+			set_error(err, ERRCODE_OUT_OF_MEMORY, "out of memory for a stream info reply");
+		}
+	}
+	else if (s != NATS_TIMEOUT)
+		capture_error(err, s, s == NATS_NO_RESPONDERS ? JSNotEnabledErr : 0);
+	else
+		(*unanswered)++;		/* no answer either: do not ask again */
+	natsMsg_Destroy(reply);
+	return s;
+}
+
+/*
+ * stream_probe_read
+ *		Read stream_probe_ask's reply, after the signal-blocked section, and
+ *		free it.  The stream exists unless JetStream said otherwise: then
+ *		*stream_seen is set and s (the attempt's result) is returned, so the
+ *		next slice sends the get again.  A stream not found ends the wait as
+ *		a missing message does (NATS_NOT_FOUND, err->not_found set).
+ */
+static natsStatus
+stream_probe_read(char *info, int info_len, bool *stream_seen, natsStatus s,
+				  AgogError *err)
+{
+	ApiReply	r;
+
+	if (api_reply_read(info, info_len, "a stream info request", &r, err))
+		*stream_seen = true;
+	else
+		s = err->not_found ? NATS_NOT_FOUND : NATS_ERR;
+	pfree(info);
+	return s;
+}
+
+/*
  * get_attempt
  *		One attempt of a direct get (or a leader's get), within wait_ms.
  *		Runs in a signal-blocked section: no palloc, no ereport.
@@ -2350,39 +2415,8 @@ get_attempt(AgogConn *conn, int64 wait_ms, void *arg, AgogError *err)
 			capture_error(err, s, jerr);
 	}
 	else if (a->unanswered == 1 && !a->stream_seen)
-	{
-		/*
-		 * JetStream takes a direct get of a stream that does not exist and
-		 * never answers it, so a get that went unanswered for a slice asks,
-		 * once, whether the stream exists.  Not found ends the wait as a
-		 * missing message does (no report); found, the next slice sends the
-		 * get again.
-		 */
-		char		api[AGOG_SERVER_LEN + 32];
-		natsMsg    *reply = NULL;
-		uint64		token = 0;
-
-		snprintf(api, sizeof(api), "$JS.API.STREAM.INFO.%s", a->stream);
-		s = request_send(conn, api, NULL, NULL, 0, &token);
-		if (s == NATS_OK)
-			s = request_wait(conn, token, wait_ms, &reply);
-		if (s == NATS_OK)
-		{
-			info_len = natsMsg_GetDataLength(reply);
-			info = copy_bytes_noerror(natsMsg_GetData(reply), info_len);
-			s = NATS_TIMEOUT;	/* the get itself is still unanswered */
-			if (info == NULL)
-			{
-				s = NATS_NO_MEMORY;
-				set_error(err, ERRCODE_OUT_OF_MEMORY, "out of memory for a stream info reply");
-			}
-		}
-		else if (s != NATS_TIMEOUT)
-			capture_error(err, s, s == NATS_NO_RESPONDERS ? JSNotEnabledErr : 0);
-		else
-			a->unanswered++;	/* no answer either: do not ask again */
-		natsMsg_Destroy(reply);
-	}
+		s = stream_probe_ask(conn, a->stream, wait_ms, &info, &info_len,
+							 &a->unanswered, err);
 	else
 	{
 		uint64		token = 0;
@@ -2413,16 +2447,7 @@ get_attempt(AgogConn *conn, int64 wait_ms, void *arg, AgogError *err)
 	NATS_END(saved);
 
 	if (info != NULL)
-	{
-		ApiReply	r;
-
-		/* the stream exists unless JetStream said otherwise */
-		if (api_reply_read(info, info_len, "a stream info request", &r, err))
-			a->stream_seen = true;
-		else
-			s = err->not_found ? NATS_NOT_FOUND : NATS_ERR;
-		pfree(info);
-	}
+		s = stream_probe_read(info, info_len, &a->stream_seen, s, err);
 	return s;
 }
 
@@ -2520,12 +2545,17 @@ typedef struct NextArgs
 	uint64		next;			/* walk from this sequence */
 	uint64		found;			/* the sequence of the message read */
 	bool		match;			/* its Nats-Msg-Id is msg_id */
+	int			unanswered;		/* gets that got no answer in their slice */
+	bool		stream_seen;	/* the stream is known to exist */
 } NextArgs;
 
 /*
  * next_attempt
  *		One attempt of the resend check's walk: the next message on the
- *		subject from a->next.  Signal-blocked: no palloc, no ereport.
+ *		subject from a->next.  A stream that does not exist would never
+ *		answer: after one unanswered slice it is asked for, as get_attempt
+ *		does.  Signal-blocked but for the probe's reply, read after the
+ *		section.
  */
 static natsStatus
 next_attempt(AgogConn *conn, int64 wait_ms, void *arg, AgogError *err)
@@ -2535,15 +2565,30 @@ next_attempt(AgogConn *conn, int64 wait_ms, void *arg, AgogError *err)
 	jsOptions	jopts;
 	jsDirectGetMsgOptions dg;
 	natsMsg    *m = NULL;
+	char	   *info = NULL;
+	int			info_len = 0;
 	natsStatus	s;
 
 	NATS_BEGIN(saved);
+	if (a->unanswered == 1 && !a->stream_seen)
+	{
+		s = stream_probe_ask(conn, a->stream, wait_ms, &info, &info_len,
+							 &a->unanswered, err);
+		NATS_END(saved);
+		if (info != NULL)
+			s = stream_probe_read(info, info_len, &a->stream_seen, s, err);
+		return s;
+	}
 	jsOptions_Init(&jopts);
 	jopts.Wait = wait_ms;
 	jsDirectGetMsgOptions_Init(&dg);
 	dg.Sequence = a->next;
 	dg.NextBySubject = a->subject;
 	s = js_DirectGetMsg(&m, conn->js, a->stream, &jopts, &dg);
+	if (s == NATS_TIMEOUT)
+		a->unanswered++;
+	else
+		a->stream_seen = true;	/* answered, message or not */
 	if (s == NATS_OK)
 	{
 		const char *v = NULL;
