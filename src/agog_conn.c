@@ -2631,6 +2631,12 @@ agog_conn_find_msg_id(AgogConn *conn, const char *stream, const char *subject,
 	{
 		natsStatus	s;
 
+		/* a walk of many messages, each answered at once, still stops */
+		if (a.next > 1 && interrupt_check())
+		{
+			set_timeout_error(err, true);
+			return false;
+		}
 		a.found = 0;
 		a.match = false;
 		s = run_sliced(conn, next_attempt, &a, false, err);

@@ -869,10 +869,14 @@ batch_claim_send(AgogConn *conn, DrainBatch *b, MemoryContext parent)
 	 * was lost.  Within the duplicate window JetStream drops a resend; past
 	 * half of it, look for the message id on the subject instead.
 	 */
-	for (int i = 0; i < b->n; i++)
+	for (int i = 0; i < b->n && !b->interrupted; i++)
 	{
 		Claimed    *row = &b->rows[i];
 
+		/*
+		 * A shutdown request ends the loop: each look-up would wait its
+		 * first slice before seeing it.  Rows not looked up are not sent.
+		 */
 		if (row->attempts > 1 && row->stream != NULL &&
 			row->first_sent_age_ms >= agog_duplicate_window_ms / 2)
 		{
