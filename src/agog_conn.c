@@ -585,7 +585,15 @@ on_pub_ack(jsCtx *js, natsMsg *msg, jsPubAck *pa, jsPubAckErr *pae,
 				it->outcome = AGOG_PUB_REFUSED;
 		}
 		it->answered = true;
-		if (--b->unanswered == 0)
+
+		/*
+		 * A wait that ran out sets every batch's count to 0 while their
+		 * items stay in place until it clears them; an ack nats.c had
+		 * already taken off its pending list arrives in between.  It must
+		 * not take a count below 0, which the other batch's wait would
+		 * never see as complete.
+		 */
+		if (b->unanswered > 0 && --b->unanswered == 0)
 			pthread_cond_broadcast(&batch_cond);
 	}
 	pthread_mutex_unlock(&batch_mutex);
