@@ -512,6 +512,7 @@ typedef struct Claimed
 	int64		first_sent_age_ms;
 	char	   *stream;			/* the agent's stream; NULL if the agent is gone */
 	uint64		found_seq;		/* already stored at this sequence, or 0 */
+	bool		looked_up;		/* its earlier send was looked for */
 	bool		unresolved;		/* could not check an earlier send */
 } Claimed;
 
@@ -840,7 +841,8 @@ static int
 batch_claim_send(AgogConn *conn, DrainBatch *b, MemoryContext parent)
 {
 	MemoryContext old;
-	AgogError	err;
+	TimestampTz claimed_at = GetCurrentTimestamp();	/* at or before the claim's now() */
+	bool		looked;
 
 	memset(b, 0, sizeof(*b));
 	b->cxt = AllocSetContextCreate(parent, "agog_nats drain batch", ALLOCSET_DEFAULT_SIZES);
@@ -867,29 +869,46 @@ batch_claim_send(AgogConn *conn, DrainBatch *b, MemoryContext parent)
 	/*
 	 * A row claimed before may have been stored by an earlier send whose ack
 	 * was lost.  Within the duplicate window JetStream drops a resend; past
-	 * half of it, look for the message id on the subject instead.
+	 * half of it, look for the message id on the subject instead.  The age
+	 * that counts is the one at the send, after every look-up of the batch:
+	 * a row young enough at the claim may not be after slow look-ups of
+	 * others, so the rows are gone over again until a pass looks nothing
+	 * up (each row is looked up at most once).  A shutdown request ends the
+	 * look-ups (each would wait its first slice before seeing it); then
+	 * nothing is sent.
 	 */
-	for (int i = 0; i < b->n && !b->interrupted; i++)
+	do
 	{
-		Claimed    *row = &b->rows[i];
-
-		/*
-		 * A shutdown request ends the loop: each look-up would wait its
-		 * first slice before seeing it.  Rows not looked up are not sent.
-		 */
-		if (row->attempts > 1 && row->stream != NULL &&
-			row->first_sent_age_ms >= agog_duplicate_window_ms / 2)
+		looked = false;
+		for (int i = 0; i < b->n && !b->interrupted; i++)
 		{
+			Claimed    *row = &b->rows[i];
+			long		secs;
+			int			usecs;
+			AgogError	err;
+
+			if (row->looked_up || row->attempts <= 1 || row->stream == NULL)
+				continue;
+			TimestampDifference(claimed_at, GetCurrentTimestamp(), &secs, &usecs);
+			if (row->first_sent_age_ms + (int64) secs * 1000 + usecs / 1000 <
+				agog_duplicate_window_ms / 2)
+				continue;
+			row->looked_up = looked = true;
 			if (!agog_conn_find_msg_id(conn, row->stream, row->subject,
 									   row->msg_id, &row->found_seq, &err))
 			{
 				row->unresolved = true;
 				b->interrupted |= (err.sqlstate == ERRCODE_ADMIN_SHUTDOWN);
-				continue;
 			}
-			if (row->found_seq != 0)
-				continue;
 		}
+	} while (looked && !b->interrupted);
+
+	for (int i = 0; i < b->n && !b->interrupted; i++)
+	{
+		Claimed    *row = &b->rows[i];
+
+		if (row->unresolved || row->found_seq != 0)
+			continue;
 		b->items[b->nitems].subject = row->subject;
 		b->items[b->nitems].msg_id = row->msg_id;
 		b->items[b->nitems].data = row->body;
