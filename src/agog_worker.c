@@ -361,6 +361,15 @@ agog_worker_main(Datum main_arg)
 	 * named with its schema).
 	 */
 	SetConfigOption("search_path", "pg_catalog, pg_temp", PGC_SUSET, PGC_S_SESSION);
+
+	/*
+	 * No JIT: it is decided per execution from the plan's estimated cost and
+	 * costs milliseconds each time, where the worker's statements are short
+	 * and run thousands of times a minute.  A plan made with a scan turned
+	 * off (the claim's and the record's are) may carry the planner's
+	 * penalty for it in its cost, past any jit_above_cost.
+	 */
+	SetConfigOption("jit", "off", PGC_SUSET, PGC_S_SESSION);
 	pgstat_report_appname("agog_nats worker");
 
 	LWLockAcquire(agog_shared->lock, LW_EXCLUSIVE);
