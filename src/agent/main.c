@@ -273,11 +273,16 @@ setup_signals(void)
 	sigaction(SIGPIPE, &sa, NULL);
 }
 
-bool
-agent_wait(int db_fd, short db_events, double timeout)
+/*
+ * agent_wait_since: agent_wait, where a stop asked for after seen_stops
+ * requests is an event.  The main loop passes the requests it has acted on:
+ * a signal that came while a statement waited (that wait took its byte off
+ * the self-pipe) must still end the main loop's sleep at once.
+ */
+static bool
+agent_wait_since(int db_fd, short db_events, double timeout, int seen_stops)
 {
 	double		end = now_mono() + (timeout > 0 ? timeout : 0);
-	int			seen_stops = stop_requests;
 
 	for (;;)
 	{
@@ -310,6 +315,9 @@ agent_wait(int db_fd, short db_events, double timeout)
 			}
 		if (k < wake)
 			wake = k;
+		/* a stop the caller has not seen: its byte may be gone from the pipe */
+		if (stop_requests != seen_stops)
+			wake = now;
 		ms = wake <= now ? 0 : (int) ceil((wake - now) * 1000.0);
 		if (ms > 60000)
 			ms = 60000;
@@ -333,6 +341,12 @@ agent_wait(int db_fd, short db_events, double timeout)
 		if (event || now_mono() >= end)
 			return false;
 	}
+}
+
+bool
+agent_wait(int db_fd, short db_events, double timeout)
+{
+	return agent_wait_since(db_fd, db_events, timeout, stop_requests);
 }
 
 /* ---- the session --------------------------------------------------------- */
@@ -603,7 +617,9 @@ main(int argc, char **argv)
 					else
 						start_job(&jobs[i]);
 				}
-			while (!stopping && !no_more && want_claim && jobs_free() > 0 && db_connected())
+			/* (a signal during a claim's wait is acted on at the top first) */
+			while (!stopping && stop_requests == handled_stops && !no_more &&
+				   want_claim && jobs_free() > 0 && db_connected())
 			{
 				int			fatal = 0;
 
@@ -670,11 +686,11 @@ main(int argc, char **argv)
 		}
 		if (db_connected())
 		{
-			if (agent_wait(db_socket(), POLLIN, timeout) && !db_consume())
+			if (agent_wait_since(db_socket(), POLLIN, timeout, handled_stops) && !db_consume())
 				continue;		/* lost: handled at the top */
 		}
 		else
-			agent_wait(-1, 0, timeout);
+			agent_wait_since(-1, 0, timeout, handled_stops);
 	}
 
 out:

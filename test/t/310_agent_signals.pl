@@ -4,7 +4,7 @@
 # completes); when the grace runs out it stops the command and gives the
 # task back with a failed notice saying it was interrupted (the workflow
 # retries it, another runner completes it); a second SIGTERM does not wait
-# for the grace.
+# for the grace; a SIGTERM that comes while a statement waits is not lost.
 
 use strict;
 use warnings;
@@ -28,7 +28,11 @@ cat >/dev/null
 echo $$ >"$CAPTURE/$AGOG_FEATURE.$AGOG_ATTEMPT.started"
 var=SLEEP_$AGOG_ATTEMPT
 echo "sleeping ${!var:-0} s" >&2
-sleep "${!var:-0}" &
+if [ "${IGNORE_TERM:-0}" = 1 ]; then
+    (trap '' TERM; exec sleep "${!var:-0}") &
+else
+    sleep "${!var:-0}" &
+fi
 echo $! >"$CAPTURE/$AGOG_FEATURE.$AGOG_ATTEMPT.child"
 wait
 echo "# done with $AGOG_FEATURE on attempt $AGOG_ATTEMPT"
@@ -137,6 +141,32 @@ cmp_ok(Time::HiRes::time() - $t0, '<', 5, '... without waiting for the 60 s grac
 like($r->log_text, qr/second signal: stopping the running commands now/, '... and says so');
 like(notices($wf), qr/^1\|failed\|retried\|agog-agent was stopped \(SIGTERM\)/, 'the task was given back');
 $node->safe_psql('postgres', "SELECT agog_cancel_workflow($wf)");
+
+# --- SIGTERM while a statement waits: not lost ---------------------------------------
+# A signal that came while the runner waited inside a statement (here its
+# claim, held by a lock) was taken off the self-pipe by that wait; the
+# runner then slept its whole --poll before it looked at it.
+$r = runner(args => [ '--poll', '60' ]);
+ok($r->wait_log(qr/ready/, 20), 'a runner with --poll 60 starts');
+my $locker = $node->background_psql('postgres');
+$locker->query_safe('BEGIN; LOCK TABLE agog_nats.tasks IN ACCESS EXCLUSIVE MODE');
+psql("NOTIFY agog_task_jen, '0'");    # the runner claims at once, and waits on the lock
+ok(AgogNatsTest::wait_for(
+		sub {
+			psql("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'agog-agent%' "
+				  . "AND wait_event_type = 'Lock'") > 0;
+		},
+		10),
+	'its claim waits on the lock');
+$r->signal('TERM');
+usleep(500_000);
+ok($r->is_running, '... and still runs while it waits');
+$locker->query_safe('ROLLBACK');
+$t0 = Time::HiRes::time();
+is($r->wait_exit(20), 0, 'once the claim returns, it exits 0');
+cmp_ok(Time::HiRes::time() - $t0, '<', 3,
+	sprintf('... within 3 s of the lock\'s release, not after its 60 s poll (%.1f s)', Time::HiRes::time() - $t0));
+$locker->quit;
 
 my @left = glob("$ENV{TMPDIR}/agog-agent.*");
 is(scalar(@left), 0, 'no task directory is left in TMPDIR') or diag("@left");
