@@ -669,7 +669,8 @@ main(int argc, char **argv)
 		{
 			if (jobs[i].phase == JOB_CLAIMED || jobs[i].phase == JOB_RUNNING)
 				timeout = min_d(timeout, jobs[i].next_heartbeat - now);
-			if (jobs[i].phase == JOB_ENDED || (jobs[i].phase == JOB_CLAIMED && db_connected()))
+			/* work to do now; without a database, not before the reconnect */
+			if ((jobs[i].phase == JOB_ENDED || jobs[i].phase == JOB_CLAIMED) && db_connected())
 				timeout = 0;
 		}
 		if (timeout < 0)

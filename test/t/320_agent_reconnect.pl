@@ -14,6 +14,7 @@ use Time::HiRes qw(usleep);
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use POSIX ();
 use AgogNatsTest;
 use AgogAgentTest;
 
@@ -139,6 +140,33 @@ ok(!AgogAgentTest::pid_alive($child), '... it was stopped');
 is(reports('outage'), '1', 'one report');
 like(psql("SELECT detail->>'reason' FROM agog_nats.events WHERE workflow_id = $wf AND kind = 'task_retry'"),
 	qr/lease lost/, 'the worker retried attempt 1 because its lease was lost');
+is($r->stop(10), 0, 'the runner stops');
+
+# --- PostgreSQL down when the command ends: the runner waits, it does not spin ------
+# A task whose command has ended is completed as soon as the database is
+# back; until then the runner waited 0 s at every turn of its loop (one
+# core at 100 % for the whole outage).
+sub cpu_s
+{
+	my ($pid) = @_;
+	my $stat = AgogAgentTest::slurp("/proc/$pid/stat");
+	$stat =~ s/^.*\) //s;    # past the command name
+	my @f = split ' ', $stat;
+	return ($f[11] + $f[12]) / POSIX::sysconf(POSIX::_SC_CLK_TCK());    # utime, stime
+}
+$r = runner(env => { SLEEP_1 => 1 });
+ok($r->wait_log(qr/ready/, 20), 'a runner starts');
+$wf = AgogAgentTest::start_workflow($node, 'ended', 'one');
+ok(started('ended', 1), 'its command runs (1 s)');
+$node->stop;
+ok(AgogNatsTest::wait_for(sub { -e "$cap/ended.1.finished" }, 10), 'the command ends while PostgreSQL is down');
+my $cpu0 = cpu_s($r->pid);
+sleep 3;
+my $cpu = cpu_s($r->pid) - $cpu0;
+cmp_ok($cpu, '<', 0.5, sprintf('the runner waits for the database without spinning (%.2f s of CPU in 3 s)', $cpu));
+$node->start;
+is(AgogAgentTest::wait_workflow($node, $wf, 40), 'completed', 'once PostgreSQL is back, the task completes');
+is(notices($wf), '1|complete|advanced', '... by its first attempt');
 is($r->stop(10), 0, 'the runner stops');
 
 my @left = glob("$ENV{TMPDIR}/agog-agent.*");
