@@ -611,6 +611,13 @@ serve_jobs(void)
 		now = now_mono();
 		if (j->reaped)
 		{
+			/*
+			 * The command exited after it was told to stop: whatever of its
+			 * group is left (a child that ignores SIGTERM) is killed now,
+			 * not left running once the task is no longer ours.
+			 */
+			if (j->term_sent)
+				kill(-j->pid, SIGKILL);
 			read_stderr(j);
 			if (j->err_fd >= 0)
 				close(j->err_fd);	/* a child of the command may hold it open */

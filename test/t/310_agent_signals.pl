@@ -125,6 +125,22 @@ is(AgogAgentTest::wait_workflow($node, $wf, 30), 'completed', 'another runner co
 like(notices($wf), qr/\n2\|complete\|advanced\|done with given-back on attempt 2$/, '... at attempt 2');
 is($r->stop(10), 0, 'that runner stops');
 
+# --- a child that ignores SIGTERM outlives the command: SIGKILL for it ---------------
+# The command exits on SIGTERM; the sleep it started ignores it.  The runner
+# stopped signalling once the command itself had exited, and the sleep lived on.
+$r = runner(args => [ '--grace', '1' ], env => { SLEEP_1 => 60, IGNORE_TERM => 1 });
+ok($r->wait_log(qr/ready/, 20), 'a runner with --grace 1 starts (its command\'s child ignores SIGTERM)');
+$wf = AgogAgentTest::start_workflow($node, 'stubborn', 'one');
+ok(started('stubborn', 1), 'its command runs (60 s)');
+$child = AgogAgentTest::slurp("$cap/stubborn.1.child");
+chomp $child;
+$r->signal('TERM');
+is($r->wait_exit(15), 0, 'SIGTERM: it exits 0 after the grace');
+ok(AgogNatsTest::wait_for(sub { !AgogAgentTest::pid_alive($child) }, 5),
+	'the child that ignored SIGTERM is killed too');
+kill 'KILL', $child if AgogAgentTest::pid_alive($child);
+$node->safe_psql('postgres', "SELECT agog_cancel_workflow($wf)");
+
 # --- a second SIGTERM does not wait for the grace --------------------------------------
 $r = runner(args => [ '--grace', '60' ], env => { SLEEP_1 => 60 });
 ok($r->wait_log(qr/ready/, 20), 'a runner with --grace 60 starts');
