@@ -19,9 +19,14 @@ CREATE TABLE agog_nats.stages (
     agent         text NOT NULL REFERENCES agog_nats.agents ON UPDATE CASCADE,
     task_type     text NOT NULL CHECK (task_type ~ '^[A-Za-z0-9_-]{1,64}$'),
     depends_on    text[] NOT NULL DEFAULT '{}',
-    timeout       interval NOT NULL DEFAULT '30 minutes' CHECK (timeout > '0'),
+    -- Bounded so that a deadline (now() + timeout) and a backoff always
+    -- make a timestamp: past its range, every orchestration step failed,
+    -- and with it the worker.
+    timeout       interval NOT NULL DEFAULT '30 minutes'
+                  CHECK (timeout > '0' AND timeout <= '30 days'),
     max_attempts  integer NOT NULL DEFAULT 3 CHECK (max_attempts BETWEEN 1 AND 100),
-    retry_backoff interval NOT NULL DEFAULT '10 seconds' CHECK (retry_backoff >= '0'),
+    retry_backoff interval NOT NULL DEFAULT '10 seconds'
+                  CHECK (retry_backoff >= '0' AND retry_backoff <= '1 day'),
     position      integer NOT NULL DEFAULT 0,
     builtin       boolean NOT NULL DEFAULT false,
     PRIMARY KEY (pipeline, stage)
@@ -246,7 +251,10 @@ DECLARE
     backoff interval;
 BEGIN
     IF t.attempt < t.max_attempts THEN
-        backoff := t.retry_backoff * power(2, greatest(t.attempt - 1, 0));
+        -- doubled at every attempt, at most a day (2^20 times at most: an
+        -- interval multiplied further could leave its range)
+        backoff := least(t.retry_backoff * power(2, least(greatest(t.attempt - 1, 0), 20)),
+                         interval '1 day');
         UPDATE agog_nats.tasks
            SET state = 'ready', next_attempt_at = now() + backoff, last_error = why,
                claimed_at = NULL, claimed_by = NULL, lease_until = NULL, deadline = NULL
@@ -629,6 +637,8 @@ CREATE FUNCTION @extschema@.agog_define_pipeline(pipeline text, stages jsonb,
 DECLARE
     s jsonb;
     n integer := 0;
+    stage_timeout interval;
+    stage_backoff interval;
 BEGIN
     PERFORM agog_nats.check_token('pipeline', pipeline);
     IF stages IS NULL OR jsonb_typeof(stages) <> 'array' OR jsonb_array_length(stages) = 0 THEN
@@ -652,15 +662,27 @@ BEGIN
                 USING ERRCODE = 'undefined_object',
                       HINT = 'The agents are the rows of agog_nats.agents.';
         END IF;
+        stage_timeout := coalesce((s ->> 'timeout')::interval, '30 minutes');
+        IF stage_timeout <= interval '0' OR stage_timeout > interval '30 days' THEN
+            RAISE EXCEPTION 'stage "%" has a timeout of %, out of range', s ->> 'stage', stage_timeout
+                USING ERRCODE = 'invalid_parameter_value',
+                      DETAIL = 'A stage''s timeout is more than 0 and at most 30 days.';
+        END IF;
+        stage_backoff := coalesce((s ->> 'retry_backoff')::interval, '10 seconds');
+        IF stage_backoff < interval '0' OR stage_backoff > interval '1 day' THEN
+            RAISE EXCEPTION 'stage "%" has a retry_backoff of %, out of range', s ->> 'stage', stage_backoff
+                USING ERRCODE = 'invalid_parameter_value',
+                      DETAIL = 'A stage''s retry_backoff is from 0 to 1 day.';
+        END IF;
         INSERT INTO agog_nats.stages (pipeline, stage, agent, task_type, depends_on, timeout,
                                       max_attempts, retry_backoff, position)
         VALUES (pipeline, s ->> 'stage', s ->> 'agent',
                 coalesce(s ->> 'task_type',
                          (SELECT a.task_type FROM agog_nats.agents a WHERE a.agent = s ->> 'agent')),
                 coalesce(ARRAY(SELECT jsonb_array_elements_text(s -> 'depends_on')), '{}'),
-                coalesce((s ->> 'timeout')::interval, '30 minutes'),
+                stage_timeout,
                 coalesce((s ->> 'max_attempts')::integer, 3),
-                coalesce((s ->> 'retry_backoff')::interval, '10 seconds'),
+                stage_backoff,
                 n);
     END LOOP;
     PERFORM agog_nats.check_pipeline(pipeline);

@@ -74,8 +74,13 @@ SELECT try($$SELECT agog_define_pipeline('ghost', '[{"stage": "a", "agent": "cas
 SELECT try($$SELECT agog_define_pipeline('dangling', '[{"stage": "a", "agent": "cynthia", "depends_on": ["zz"]}]')$$);
 SELECT try($$SELECT agog_define_pipeline('bad', '[{"stage": "a.b", "agent": "cynthia"}]')$$);
 SELECT try($$SELECT agog_define_pipeline('empty', '[]')$$);
+-- A timeout or backoff past its bounds: a deadline of now() + 300000 years
+-- once failed every orchestration step, and the worker with it.
+SELECT try($$SELECT agog_define_pipeline('forever', '[{"stage": "a", "agent": "cynthia", "timeout": "300000 years"}]')$$);
+SELECT try($$SELECT agog_define_pipeline('never', '[{"stage": "a", "agent": "cynthia", "timeout": "0 seconds"}]')$$);
+SELECT try($$SELECT agog_define_pipeline('patient', '[{"stage": "a", "agent": "cynthia", "retry_backoff": "2 days"}]')$$);
 SELECT count(*) AS none_defined FROM agog_nats.pipelines
- WHERE pipeline IN ('loop', 'self', 'ghost', 'dangling', 'bad', 'empty');
+ WHERE pipeline IN ('loop', 'self', 'ghost', 'dangling', 'bad', 'empty', 'forever', 'never', 'patient');
 -- A direct edit that makes a cycle fails at commit.
 BEGIN;
 UPDATE agog_nats.stages SET depends_on = '{qa}' WHERE pipeline = 'review' AND stage = 'research';
@@ -244,3 +249,14 @@ SELECT pipeline, description, builtin, customized FROM agog_nats.pipelines WHERE
 SELECT count(*) AS builtin_stages_left FROM agog_nats.stages WHERE pipeline = 'feature';
 ROLLBACK;
 SELECT count(*) AS stages FROM agog_nats.stages WHERE pipeline = 'feature' AND builtin;
+
+-- The longest allowed: a task's backoff doubles at every attempt, up to a
+-- day, where it once left the range of an interval (attempt 60 of a 1-day
+-- backoff) and failed the worker's step.  All rolled back.
+BEGIN;
+SELECT agog_define_pipeline('long', '[{"stage": "a", "agent": "cynthia", "timeout": "30 days", "max_attempts": 100, "retry_backoff": "1 day"}]');
+SELECT agog_start_workflow('long-feature', 'long') AS wfl \gset
+UPDATE agog_nats.tasks SET attempt = 60 WHERE workflow_id = :wfl;
+SELECT agog_nats.retry_or_fail(t, 'test') AS outcome FROM agog_nats.tasks t WHERE t.workflow_id = :wfl;
+SELECT state, next_attempt_at - now() AS backoff FROM agog_nats.tasks WHERE workflow_id = :wfl;
+ROLLBACK;
