@@ -422,6 +422,15 @@ BEGIN
                   DETAIL = format('It ran out at %s.', t.lease_until),
                   HINT = 'Heartbeat with agog_heartbeat_task more often than the lease runs out.';
     END IF;
+    -- A runner whose lease was lost while another claim took the task
+    -- names its own attempt in the notice's metadata (agog-agent does).
+    IF strict AND jsonb_typeof(n -> 'metadata') = 'object' AND n -> 'metadata' ? 'attempt'
+       AND (n -> 'metadata' ->> 'attempt') IS DISTINCT FROM t.attempt::text THEN
+        RAISE EXCEPTION 'the lease on task % was lost', task_id
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = format('The notice is of attempt %s; attempt %s holds the task now.',
+                                  n -> 'metadata' ->> 'attempt', t.attempt);
+    END IF;
 
     IF n ->> 'status' = 'complete' AND (n -> 'ready_for_next_stage')::boolean THEN
         -- The report the notice points at must exist: pending or published
@@ -778,7 +787,8 @@ $$;
 COMMENT ON FUNCTION @extschema@.agog_claim_task(text, text, interval) IS
     'Hand the next dispatched task of an agent to exactly one caller, with a lease';
 
-CREATE FUNCTION @extschema@.agog_heartbeat_task(task_id bigint, lease interval DEFAULT NULL)
+CREATE FUNCTION @extschema@.agog_heartbeat_task(task_id bigint, lease interval DEFAULT NULL,
+                                                attempt integer DEFAULT NULL)
     RETURNS timestamptz
     LANGUAGE plpgsql
     SECURITY DEFINER
@@ -801,6 +811,14 @@ BEGIN
             USING ERRCODE = 'object_not_in_prerequisite_state',
                   DETAIL = format('It ran out at %s.', t.lease_until);
     END IF;
+    -- a runner whose lease ran out while another claim took the task
+    IF agog_heartbeat_task.attempt IS DISTINCT FROM NULL
+       AND agog_heartbeat_task.attempt <> t.attempt THEN
+        RAISE EXCEPTION 'the lease on task % was lost', task_id
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = format('The heartbeat is of attempt %s; attempt %s holds the task now.',
+                                  agog_heartbeat_task.attempt, t.attempt);
+    END IF;
     UPDATE agog_nats.tasks x
        SET lease_until = least(x.deadline,
                                now() + coalesce(lease, current_setting('agog_nats.task_lease')::interval))
@@ -809,7 +827,7 @@ BEGIN
     RETURN t.lease_until;
 END
 $$;
-COMMENT ON FUNCTION @extschema@.agog_heartbeat_task(bigint, interval) IS
+COMMENT ON FUNCTION @extschema@.agog_heartbeat_task(bigint, interval, integer) IS
     'Extend the lease of a running task (never past its deadline); returns the new lease end';
 
 CREATE FUNCTION @extschema@.agog_complete_task(task_id bigint, notice jsonb)
@@ -968,7 +986,7 @@ REVOKE ALL ON FUNCTION agog_nats.stages_check() FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@.agog_define_pipeline(text, jsonb, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@.agog_start_workflow(text, text, jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@.agog_claim_task(text, text, interval) FROM PUBLIC;
-REVOKE ALL ON FUNCTION @extschema@.agog_heartbeat_task(bigint, interval) FROM PUBLIC;
+REVOKE ALL ON FUNCTION @extschema@.agog_heartbeat_task(bigint, interval, integer) FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@.agog_complete_task(bigint, jsonb) FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@.agog_cancel_workflow(bigint, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION @extschema@.agog_retry_workflow(bigint) FROM PUBLIC;
@@ -979,7 +997,7 @@ GRANT SELECT ON agog_nats.pipelines, agog_nats.stages, agog_nats.workflows, agog
                 agog_nats.agent_performance, agog_nats.token_savings
    TO agog_nats_reader;
 GRANT EXECUTE ON FUNCTION @extschema@.agog_claim_task(text, text, interval) TO agog_nats_writer;
-GRANT EXECUTE ON FUNCTION @extschema@.agog_heartbeat_task(bigint, interval) TO agog_nats_writer;
+GRANT EXECUTE ON FUNCTION @extschema@.agog_heartbeat_task(bigint, interval, integer) TO agog_nats_writer;
 GRANT EXECUTE ON FUNCTION @extschema@.agog_complete_task(bigint, jsonb) TO agog_nats_writer;
 GRANT EXECUTE ON FUNCTION @extschema@.agog_define_pipeline(text, jsonb, text) TO agog_nats_admin;
 GRANT EXECUTE ON FUNCTION @extschema@.agog_start_workflow(text, text, jsonb) TO agog_nats_admin;

@@ -260,3 +260,26 @@ UPDATE agog_nats.tasks SET attempt = 60 WHERE workflow_id = :wfl;
 SELECT agog_nats.retry_or_fail(t, 'test') AS outcome FROM agog_nats.tasks t WHERE t.workflow_id = :wfl;
 SELECT state, next_attempt_at - now() AS backoff FROM agog_nats.tasks WHERE workflow_id = :wfl;
 ROLLBACK;
+
+-- A runner whose lease was lost is refused once another claim holds the
+-- task: its heartbeat and its completion name their attempt.  Without it
+-- both were taken for the new attempt's (its stale result completed it).
+SELECT agog_define_pipeline('relay', '[{"stage": "s", "agent": "jen", "max_attempts": 3, "retry_backoff": "0 seconds"}]');
+SELECT agog_start_workflow('relay-feature', 'relay') AS wf7 \gset
+SELECT wait_for($$EXISTS (SELECT 1 FROM agog_nats.tasks WHERE workflow_id = $$ || :wf7 || $$ AND state = 'dispatched')$$);
+SELECT task_id AS t7, attempt FROM agog_claim_task('jen', 'runner-a', '1 second') \gset
+SELECT pg_sleep(1.2);
+SELECT wait_for($$(SELECT attempt = 2 AND state = 'dispatched' FROM agog_nats.tasks WHERE id = $$ || :t7 || $$)$$);
+SELECT task_id = :t7 AS same_task, attempt FROM agog_claim_task('jen', 'runner-b');
+SELECT try(format('SELECT agog_heartbeat_task(%s, NULL, 1)', :t7)) AS stale_heartbeat;
+SELECT agog_heartbeat_task(:t7, NULL, 2) > now() AS heartbeat_of_attempt_2;
+SELECT agog_heartbeat_task(:t7) > now() AS heartbeat_without_attempt;
+SELECT agog_publish_report('jen', 'frontend', 'relay-feature', '# from runner-a') IS NOT NULL AS published;
+SELECT try(format('SELECT agog_complete_task(%s, %L)', :t7, jsonb_build_object(
+    'status', 'complete', 'agent', 'jen', 'task', 'relay-feature',
+    'nats_channel', 'agog.deliverables.jen.frontend.relay-feature', 'summary', 's',
+    'complexity', 'Low', 'blockers', 'None', 'ready_for_next_stage', true,
+    'completion_time', '2026-01-01T00:00:00.000Z', 'files_modified', 1,
+    'metadata', jsonb_build_object('attempt', 1)))) AS stale_completion;
+SELECT state, attempt, claimed_by FROM agog_nats.tasks WHERE id = :t7;
+SELECT agog_cancel_workflow(:wf7);

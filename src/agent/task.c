@@ -671,14 +671,19 @@ void
 heartbeat_job(Job *j)
 {
 	char		id[32],
-				lease[32];
-	const char *p[2] = {id, lease};
-	char	   *sql = xasprintf("SELECT %s.agog_heartbeat_task($1::bigint, $2::interval)", ext_schema);
+				lease[32],
+				attempt[16];
+	const char *p[3] = {id, lease, attempt};
+
+	/* its attempt: refused once another claim holds the task */
+	char	   *sql = xasprintf("SELECT %s.agog_heartbeat_task($1::bigint, $2::interval, $3::integer)",
+								ext_schema);
 	QRes		q;
 
 	snprintf(id, sizeof(id), "%lld", j->task_id);
 	snprintf(lease, sizeof(lease), "%d seconds", opt.lease);
-	if (db_exec(sql, 2, p, &q))
+	snprintf(attempt, sizeof(attempt), "%d", j->attempt);
+	if (db_exec(sql, 3, p, &q))
 	{
 		j->next_heartbeat = now_mono() + hb_interval();
 		log_debug("task %lld: heartbeat, lease until %s", j->task_id, PQgetvalue(q.res, 0, 0));
