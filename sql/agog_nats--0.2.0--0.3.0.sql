@@ -530,7 +530,11 @@ BEGIN
     LOOP
         SELECT * INTO w FROM agog_nats.workflows WHERE id = c.workflow_id FOR UPDATE SKIP LOCKED;
         CONTINUE WHEN NOT FOUND;
-        SELECT * INTO t FROM agog_nats.tasks WHERE id = c.id FOR UPDATE;
+        -- A task another session holds (a claim in a transaction still
+        -- open) is skipped until a later step: waiting for it would stop
+        -- the worker, and its outbox, for as long as that session likes.
+        SELECT * INTO t FROM agog_nats.tasks WHERE id = c.id FOR UPDATE SKIP LOCKED;
+        CONTINUE WHEN NOT FOUND;
         CONTINUE WHEN t.state NOT IN ('dispatched', 'running')
                    OR NOT (t.deadline < now() OR (t.state = 'running' AND t.lease_until < now()));
         PERFORM agog_nats.retry_or_fail(t, CASE WHEN t.deadline < now() THEN 'deadline passed'
@@ -562,8 +566,8 @@ BEGIN
     LOOP
         SELECT * INTO w FROM agog_nats.workflows WHERE id = c.workflow_id FOR UPDATE SKIP LOCKED;
         CONTINUE WHEN NOT FOUND OR w.state <> 'running';
-        SELECT * INTO t FROM agog_nats.tasks WHERE id = c.id FOR UPDATE;
-        CONTINUE WHEN t.state <> 'ready';
+        SELECT * INTO t FROM agog_nats.tasks WHERE id = c.id FOR UPDATE SKIP LOCKED;
+        CONTINUE WHEN NOT FOUND OR t.state <> 'ready';
 
         v_deadline := now() + t.timeout;
         v_notice := jsonb_build_object(
