@@ -753,6 +753,23 @@ $$;
 COMMENT ON FUNCTION @extschema@.agog_start_workflow(text, text, jsonb) IS
     'Start a workflow of a pipeline for a feature; the worker dispatches its stages. Returns the workflow id';
 
+-- A lease given to agog_claim_task or agog_heartbeat_task: the range of
+-- agog_nats.task_lease.  A negative or zero one was taken, and started a
+-- claim already lost.
+CREATE FUNCTION agog_nats.check_lease(lease interval) RETURNS void
+    LANGUAGE plpgsql IMMUTABLE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+BEGIN
+    IF lease < interval '1 second' OR lease > interval '24 hours' THEN
+        RAISE EXCEPTION 'lease % is out of range', lease
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = 'A lease is from 1 second to 24 hours, as agog_nats.task_lease.';
+    END IF;
+END
+$$;
+REVOKE ALL ON FUNCTION agog_nats.check_lease(interval) FROM PUBLIC;
+
 CREATE FUNCTION @extschema@.agog_claim_task(agent text, worker text DEFAULT NULL,
                                             lease interval DEFAULT NULL)
     RETURNS TABLE (task_id bigint, workflow_id bigint, stage text, feature text, attempt integer,
@@ -765,6 +782,7 @@ DECLARE
     t agog_nats.tasks;
 BEGIN
     PERFORM agog_nats.check_token('agent', agent);
+    PERFORM agog_nats.check_lease(lease);
     IF NOT EXISTS (SELECT 1 FROM agog_nats.agents a WHERE a.agent = agog_claim_task.agent) THEN
         RAISE EXCEPTION 'unknown agent "%"', agent USING ERRCODE = 'undefined_object',
             HINT = 'The agents are the rows of agog_nats.agents.';
@@ -801,6 +819,7 @@ CREATE FUNCTION @extschema@.agog_heartbeat_task(task_id bigint, lease interval D
 DECLARE
     t agog_nats.tasks;
 BEGIN
+    PERFORM agog_nats.check_lease(lease);
     SELECT * INTO t FROM agog_nats.tasks x WHERE x.id = task_id FOR UPDATE;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'unknown task %', task_id USING ERRCODE = 'undefined_object';

@@ -81,6 +81,10 @@ SELECT try($$SELECT agog_define_pipeline('never', '[{"stage": "a", "agent": "cyn
 SELECT try($$SELECT agog_define_pipeline('patient', '[{"stage": "a", "agent": "cynthia", "retry_backoff": "2 days"}]')$$);
 SELECT count(*) AS none_defined FROM agog_nats.pipelines
  WHERE pipeline IN ('loop', 'self', 'ghost', 'dangling', 'bad', 'empty', 'forever', 'never', 'patient');
+-- A lease out of agog_nats.task_lease's range (a negative one started a
+-- claim already lost).
+SELECT try($$SELECT * FROM agog_claim_task('jen', 'tests', '-1 second')$$) AS negative_lease;
+SELECT try($$SELECT agog_heartbeat_task(1, '25 hours')$$) AS long_lease;
 -- A direct edit that makes a cycle fails at commit.
 BEGIN;
 UPDATE agog_nats.stages SET depends_on = '{qa}' WHERE pipeline = 'review' AND stage = 'research';
