@@ -643,7 +643,8 @@ main(int argc, char **argv)
 					if (db_connected())
 					{
 						want_claim = false;
-						if (opt.once)
+						/* --once: tasks dispatched while commands run are run too */
+						if (opt.once && jobs_active() == 0)
 							no_more = true;
 					}
 					break;

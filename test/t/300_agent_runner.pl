@@ -414,6 +414,20 @@ for my $t (map { $_->[0] + 0.01 } @iv)
 }
 cmp_ok($max_at_once, '<=', 2, '--jobs 2: never more than two');
 
+# --once --jobs 2 with one task: a task dispatched while it runs is run too
+# (the first empty claim, for the free slot, once ended the claiming).
+my $wf4 = AgogAgentTest::start_workflow($node, 'b4', 'batch');
+ok(AgogNatsTest::wait_for(
+		sub { psql("SELECT state = 'dispatched' FROM agog_nats.tasks WHERE workflow_id = $wf4") eq 't' }, 15),
+	'one task dispatched to priya');
+my $once = runner(agent => 'priya', args => [ '--once', '--jobs', '2' ], command => [$batch]);
+ok(AgogNatsTest::wait_for(sub { -e "$cap/batch.b4.start" }, 20), '--once --jobs 2 runs it');
+my $wf5 = AgogAgentTest::start_workflow($node, 'b5', 'batch');
+is($once->wait_exit(30), 0, '--once exits 0');
+like($once->log_text, qr/b5 attempt 1 \(task \d+\): ok -> advanced/,
+	'... after running the task dispatched meanwhile too') or diag($once->log_text);
+is(AgogAgentTest::wait_workflow($node, $wf5, 10), 'completed', 'that workflow completed');
+
 my $t0 = Time::HiRes::time();
 ($rc, $out) = AgogAgentTest::run_agent(30, '--agent', 'priya', '--dsn', $dsn, '--once', '--', $batch);
 is($rc, 0, '--once with nothing dispatched exits 0');
