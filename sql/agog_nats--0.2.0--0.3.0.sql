@@ -1084,9 +1084,21 @@ BEGIN
                 USING ERRCODE = 'invalid_parameter_value';
         END IF;
 
-        -- The same notice again (redelivered, or sent twice): applied once.
         SELECT * INTO t FROM agog_nats.tasks WHERE id = task;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'completion notice names task %, which does not exist', task
+                USING ERRCODE = 'undefined_object';
+        END IF;
+        -- The same notice again (redelivered, or sent twice): applied once.
+        -- Without a task id it may come after its stage completed, when the
+        -- agent's open task is the next stage: look at all of the agent's
+        -- tasks for the feature.
         IF EXISTS (SELECT 1 FROM agog_nats.notices x WHERE x.task_id = task AND x.notice = n)
+           OR (NOT n -> 'metadata' ? 'task_id'
+               AND EXISTS (SELECT 1 FROM agog_nats.notices x
+                             JOIN agog_nats.tasks y ON y.id = x.task_id
+                             JOIN agog_nats.workflows w ON w.id = y.workflow_id
+                            WHERE y.agent = parts[1] AND w.feature = parts[2] AND x.notice = n))
            OR (n -> 'metadata' ? 'attempt'
                AND (n -> 'metadata' ->> 'attempt')::integer IS DISTINCT FROM t.attempt) THEN
             RETURN 'duplicate';

@@ -287,3 +287,26 @@ SELECT try(format('SELECT agog_complete_task(%s, %L)', :t7, jsonb_build_object(
     'metadata', jsonb_build_object('attempt', 1)))) AS stale_completion;
 SELECT state, attempt, claimed_by FROM agog_nats.tasks WHERE id = :t7;
 SELECT agog_cancel_workflow(:wf7);
+
+-- NATS notices: one naming a task that does not exist is bad (it was taken
+-- for a duplicate and dropped without a word); one without a task id sent
+-- again after its stage completed is a duplicate, not the completion of the
+-- agent's next stage (which had not run).
+SELECT agog_nats.apply_nats_notice('agog.notices.jen.nats-agent',
+    (SELECT (body::jsonb || '{"metadata": {"task_id": 999999, "attempt": 1}}')::text FROM nats_notice));
+SELECT error FROM agog_nats.bad_notices ORDER BY id DESC LIMIT 1;
+SELECT agog_define_pipeline('twice', '[{"stage": "s1", "agent": "jen", "timeout": "10 minutes"},
+    {"stage": "s2", "agent": "jen", "depends_on": ["s1"], "timeout": "10 minutes"}]');
+SELECT agog_start_workflow('twice-feature', 'twice') AS wf8 \gset
+SELECT wait_for($$EXISTS (SELECT 1 FROM agog_nats.tasks WHERE workflow_id = $$ || :wf8 || $$ AND stage = 's1' AND state = 'dispatched')$$);
+SELECT agog_publish_report('jen', 'frontend', 'twice-feature', '# s1 from a NATS agent') IS NOT NULL AS published;
+CREATE TEMP TABLE twice_notice AS SELECT jsonb_build_object(
+    'status', 'complete', 'agent', 'jen', 'task', 'twice-feature',
+    'nats_channel', 'agog.deliverables.jen.frontend.twice-feature', 'summary', 's1 done',
+    'complexity', 'Low', 'blockers', 'None', 'ready_for_next_stage', true,
+    'completion_time', '2026-01-01T00:00:00.000Z', 'files_modified', 1, 'metadata', '{}'::jsonb)::text AS body;
+SELECT agog_nats.apply_nats_notice('agog.notices.jen.twice-feature', (SELECT body FROM twice_notice)) AS first;
+SELECT wait_for($$EXISTS (SELECT 1 FROM agog_nats.tasks WHERE workflow_id = $$ || :wf8 || $$ AND stage = 's2' AND state = 'dispatched')$$);
+SELECT agog_nats.apply_nats_notice('agog.notices.jen.twice-feature', (SELECT body FROM twice_notice)) AS again;
+SELECT stage, state FROM agog_nats.tasks WHERE workflow_id = :wf8 ORDER BY stage;
+SELECT agog_cancel_workflow(:wf8);
