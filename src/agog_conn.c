@@ -2329,7 +2329,8 @@ direct_get_wait(AgogConn *conn, uint64 token, int64 wait_ms, natsMsg **m,
  *		copy of it (palloc'd; stream_probe_read frees it after the section)
  *		and the result is NATS_TIMEOUT: the get itself is still unanswered.
  *		Without one, *unanswered is raised so that it is not asked again.
- *		Runs inside a signal-blocked section: no palloc, no ereport.
+ *		Runs inside a signal-blocked section: no ereport (the copy is a
+ *		palloc that returns NULL instead of throwing).
  */
 static natsStatus
 stream_probe_ask(AgogConn *conn, const char *stream, int64 wait_ms,
