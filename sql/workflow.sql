@@ -300,11 +300,9 @@ SELECT agog_define_pipeline('twice', '[{"stage": "s1", "agent": "jen", "timeout"
 SELECT agog_start_workflow('twice-feature', 'twice') AS wf8 \gset
 SELECT wait_for($$EXISTS (SELECT 1 FROM agog_nats.tasks WHERE workflow_id = $$ || :wf8 || $$ AND stage = 's1' AND state = 'dispatched')$$);
 SELECT agog_publish_report('jen', 'frontend', 'twice-feature', '# s1 from a NATS agent') IS NOT NULL AS published;
-CREATE TEMP TABLE twice_notice AS SELECT jsonb_build_object(
-    'status', 'complete', 'agent', 'jen', 'task', 'twice-feature',
-    'nats_channel', 'agog.deliverables.jen.frontend.twice-feature', 'summary', 's1 done',
-    'complexity', 'Low', 'blockers', 'None', 'ready_for_next_stage', true,
-    'completion_time', '2026-01-01T00:00:00.000Z', 'files_modified', 1, 'metadata', '{}'::jsonb)::text AS body;
+CREATE TEMP TABLE twice_notice AS SELECT (body::jsonb || jsonb_build_object(
+    'task', 'twice-feature', 'nats_channel', 'agog.deliverables.jen.frontend.twice-feature',
+    'summary', 's1 done'))::text AS body FROM nats_notice;
 SELECT agog_nats.apply_nats_notice('agog.notices.jen.twice-feature', (SELECT body FROM twice_notice)) AS first;
 SELECT wait_for($$EXISTS (SELECT 1 FROM agog_nats.tasks WHERE workflow_id = $$ || :wf8 || $$ AND stage = 's2' AND state = 'dispatched')$$);
 SELECT agog_nats.apply_nats_notice('agog.notices.jen.twice-feature', (SELECT body FROM twice_notice)) AS again;
