@@ -883,14 +883,12 @@ batch_claim_send(AgogConn *conn, DrainBatch *b, MemoryContext parent)
 		for (int i = 0; i < b->n && !b->interrupted; i++)
 		{
 			Claimed    *row = &b->rows[i];
-			long		secs;
-			int			usecs;
 			AgogError	err;
 
 			if (row->looked_up || row->attempts <= 1 || row->stream == NULL)
 				continue;
-			TimestampDifference(claimed_at, GetCurrentTimestamp(), &secs, &usecs);
-			if (row->first_sent_age_ms + (int64) secs * 1000 + usecs / 1000 <
+			if (row->first_sent_age_ms +
+				TimestampDifferenceMilliseconds(claimed_at, GetCurrentTimestamp()) <
 				agog_duplicate_window_ms / 2)
 				continue;
 			row->looked_up = looked = true;
