@@ -1040,8 +1040,9 @@ GRANT EXECUTE ON FUNCTION @extschema@.agog_retry_workflow(bigint) TO agog_nats_a
 -- agog_nats.bad_notices with its error and not retried.  Any other failure
 -- (a system fault) is raised, so the notice is not acknowledged and comes
 -- again -- unless it has already been delivered max_deliveries times, when
--- it is kept as bad too rather than retried forever.
--- Returns the outcome: advanced, retried, failed, duplicate or bad.
+-- it is kept as bad too rather than retried forever.  A notice whose
+-- workflow or task another session has locked is not waited for: busy.
+-- Returns the outcome: advanced, retried, failed, duplicate, bad or busy.
 CREATE FUNCTION agog_nats.apply_nats_notice(subject text, body text,
                                             deliveries integer DEFAULT 1,
                                             max_deliveries integer DEFAULT 5)
@@ -1102,6 +1103,15 @@ BEGIN
            OR (n -> 'metadata' ? 'attempt'
                AND (n -> 'metadata' ->> 'attempt')::integer IS DISTINCT FROM t.attempt) THEN
             RETURN 'duplicate';
+        END IF;
+        -- A workflow or task another session holds (an open transaction):
+        -- busy, put back to come again, rather than holding up the worker.
+        PERFORM 1 FROM agog_nats.workflows w WHERE w.id = t.workflow_id FOR UPDATE SKIP LOCKED;
+        IF FOUND THEN
+            PERFORM 1 FROM agog_nats.tasks x WHERE x.id = task FOR UPDATE SKIP LOCKED;
+        END IF;
+        IF NOT FOUND THEN
+            RETURN 'busy';
         END IF;
         RETURN agog_nats.apply_notice(task, n, 'nats', false);
     EXCEPTION

@@ -3131,6 +3131,24 @@ agog_conn_notices_ack(AgogConn *conn, int i)
 }
 
 /*
+ * agog_conn_notices_nak
+ *		Put the i-th notice of the last fetch back: the server delivers it
+ *		again after delay_ms.  Fire and forget, like the ack: a lost nak
+ *		only means the notice comes again after the consumer's ack wait.
+ */
+void
+agog_conn_notices_nak(AgogConn *conn, int i, int delay_ms)
+{
+	sigset_t	saved;
+
+	if (!conn->holding || i < 0 || i >= conn->held.Count)
+		return;
+	NATS_BEGIN(saved);
+	(void) natsMsg_NakWithDelay(conn->held.Msgs[i], (int64_t) delay_ms, NULL);
+	NATS_END(saved);
+}
+
+/*
  * agog_conn_notices_release
  *		Destroy the fetched notices.
  */

@@ -241,6 +241,7 @@ extern bool agog_conn_notices_waiting(AgogConn *conn);
 extern int	agog_conn_notices_fetch(AgogConn *conn, AgogNotice *out, int max,
 									AgogError *err);
 extern void agog_conn_notices_ack(AgogConn *conn, int i);
+extern void agog_conn_notices_nak(AgogConn *conn, int i, int delay_ms);
 extern void agog_conn_notices_release(AgogConn *conn);
 pg_attribute_noreturn() extern void agog_raise(const AgogError *err,
 											   const char *message);

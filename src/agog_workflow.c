@@ -59,13 +59,18 @@ agog_workflow_step(void)
 }
 
 #define NOTICE_BATCH 64
+/* a notice whose workflow another session holds comes again after this */
+#define NOTICE_BUSY_DELAY_MS 1000
 
 /*
  * agog_notices_consume
  *		Apply the completion notices waiting in NATS, each in a transaction
  *		of its own, acknowledged after its commit.  rung: the doorbell
  *		announced a notice; otherwise the consumer is asked first.  Returns how many were
- *		taken (0 when none, or when the consumer cannot be reached now).
+ *		applied or filed (0 when none, or when the consumer cannot be reached
+ *		now).  A notice whose workflow or task another session has locked is
+ *		put back to come again a second later: the worker does not wait for
+ *		a lock an open transaction may hold for long.
  *		Runs in the worker, outside any transaction.
  */
 int
@@ -75,6 +80,7 @@ agog_notices_consume(AgogConn *conn, bool rung)
 	AgogNotice	notices[NOTICE_BATCH];
 	AgogError	err;
 	int			n;
+	int			applied = 0;
 
 	if (!agog_conn_notices_open(conn, &err))
 		return 0;				/* the stream may not exist yet; next time */
@@ -94,6 +100,8 @@ agog_notices_consume(AgogConn *conn, bool rung)
 		Oid			argtypes[3] = {TEXTOID, TEXTOID, INT4OID};
 		Datum		args[3];
 		char	   *body = notices[i].body;
+		bool		busy;
+		bool		isnull;
 		int			ret;
 
 		/* a body that is not text is kept as hex, and fails as JSON */
@@ -113,15 +121,28 @@ agog_notices_consume(AgogConn *conn, bool rung)
 		args[2] = Int32GetDatum(notices[i].deliveries);
 
 		agog_xact_begin(cxt);
-		ret = SPI_execute_with_args("SELECT agog_nats.apply_nats_notice($1, $2, $3)",
+		ret = SPI_execute_with_args("SELECT agog_nats.apply_nats_notice($1, $2, $3) = 'busy'",
 									3, argtypes, args, NULL, false, 1);
-		if (ret != SPI_OK_SELECT)
+		if (ret != SPI_OK_SELECT || SPI_processed != 1)
 			elog(ERROR, "agog_nats.apply_nats_notice() failed: %s",
 				 SPI_result_code_string(ret));
+		busy = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0],
+										  SPI_tuptable->tupdesc, 1, &isnull)) && !isnull;
 		agog_xact_commit(cxt);
 
-		agog_conn_notices_ack(conn, i);
+		if (busy)
+		{
+			/* another session holds its workflow or task: again later */
+			elog(DEBUG1, "agog_nats: a completion notice on \"%s\" waits for a lock held by another session",
+				 notices[i].subject);
+			agog_conn_notices_nak(conn, i, NOTICE_BUSY_DELAY_MS);
+		}
+		else
+		{
+			agog_conn_notices_ack(conn, i);
+			applied++;
+		}
 	}
 	agog_conn_notices_release(conn);
-	return n;
+	return applied;
 }

@@ -441,6 +441,56 @@ sub check_exactly_once
 	return;
 }
 
+# The current time as the seed writes it: ISO 8601 UTC with milliseconds.
+sub iso_now
+{
+	my ($s, $us) = Time::HiRes::gettimeofday();
+	my @t = gmtime($s);
+	return sprintf('%04d-%02d-%02dT%02d:%02d:%02d.%03dZ', $t[5] + 1900, $t[4] + 1, @t[3, 2, 1, 0], $us / 1000);
+}
+
+my $canonical = JSON::PP->new->canonical;
+
+# The seed's report of jen (frontend) for $feature, as a NATS-only agent
+# publishes it.
+sub jen_report
+{
+	my ($feature) = @_;
+	return $canonical->encode({
+		content  => "# Frontend for $feature\n\nBuilt by a NATS-only agent.\n" . ('lorem ipsum ' x 50),
+		metadata => { agent => 'jen', taskType => 'frontend', feature => $feature, timestamp => iso_now(),
+			components_created => 3 } });
+}
+
+# The seed's completion notice of jen for $feature; %over replaces fields.
+sub jen_notice
+{
+	my ($feature, %over) = @_;
+	return $canonical->encode({
+		status               => 'complete',
+		agent                => 'jen',
+		task                 => $feature,
+		nats_channel         => "agog.deliverables.jen.frontend.$feature",
+		summary              => "frontend of $feature done",
+		complexity           => 'Low',
+		blockers             => 'None',
+		ready_for_next_stage => JSON::PP::true,
+		completion_time      => iso_now(),
+		files_modified       => 3,
+		metadata             => { tests => 'green' },
+		%over });
+}
+
+# A JetStream publish (a request whose reply is the PubAck): the decoded
+# ack, or undef.
+sub js_publish
+{
+	my ($nats, $subject, $body) = @_;
+	my $r = $nats->request($subject, $body, 5);
+	return undef unless defined $r && $r ne 'NO_RESPONDERS';
+	return eval { JSON::PP->new->decode($r) };
+}
+
 # $JS.API.CONSUMER.INFO.<stream>.<durable>, decoded, or undef.
 sub consumer_info
 {

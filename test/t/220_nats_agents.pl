@@ -29,7 +29,6 @@ use AgogNatsTest;
 use AgogWorkflowTest;
 
 my $t_start = Time::HiRes::time();
-my $json = JSON::PP->new->canonical;
 
 my ($nats, $node) = AgogWorkflowTest::setup('wfnats');
 is($node->safe_psql('postgres',
@@ -38,49 +37,10 @@ is($node->safe_psql('postgres',
 
 sub q1 { return $node->safe_psql('postgres', $_[0]); }
 
-sub iso_now
-{
-	my ($s, $us) = Time::HiRes::gettimeofday();
-	my @t = gmtime($s);
-	return sprintf('%04d-%02d-%02dT%02d:%02d:%02d.%03dZ', $t[5] + 1900, $t[4] + 1, @t[3, 2, 1, 0], $us / 1000);
-}
-
 # The seed's report and completion notice of jen for $feature.
-sub report_body
-{
-	my ($feature) = @_;
-	return $json->encode({
-		content  => "# Frontend for $feature\n\nBuilt by a NATS-only agent.\n" . ('lorem ipsum ' x 50),
-		metadata => { agent => 'jen', taskType => 'frontend', feature => $feature, timestamp => iso_now(),
-			components_created => 3 } });
-}
-
-sub notice_body
-{
-	my ($feature, %over) = @_;
-	return $json->encode({
-		status               => 'complete',
-		agent                => 'jen',
-		task                 => $feature,
-		nats_channel         => "agog.deliverables.jen.frontend.$feature",
-		summary              => "frontend of $feature done",
-		complexity           => 'Low',
-		blockers             => 'None',
-		ready_for_next_stage => JSON::PP::true,
-		completion_time      => iso_now(),
-		files_modified       => 3,
-		metadata             => { tests => 'green' },
-		%over });
-}
-
-# JetStream publish (a request whose reply is the PubAck), decoded ack.
-sub js_publish
-{
-	my ($subject, $body) = @_;
-	my $r = $nats->request($subject, $body, 5);
-	return undef unless defined $r && $r ne 'NO_RESPONDERS';
-	return eval { JSON::PP->new->decode($r) };
-}
+sub report_body { return AgogWorkflowTest::jen_report(@_); }
+sub notice_body { return AgogWorkflowTest::jen_notice(@_); }
+sub js_publish { return AgogWorkflowTest::js_publish($nats, @_); }
 
 sub consumer { return AgogWorkflowTest::consumer_info($nats, 'agog_notices', 'agog_nats_worker'); }
 

@@ -1,0 +1,91 @@
+
+# A completion notice that comes over NATS must not make the worker wait
+# for a workflow another session holds.  Applying it locks the workflow and
+# the task; a session that locked the workflow and left its transaction
+# open (an administrator's psql in the middle of agog_cancel_workflow, a
+# runner stalled mid-transaction) held up the worker's whole loop while the
+# notice waited: every other workflow, and the outbox.  The worker now puts
+# such a notice back (it comes again a second later) and goes on; once the
+# session ends, the notice is applied, once.
+
+use strict;
+use warnings;
+
+use Time::HiRes ();
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+use AgogNatsTest;
+use AgogWorkflowTest;
+
+my ($nats, $node) = AgogWorkflowTest::setup('noticelock');
+sub psql { return $node->safe_psql('postgres', @_); }
+
+is(psql(q{SELECT agog_define_pipeline('solo', '[{"stage": "build", "agent": "jen"}]')}),
+	1, 'a one-stage pipeline for jen');
+
+my $wf = psql("SELECT agog_start_workflow('held-notice', 'solo')");
+ok(AgogNatsTest::wait_for(
+		sub { psql("SELECT state FROM agog_nats.tasks WHERE workflow_id = $wf") eq 'dispatched' }, 10),
+	'the task is dispatched');
+ok(AgogWorkflowTest::js_publish($nats, 'agog.deliverables.jen.frontend.held-notice',
+		AgogWorkflowTest::jen_report('held-notice')),
+	'jen publishes its report over NATS');
+
+# A session locks the workflow and leaves its transaction open.
+my $holder = $node->background_psql('postgres');
+$holder->query_safe('BEGIN');
+$holder->query_safe("SELECT id FROM agog_nats.workflows WHERE id = $wf FOR UPDATE");
+
+my $off = AgogNatsTest::log_offset($node);
+ok(AgogWorkflowTest::js_publish($nats, 'agog.notices.jen.held-notice',
+		AgogWorkflowTest::jen_notice('held-notice')),
+	'jen sends its completion notice while the workflow is held');
+my $ci;
+ok(AgogNatsTest::wait_for(
+		sub {
+			$ci = AgogWorkflowTest::consumer_info($nats, 'agog_notices', 'agog_nats_worker');
+			$ci && $ci->{delivered}{stream_seq} >= 1;
+		},
+		10),
+	'the worker took the notice');
+Time::HiRes::sleep(0.3);
+
+# Meanwhile, the worker's other work: a report to publish.
+my $t0 = Time::HiRes::time();
+my $id = psql("SELECT agog_publish_report('roy', 'backend', 'meanwhile', 'published while a workflow is held')");
+ok(AgogNatsTest::wait_for(
+		sub { psql("SELECT state FROM agog_nats.outbox WHERE id = $id") eq 'published' }, 10),
+	'a report committed meanwhile is published')
+  or diag(psql("SELECT pid, wait_event_type, wait_event, left(query, 60) FROM pg_stat_activity "
+		  . "WHERE backend_type = 'agog_nats worker'"));
+note(sprintf('published %.2f s after its commit', Time::HiRes::time() - $t0));
+is(psql("SELECT wait_event_type IS DISTINCT FROM 'Lock' FROM pg_stat_activity WHERE backend_type = 'agog_nats worker'"),
+	't', 'the worker does not wait on the held workflow');
+is(psql("SELECT state FROM agog_nats.tasks WHERE workflow_id = $wf"), 'dispatched',
+	'the notice is not applied while the workflow is held');
+Time::HiRes::sleep(1.5);
+$ci = AgogWorkflowTest::consumer_info($nats, 'agog_notices', 'agog_nats_worker') // {};
+cmp_ok($ci->{num_ack_pending} // 0, '>=', 1, 'and not acknowledged');
+
+# The session ends: the notice comes again and is applied, once.
+$holder->query_safe('ROLLBACK');
+$holder->quit;
+ok(AgogNatsTest::wait_for(
+		sub { psql("SELECT state FROM agog_nats.workflows WHERE id = $wf") eq 'completed' }, 15),
+	'after the session ends, the notice completes the workflow');
+is(psql("SELECT count(*) FROM agog_nats.notices n JOIN agog_nats.tasks t ON t.id = n.task_id WHERE t.workflow_id = $wf"),
+	1, 'one notice recorded');
+is(psql('SELECT count(*) FROM agog_nats.bad_notices'), 0, 'none filed as bad');
+ok(AgogNatsTest::wait_for(
+		sub {
+			my $c = AgogWorkflowTest::consumer_info($nats, 'agog_notices', 'agog_nats_worker') // {};
+			($c->{num_ack_pending} // 1) == 0 && ($c->{num_pending} // 1) == 0;
+		},
+		15),
+	'the notice is acknowledged');
+unlike(AgogNatsTest::log_since($node, $off), qr/exited with exit code/, 'the worker did not exit');
+
+$node->stop;
+$nats->stop;
+done_testing();
