@@ -129,6 +129,9 @@ CREATE TABLE agog_nats.tasks (
     state           text NOT NULL CHECK (state IN ('waiting', 'ready', 'dispatched', 'running',
                                                    'completed', 'failed', 'cancelled')),
     attempt         integer NOT NULL DEFAULT 0,
+    -- the attempts made before the workflow's last agog_retry_workflow:
+    -- max_attempts and the backoff's doubling count from there
+    attempt_base    integer NOT NULL DEFAULT 0,
     created_at      timestamptz NOT NULL DEFAULT now(),
     ready_at        timestamptz,
     next_attempt_at timestamptz,
@@ -250,10 +253,12 @@ CREATE FUNCTION agog_nats.retry_or_fail(t agog_nats.tasks, why text) RETURNS tex
 DECLARE
     backoff interval;
 BEGIN
-    IF t.attempt < t.max_attempts THEN
-        -- doubled at every attempt, at most a day (2^20 times at most: an
-        -- interval multiplied further could leave its range)
-        backoff := least(t.retry_backoff * power(2, least(greatest(t.attempt - 1, 0), 20)),
+    IF t.attempt - t.attempt_base < t.max_attempts THEN
+        -- doubled at every attempt since the workflow's last retry, at most
+        -- a day (2^20 times at most: an interval multiplied further could
+        -- leave its range)
+        backoff := least(t.retry_backoff
+                         * power(2, least(greatest(t.attempt - t.attempt_base - 1, 0), 20)),
                          interval '1 day');
         UPDATE agog_nats.tasks
            SET state = 'ready', next_attempt_at = now() + backoff, last_error = why,
@@ -787,8 +792,11 @@ BEGIN
         RAISE EXCEPTION 'unknown agent "%"', agent USING ERRCODE = 'undefined_object',
             HINT = 'The agents are the rows of agog_nats.agents.';
     END IF;
+    -- Not one already past its deadline (the worker has yet to time it
+    -- out): its lease would run out before the runner began.
     SELECT * INTO t FROM agog_nats.tasks x
      WHERE x.agent = agog_claim_task.agent AND x.state = 'dispatched'
+       AND (x.deadline IS NULL OR x.deadline > clock_timestamp())
      ORDER BY x.id LIMIT 1 FOR UPDATE SKIP LOCKED;
     IF NOT FOUND THEN
         RETURN;
@@ -916,9 +924,9 @@ BEGIN
                   DETAIL = format('It is %s; only failed or cancelled workflows are retried.', w.state);
     END IF;
     -- Attempts keep counting (notices are recorded per attempt); each
-    -- retried task gets its full budget of attempts again.
+    -- retried task gets its budget of attempts again, counted from here.
     UPDATE agog_nats.tasks x
-       SET state = 'waiting', max_attempts = x.attempt + x.max_attempts, last_error = NULL, deadline = NULL,
+       SET state = 'waiting', attempt_base = x.attempt, last_error = NULL, deadline = NULL,
            lease_until = NULL, claimed_at = NULL, claimed_by = NULL, next_attempt_at = NULL
      WHERE x.workflow_id = agog_retry_workflow.workflow_id AND x.state IN ('failed', 'cancelled');
     UPDATE agog_nats.workflows x SET state = 'running', finished_at = NULL, reason = NULL

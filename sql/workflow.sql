@@ -196,6 +196,22 @@ SELECT play('billy');
 SELECT wait_for($$(SELECT state = 'completed' FROM agog_nats.workflows WHERE id = $$ || :wf3 || $$)$$);
 SELECT kind, count(*) FROM agog_nats.events WHERE workflow_id = :wf3 GROUP BY kind ORDER BY kind;
 
+-- Each retry of a workflow gives its failed task its budget again, once,
+-- and the backoff doubles from the retry on, not from the first attempt.
+SELECT agog_define_pipeline('flaky2', '[{"stage": "build", "agent": "roy", "max_attempts": 2, "retry_backoff": "10 milliseconds"}]');
+SELECT agog_start_workflow('flaky2-feature', 'flaky2') AS wf3b \gset
+SELECT play('roy', 'failed');
+SELECT play('roy', 'failed');
+SELECT agog_retry_workflow(:wf3b);
+SELECT play('roy', 'failed');
+SELECT play('roy', 'failed');
+SELECT agog_retry_workflow(:wf3b);
+SELECT play('roy', 'failed');
+SELECT play('roy', 'failed');
+SELECT state, reason FROM agog_nats.workflows WHERE id = :wf3b;
+SELECT detail ->> 'attempt' AS attempt, detail ->> 'backoff_ms' AS backoff_ms
+  FROM agog_nats.events WHERE workflow_id = :wf3b AND kind = 'task_retry' ORDER BY id;
+
 -- A task nobody claims before its deadline is retried, then fails the
 -- workflow; a lease that runs out is lost.
 SELECT agog_define_pipeline('slow', '[{"stage": "s", "agent": "jen", "timeout": "1 second", "max_attempts": 2, "retry_backoff": "0 seconds"}]');
@@ -217,6 +233,18 @@ SELECT wait_for($$(SELECT attempt = 2 AND state = 'dispatched' FROM agog_nats.ta
 SELECT state, attempt, last_error FROM agog_nats.tasks WHERE id = :t5;
 SELECT play('jen');
 SELECT wait_for($$(SELECT state = 'completed' FROM agog_nats.workflows WHERE id = $$ || :wf5 || $$)$$);
+
+-- A dispatched task already past its deadline (the worker has not timed it
+-- out yet: it was down, or busy) is not claimed: its lease would have run
+-- out before the runner began.
+SELECT agog_start_workflow('overdue-feature', 'leased') AS wf5b \gset
+SELECT wait_for($$EXISTS (SELECT 1 FROM agog_nats.tasks WHERE workflow_id = $$ || :wf5b || $$ AND state = 'dispatched')$$);
+BEGIN;
+UPDATE agog_nats.tasks SET deadline = clock_timestamp() - interval '1 second' WHERE workflow_id = :wf5b;
+SELECT count(*) AS claimed FROM agog_claim_task('jen', 'late');
+ROLLBACK;
+SELECT stage, attempt, lease_until > now() AS leased FROM agog_claim_task('jen', 'on-time');
+SELECT agog_cancel_workflow(:wf5b);
 
 -- Notices from agents that speak only NATS: applied once; a malformed one
 -- is kept with its error.
