@@ -36,7 +36,11 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "access/xact.h"
+#include "catalog/pg_authid.h"
+#include "miscadmin.h"
 #include "storage/fd.h"
+#include "utils/acl.h"
 
 /* A credentials file is a JWT of a few kB and a seed; refuse anything huge. */
 #define KEY_FILE_MAX	(64 * 1024)
@@ -355,6 +359,55 @@ user_jwt(char **jwt, char **errtxt, void *closure)
 }
 
 /*
+ * agog_auth_file_shown
+ *		Whether an error may name the file a secret setting points at: in
+ *		the worker (its errors go to the server log only), and to a session
+ *		that may read the setting (a superuser or a member of
+ *		pg_read_all_settings, as for SHOW).  Anyone else learns the setting's
+ *		name, and the server log the path (file_log).  Runs in a backend or
+ *		the worker before the file is opened; keeps errno.
+ */
+bool
+agog_auth_file_shown(void)
+{
+	int			save_errno = errno;
+	bool		shown;
+
+	shown = IsBackgroundWorker ||
+		(IsTransactionState() &&
+		 (superuser() || has_privs_of_role(GetUserId(), ROLE_PG_READ_ALL_SETTINGS)));
+	errno = save_errno;
+	return shown;
+}
+
+/*
+ * file_named
+ *		How an error message names the file: with its path when shown.
+ */
+static const char *
+file_named(const char *path, bool shown)
+{
+	int			save_errno = errno;
+	const char *named = shown ? psprintf("file \"%s\"", path) : "the file";
+
+	errno = save_errno;
+	return named;
+}
+
+/*
+ * file_log
+ *		Inside an ereport: the path for the server log when the message
+ *		does not show it.
+ */
+static int
+file_log(const char *path, bool shown)
+{
+	if (!shown)
+		errdetail_log("The file is \"%s\".", path);
+	return 0;
+}
+
+/*
  * agog_auth_read_secret
  *		The first line of a secret file, without its line end, palloc'd; NULL
  *		when no file is set.  Runs in a backend or the worker, outside any
@@ -369,14 +422,18 @@ agog_auth_read_secret(const char *setting, const char *path)
 	char	   *secret;
 	size_t		len;
 	bool		too_long;
+	bool		shown;
 
 	if (!agog_setting_is_set(path))
 		return NULL;
+	shown = agog_auth_file_shown();
 	f = AllocateFile(path, "r");
 	if (f == NULL)
 		ereport(ERROR,
 				(errcode_for_file_access(),
-				 errmsg("could not open file \"%s\" named by %s: %m", path, setting)));
+				 errmsg("could not open %s named by %s: %m",
+						file_named(path, shown), setting),
+				 file_log(path, shown)));
 	/* no stdio buffer: it would keep a copy of the secret after fclose */
 	setvbuf(f, NULL, _IONBF, 0);
 	if (fgets(buf, sizeof(buf), f) == NULL)
@@ -403,13 +460,15 @@ agog_auth_read_secret(const char *setting, const char *path)
 	if (len == 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("file \"%s\" named by %s is empty", path, setting)));
+				 errmsg("%s named by %s is empty", file_named(path, shown), setting),
+				 file_log(path, shown)));
 	if (too_long)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("first line of file \"%s\" named by %s is longer than %d bytes",
-						path, setting, AGOG_SECRET_MAX),
+				 errmsg("first line of %s named by %s is longer than %d bytes",
+						file_named(path, shown), setting, AGOG_SECRET_MAX),
 				 errdetail("The secret is the file's first line, without its line end."),
+				 file_log(path, shown),
 				 errhint("Put the password or token alone on the file's first line.")));
 	if (secret == NULL)
 		ereport(ERROR,
@@ -446,6 +505,7 @@ agog_auth_forget_secret(char *secret)
 static void
 check_key_file(const char *setting, const char *path, AuthFile file)
 {
+	bool		shown = agog_auth_file_shown();
 	size_t		size;
 	int			err;
 	char	   *text = read_key_file(path, &size, &err);
@@ -463,31 +523,36 @@ check_key_file(const char *setting, const char *path, AuthFile file)
 	if (err == EFBIG)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("file \"%s\" named by %s is larger than %d kB",
-						path, setting, KEY_FILE_MAX / 1024),
-				 errdetail("An NKey seed is one line of 58 characters, and a credentials file holds a user JWT and a seed, a few kB.")));
+				 errmsg("%s named by %s is larger than %d kB",
+						file_named(path, shown), setting, KEY_FILE_MAX / 1024),
+				 errdetail("An NKey seed is one line of 58 characters, and a credentials file holds a user JWT and a seed, a few kB."),
+				 file_log(path, shown)));
 	if (err == EINVAL)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("file \"%s\" named by %s is not a regular file", path, setting)));
+				 errmsg("%s named by %s is not a regular file", file_named(path, shown), setting),
+				 file_log(path, shown)));
 	if (err != 0)
 	{
 		errno = err;
 		ereport(ERROR,
 				(errcode_for_file_access(),
-				 errmsg("could not open file \"%s\" named by %s: %m", path, setting)));
+				 errmsg("could not open %s named by %s: %m", file_named(path, shown), setting),
+				 file_log(path, shown)));
 	}
 	if (file == AUTH_SEED && !has_seed)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("file \"%s\" named by %s holds no NKey user seed", path, setting),
+				 errmsg("%s named by %s holds no NKey user seed", file_named(path, shown), setting),
+				 file_log(path, shown),
 				 errdetail("The seed is the file's first line that starts with \"SU\"; %s.",
 						   size == 0 ? "the file is empty" : "no line does")));
 	if (file == AUTH_CREDS && (!has_jwt || !has_seed))
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("file \"%s\" named by %s holds no NATS user credentials",
-						path, setting),
+				 errmsg("%s named by %s holds no NATS user credentials",
+						file_named(path, shown), setting),
+				 file_log(path, shown),
 				 errdetail("A credentials file holds a user JWT (eyJ...), then that user's NKey seed (SU...), each between a \"-----BEGIN\" and an \"------END\" line, as \"nsc generate creds\" writes them; this one has %s.",
 						   has_jwt ? "no seed" : has_seed ? "no JWT" : "neither")));
 }

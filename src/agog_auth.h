@@ -20,5 +20,6 @@ extern void agog_auth_forget_secret(char *secret);
 extern void agog_auth_check_files(void);
 extern natsStatus agog_auth_set_options(natsOptions *opts);
 extern bool agog_auth_take_dropped(void);
+extern bool agog_auth_file_shown(void);
 
 #endif							/* AGOG_AUTH_H */

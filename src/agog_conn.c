@@ -709,6 +709,8 @@ connect_attempts(AgogConn *conn, const char **servers, int nservers,
 	WaitBudget	budget;
 	bool		interrupted = false;
 	int			resigned = 0;
+	bool		tls_failed = false;
+	bool		shown = agog_auth_file_shown();
 
 	/*
 	 * Connect in attempts of growing length, so cancel and shutdown are
@@ -756,11 +758,17 @@ connect_attempts(AgogConn *conn, const char **servers, int nservers,
 			s = natsOptions_SetSecure(opts, true);
 		}
 		if (s == NATS_OK && agog_setting_is_set(agog_tls_ca_file))
+		{
 			s = natsOptions_LoadCATrustedCertificates(opts, agog_tls_ca_file);
+			tls_failed = (s != NATS_OK);
+		}
 		if (s == NATS_OK && agog_setting_is_set(agog_tls_cert_file))
+		{
 			s = natsOptions_LoadCertificatesChain(opts, agog_tls_cert_file,
 												  agog_setting_is_set(agog_tls_key_file) ?
 												  agog_tls_key_file : agog_tls_cert_file);
+			tls_failed = (s != NATS_OK);
+		}
 		if (s == NATS_OK && keep_reconnecting)
 		{
 			s = natsOptions_SetAllowReconnect(opts, true);
@@ -811,6 +819,20 @@ connect_attempts(AgogConn *conn, const char **servers, int nservers,
 		}
 		natsOptions_Destroy(opts);
 		NATS_END(saved);
+
+		/*
+		 * nats.c names the TLS file it could not load: keep the path from a
+		 * session that may not read the settings, and put it in the log.
+		 */
+		if (tls_failed && !shown)
+		{
+			ereport(LOG,
+					(errmsg("agog_nats could not load the TLS files for a session that may not see their paths"),
+					 errdetail_internal("The NATS client reported: %s", err->text)));
+			strlcpy(err->text, "could not load the files named by agog_nats.tls_ca_file, "
+					"agog_nats.tls_cert_file and agog_nats.tls_key_file", sizeof(err->text));
+			break;
+		}
 
 		/*
 		 * A signature nats.c would have left out of its CONNECT (see

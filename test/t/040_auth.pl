@@ -61,6 +61,18 @@ $err = AgogNatsTest::error_after_reload($node, "agog_nats.password_file = '$dir/
 	'agog_nats.password_file', qr/missing/, 'a missing file');
 like($err, qr/ERROR:\s+58P01: could not open file ".*missing" named by agog_nats\.password_file/,
 	'a missing password file: 58P01 naming the setting');
+# A role that may not read the setting is not told the file's path either
+# (the server log has it).
+$node->safe_psql('postgres', 'CREATE ROLE scribe LOGIN IN ROLE agog_nats_writer');
+$off = AgogNatsTest::log_offset($node);
+($ret, $out, $err) = $node->psql('postgres',
+	q{SELECT agog_publish_report_now('cynthia', 'research', 'auth-hidden', 'x')},
+	extra_params => [ '-U', 'scribe', '-v', 'VERBOSITY=verbose' ]);
+like($err, qr/ERROR:\s+58P01: could not open the file named by agog_nats\.password_file: No such file/,
+	'to a role that cannot read the setting: 58P01 naming the setting');
+unlike($err, qr/\Q$dir\E|missing/, 'and not the path');
+like(AgogNatsTest::log_since($node, $off), qr/DETAIL:\s+The file is "\Q$dir\E\/missing"\./,
+	'the server log names the file');
 
 # A first line longer than a secret may be is refused, not cut short and
 # sent as a wrong password; one of exactly the longest length is read whole

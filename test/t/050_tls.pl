@@ -63,6 +63,26 @@ ok(AgogNatsTest::wait_for(
 AgogNatsTest::refused($node, q{SELECT agog_publish_report_now('cynthia', 'research', 'tls2', 'x')},
 	'08006', 'without a client certificate');
 
+# A TLS file that cannot be loaded: nats.c's words name its path, which a
+# role that may not read the settings is not told (the server log has it).
+$node->safe_psql('postgres', 'CREATE ROLE scribe LOGIN IN ROLE agog_nats_writer');
+$node->append_conf('postgresql.conf', "agog_nats.tls_cert_file = '$dir/absent.pem'\n");
+$node->reload;
+ok(AgogNatsTest::wait_for(
+		sub { $node->safe_psql('postgres', q{SELECT current_setting('agog_nats.tls_cert_file') LIKE '%absent.pem'}) eq 't' },
+		10),
+	'the reload names a certificate file that does not exist');
+my $off = AgogNatsTest::log_offset($node);
+my $call = q{SELECT agog_publish_report_now('cynthia', 'research', 'tls3', 'x')};
+my ($ret, $out, $err) = $node->psql('postgres', $call,
+	extra_params => [ '-U', 'scribe', '-v', 'VERBOSITY=verbose' ]);
+like($err, qr/could not load the files named by agog_nats\.tls_ca_file/,
+	'to a role that cannot read the settings: the error names the settings');
+unlike($err, qr/absent|\Q$dir\E/, 'and not the path');
+like(AgogNatsTest::log_since($node, $off), qr/absent\.pem/, 'the server log names it');
+($ret, $out, $err) = $node->psql('postgres', $call, extra_params => [ '-v', 'VERBOSITY=verbose' ]);
+like($err, qr/absent\.pem/, 'a superuser is told the path');
+
 # With it again, the worker is back.
 AgogNatsTest::reconnects_with($node,
 	"agog_nats.tls_cert_file = '$dir/client.pem'\nagog_nats.tls_key_file = '$dir/client-key.pem'\n",
