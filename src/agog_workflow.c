@@ -61,6 +61,74 @@ agog_workflow_step(void)
 #define NOTICE_BATCH 64
 /* a notice whose workflow another session holds comes again after this */
 #define NOTICE_BUSY_DELAY_MS 1000
+/* and one whose transaction failed (a fault of the system) after this */
+#define NOTICE_FAILED_DELAY_MS 5000
+
+typedef enum NoticeOutcome
+{
+	NOTICE_DONE,				/* applied, a duplicate, or filed as bad */
+	NOTICE_BUSY,				/* its workflow or task is locked */
+	NOTICE_FAILED				/* its transaction failed */
+} NoticeOutcome;
+
+/*
+ * apply_notice
+ *		Apply one completion notice in a transaction of its own.  Runs in the
+ *		worker, outside any transaction, back in cxt after.  An error (a
+ *		fault of the system, not of the notice: apply_nats_notice files
+ *		those) aborts the transaction and is logged as a warning: the caller
+ *		puts the notice back, and the worker goes on with its loop instead
+ *		of exiting, so the outbox and the other workflows do not wait for
+ *		the restart.  FATAL errors (shutdown) are not caught.
+ */
+static NoticeOutcome
+apply_notice(MemoryContext cxt, const char *subject, const char *body, int deliveries)
+{
+	Oid			argtypes[3] = {TEXTOID, TEXTOID, INT4OID};
+	Datum		args[3];
+	volatile NoticeOutcome outcome = NOTICE_DONE;
+
+	args[0] = CStringGetTextDatum(subject);
+	args[1] = CStringGetTextDatum(body);
+	args[2] = Int32GetDatum(deliveries);
+
+	PG_TRY();
+	{
+		bool		isnull;
+		int			ret;
+
+		agog_xact_begin(cxt);
+		ret = SPI_execute_with_args("SELECT agog_nats.apply_nats_notice($1, $2, $3) = 'busy'",
+									3, argtypes, args, NULL, false, 1);
+		if (ret != SPI_OK_SELECT || SPI_processed != 1)
+			elog(ERROR, "agog_nats.apply_nats_notice() failed: %s",
+				 SPI_result_code_string(ret));
+		if (DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0],
+									   SPI_tuptable->tupdesc, 1, &isnull)) && !isnull)
+			outcome = NOTICE_BUSY;
+		agog_xact_commit(cxt);
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(cxt);
+		edata = CopyErrorData();
+		FlushErrorState();
+		AbortCurrentTransaction();
+		MemoryContextSwitchTo(cxt);
+		ereport(WARNING,
+				(errcode(edata->sqlerrcode),
+				 errmsg("agog_nats worker could not apply a completion notice on \"%s\"", subject),
+				 errdetail_internal("%s", edata->message),
+				 errhint("The notice comes again in %d seconds (delivery %d).",
+						 NOTICE_FAILED_DELAY_MS / 1000, deliveries)));
+		FreeErrorData(edata);
+		outcome = NOTICE_FAILED;
+	}
+	PG_END_TRY();
+	return outcome;
+}
 
 /*
  * agog_notices_consume
@@ -97,12 +165,8 @@ agog_notices_consume(AgogConn *conn, bool rung)
 
 	for (int i = 0; i < n; i++)
 	{
-		Oid			argtypes[3] = {TEXTOID, TEXTOID, INT4OID};
-		Datum		args[3];
 		char	   *body = notices[i].body;
-		bool		busy;
-		bool		isnull;
-		int			ret;
+		NoticeOutcome outcome;
 
 		/* a body that is not text is kept as hex, and fails as JSON */
 		if (memchr(body, '\0', notices[i].len) != NULL ||
@@ -116,27 +180,16 @@ agog_notices_consume(AgogConn *conn, bool rung)
 				appendStringInfo(&hex, "%02x", (unsigned char) body[b]);
 			body = hex.data;
 		}
-		args[0] = CStringGetTextDatum(notices[i].subject);
-		args[1] = CStringGetTextDatum(body);
-		args[2] = Int32GetDatum(notices[i].deliveries);
-
-		agog_xact_begin(cxt);
-		ret = SPI_execute_with_args("SELECT agog_nats.apply_nats_notice($1, $2, $3) = 'busy'",
-									3, argtypes, args, NULL, false, 1);
-		if (ret != SPI_OK_SELECT || SPI_processed != 1)
-			elog(ERROR, "agog_nats.apply_nats_notice() failed: %s",
-				 SPI_result_code_string(ret));
-		busy = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0],
-										  SPI_tuptable->tupdesc, 1, &isnull)) && !isnull;
-		agog_xact_commit(cxt);
-
-		if (busy)
+		outcome = apply_notice(cxt, notices[i].subject, body, notices[i].deliveries);
+		if (outcome == NOTICE_BUSY)
 		{
 			/* another session holds its workflow or task: again later */
 			elog(DEBUG1, "agog_nats: a completion notice on \"%s\" waits for a lock held by another session",
 				 notices[i].subject);
 			agog_conn_notices_nak(conn, i, NOTICE_BUSY_DELAY_MS);
 		}
+		else if (outcome == NOTICE_FAILED)
+			agog_conn_notices_nak(conn, i, NOTICE_FAILED_DELAY_MS);
 		else
 		{
 			agog_conn_notices_ack(conn, i);
