@@ -311,6 +311,7 @@ sub new
 		store_dir    => $opts{store_dir} // "$dir/js",
 		max_payload  => $opts{max_payload} // 10485760,
 		extra_conf   => $opts{extra_conf} // '',
+		jetstream    => $opts{jetstream} // 1,
 		conf_file    => "$dir/nats.conf",
 		pid_file     => "$dir/nats.pid",
 		log_file => "$PostgreSQL::Test::Utils::log_path/${test}_$name.log",
@@ -351,14 +352,14 @@ sub _write_conf
 	my ($self) = @_;
 	open my $fh, '>', $self->{conf_file}
 	  or croak "cannot write $self->{conf_file}: $!";
+	# jetstream => 0: a core NATS server, on which nothing answers $JS.API
+	my $js = $self->{jetstream} ? "jetstream {\n    store_dir: \"$self->{store_dir}\"\n}" : '';
 	print $fh <<"EOF";
 # written by AgogNatsTest::NatsServer
 listen: 127.0.0.1:$self->{port}
 http: 127.0.0.1:$self->{monitor_port}
 max_payload: $self->{max_payload}
-jetstream {
-    store_dir: "$self->{store_dir}"
-}
+$js
 $self->{extra_conf}
 EOF
 	close $fh;
