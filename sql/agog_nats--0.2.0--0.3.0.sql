@@ -72,20 +72,23 @@ BEGIN
 END
 $$;
 
--- The same check for direct edits of agog_nats.stages, at commit.
+-- The same check for direct edits of agog_nats.stages, at commit: a
+-- deleted stage may be one that others depend on.
 CREATE FUNCTION agog_nats.stages_check() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
     AS $$
+DECLARE
+    p text := CASE WHEN TG_OP = 'DELETE' THEN OLD.pipeline ELSE NEW.pipeline END;
 BEGIN
-    IF EXISTS (SELECT 1 FROM agog_nats.pipelines WHERE pipeline = NEW.pipeline) THEN
-        PERFORM agog_nats.check_pipeline(NEW.pipeline);
+    IF EXISTS (SELECT 1 FROM agog_nats.pipelines WHERE pipeline = p) THEN
+        PERFORM agog_nats.check_pipeline(p);
     END IF;
     RETURN NULL;
 END
 $$;
 CREATE CONSTRAINT TRIGGER stages_check
-    AFTER INSERT OR UPDATE ON agog_nats.stages
+    AFTER INSERT OR UPDATE OR DELETE ON agog_nats.stages
     DEFERRABLE INITIALLY DEFERRED
     FOR EACH ROW EXECUTE FUNCTION agog_nats.stages_check();
 
@@ -389,6 +392,7 @@ DECLARE
     parts text[];
     msg_id text;
     bytes bigint;
+    older boolean;
     outcome text;
     r record;
 BEGIN
@@ -448,12 +452,16 @@ BEGIN
                 USING ERRCODE = 'invalid_parameter_value',
                       DETAIL = format('It is "%s"; a report subject is agog.deliverables.<agent>.<taskType>.<feature>.', channel);
         END IF;
-        SELECT CASE WHEN o.state = 'published' THEN o.stream || '.' || o.seq END, octet_length(o.body)
-          INTO msg_id, bytes
+        -- The outbox's newest row, unless it was published before this
+        -- attempt was dispatched: the agent may have sent its report
+        -- straight to JetStream since, whose last message is then the one.
+        SELECT CASE WHEN o.state = 'published' THEN o.stream || '.' || o.seq END, octet_length(o.body),
+               o.state = 'published' AND o.created_at < t.dispatched_at
+          INTO msg_id, bytes, older
           FROM agog_nats.outbox o
          WHERE o.subject = channel AND o.kind = 'report' AND o.state IN ('pending', 'published')
          ORDER BY o.id DESC LIMIT 1;
-        IF NOT FOUND THEN
+        IF NOT FOUND OR older THEN
             SELECT f.message_id, octet_length(f.content) INTO r
               FROM @extschema@.agog_fetch_report(parts[1], parts[2], parts[3]) f;
             IF NOT FOUND THEN
@@ -615,11 +623,14 @@ BEGIN
      WHERE id = ANY (ARRAY(SELECT id FROM agog_nats.events
                             WHERE at < now() - current_setting('agog_nats.event_retention')::interval
                             LIMIT 10000));
+    -- Locked as they are chosen, skipping any another session holds: a
+    -- workflow that agog_retry_workflow is running again was deleted once
+    -- its transaction committed (the DELETE does not check the state again).
     DELETE FROM agog_nats.workflows
      WHERE id = ANY (ARRAY(SELECT id FROM agog_nats.workflows
                             WHERE state <> 'running'
                               AND finished_at < now() - current_setting('agog_nats.workflow_retention')::interval
-                            LIMIT 1000));
+                            LIMIT 1000 FOR UPDATE SKIP LOCKED));
 
     SELECT (extract(epoch FROM min(x) - now()) * 1000)::bigint INTO next_ms
       FROM (SELECT min(next_attempt_at) AS x FROM agog_nats.tasks WHERE state = 'ready'

@@ -90,6 +90,12 @@ BEGIN;
 UPDATE agog_nats.stages SET depends_on = '{qa}' WHERE pipeline = 'review' AND stage = 'research';
 COMMIT;
 SELECT depends_on FROM agog_nats.stages WHERE pipeline = 'review' AND stage = 'research';
+-- So does a delete of a stage others depend on: a workflow of the pipeline
+-- would wait for the missing stage for good.
+BEGIN;
+DELETE FROM agog_nats.stages WHERE pipeline = 'review' AND stage = 'research';
+COMMIT;
+SELECT count(*) AS review_stages FROM agog_nats.stages WHERE pipeline = 'review';
 
 -- Starting: bad input is refused and nothing is created.
 SELECT try($$SELECT agog_start_workflow('bad.feature')$$);
@@ -336,3 +342,23 @@ SELECT wait_for($$EXISTS (SELECT 1 FROM agog_nats.tasks WHERE workflow_id = $$ |
 SELECT agog_nats.apply_nats_notice('agog.notices.jen.twice-feature', (SELECT body FROM twice_notice)) AS again;
 SELECT stage, state FROM agog_nats.tasks WHERE workflow_id = :wf8 ORDER BY stage;
 SELECT agog_cancel_workflow(:wf8);
+
+-- A report sent straight to JetStream (a NATS agent, or
+-- agog_publish_report_now) after an earlier attempt's report went through
+-- the outbox: the task records the new one, not the outbox's older row.
+SELECT agog_define_pipeline('mixed', '[{"stage": "s", "agent": "billy", "max_attempts": 2, "retry_backoff": "0 seconds"}]');
+SELECT agog_start_workflow('mixed-feature', 'mixed') AS wf9 \gset
+SELECT play('billy', 'failed');
+SELECT wait_for($$(SELECT state = 'published' FROM agog_nats.outbox WHERE subject = 'agog.deliverables.billy.qa.mixed-feature')$$);
+SELECT wait_for($$EXISTS (SELECT 1 FROM agog_nats.tasks WHERE workflow_id = $$ || :wf9 || $$ AND attempt = 2 AND state = 'dispatched')$$);
+SELECT task_id AS t9 FROM agog_claim_task('billy', 'nats-only') \gset
+SELECT agog_publish_report_now('billy', 'qa', 'mixed-feature', '# attempt 2, straight to JetStream') AS r9 \gset
+SELECT agog_complete_task(:t9, jsonb_build_object(
+    'status', 'complete', 'agent', 'billy', 'task', 'mixed-feature',
+    'nats_channel', 'agog.deliverables.billy.qa.mixed-feature', 'summary', 's',
+    'complexity', 'Low', 'blockers', 'None', 'ready_for_next_stage', true,
+    'completion_time', '2026-01-01T00:00:00.000Z', 'files_modified', 1, 'metadata', '{}'::jsonb));
+SELECT report_message_id = :'r9' AS the_new_report,
+       report_message_id = (SELECT stream || '.' || seq FROM agog_nats.outbox
+                             WHERE subject = 'agog.deliverables.billy.qa.mixed-feature') AS the_outbox_row
+  FROM agog_nats.tasks WHERE id = :t9;
