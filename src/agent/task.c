@@ -985,7 +985,8 @@ complete_ok(Job *j)
 
 	if (read_file(rpath, MAX_REPORT, &report, &big) != 0)
 	{
-		j->why = xasprintf("could not read the command's output %s: %s", rpath, strerror(errno));
+		j->why = xasprintf("could not read the command's output %s: %s", rpath,
+						   errno == EINVAL ? "not a regular file" : strerror(errno));
 		goto out;
 	}
 	if (big)
@@ -1002,7 +1003,8 @@ complete_ok(Job *j)
 
 	if (read_file(respath, MAX_RESULT, &result, &big) != 0 && errno != ENOENT)
 	{
-		j->why = xasprintf("could not read $AGOG_RESULT_FILE: %s", strerror(errno));
+		j->why = xasprintf("could not read $AGOG_RESULT_FILE: %s",
+						   errno == EINVAL ? "not a regular file" : strerror(errno));
 		goto out;
 	}
 	if (big)

@@ -215,13 +215,15 @@ write_file(const char *path, const char *data, size_t len)
 
 /*
  * Read a file into out (replacing its contents).  Returns 0, or -1 with
- * errno (ENOENT for a missing file).  A file over max bytes sets *too_big
- * and is not read.
+ * errno (ENOENT for a missing file, EINVAL for one that is not a regular
+ * file: a FIFO the command left there would block the runner for good, so
+ * it is opened without waiting and refused).  A file over max bytes sets
+ * *too_big and is not read.
  */
 int
 read_file(const char *path, size_t max, Buf *out, bool *too_big)
 {
-	int			fd = open(path, O_RDONLY | O_CLOEXEC);
+	int			fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
 	struct stat st;
 	char		chunk[65536];
 
@@ -230,7 +232,21 @@ read_file(const char *path, size_t max, Buf *out, bool *too_big)
 		*too_big = false;
 	if (fd < 0)
 		return -1;
-	if (fstat(fd, &st) == 0 && (size_t) st.st_size > max)
+	if (fstat(fd, &st) != 0)
+	{
+		int			e = errno;
+
+		close(fd);
+		errno = e;
+		return -1;
+	}
+	if (!S_ISREG(st.st_mode))
+	{
+		close(fd);
+		errno = EINVAL;
+		return -1;
+	}
+	if ((size_t) st.st_size > max)
 	{
 		close(fd);
 		if (too_big)

@@ -249,7 +249,7 @@ unlike($log3, qr/ok -> advanced|ready/, '--quiet: nothing else');
 stop_ok($r3, 'the roy runner');
 
 # --- bad result files and empty reports ---------------------------------------
-psql(q{SELECT agog_define_pipeline('picky', '[{"stage": "ui", "agent": "jen", "max_attempts": 5,
+psql(q{SELECT agog_define_pipeline('picky', '[{"stage": "ui", "agent": "jen", "max_attempts": 6,
 	"retry_backoff": "0 seconds", "timeout": "60 seconds"}]')});
 my $picky = script('picky.sh', <<'EOS');
 cat >/dev/null
@@ -258,12 +258,13 @@ case $AGOG_ATTEMPT in
 2) echo '# r'; echo '[1, 2]' >"$AGOG_RESULT_FILE" ;;
 3) : ;;
 4) echo '# r'; echo '{"files_modified": "two"}' >"$AGOG_RESULT_FILE" ;;
+5) echo '# r'; mkfifo "$AGOG_RESULT_FILE" ;;
 *) echo '# Picky report'; echo '{"summary": "fine", "files_modified": 2}' >"$AGOG_RESULT_FILE" ;;
 esac
 EOS
 my $r4 = runner(agent => 'jen', command => [$picky]);
 $wf = AgogAgentTest::start_workflow($node, 'picky-one', 'picky');
-is(AgogAgentTest::wait_workflow($node, $wf, 60), 'completed', 'after four bad results the fifth completes');
+is(AgogAgentTest::wait_workflow($node, $wf, 60), 'completed', 'after five bad results the sixth completes');
 @n = split /\n/, notices($wf);
 like($n[0], qr/^1\|failed\|retried\|\$AGOG_RESULT_FILE is not valid JSON: invalid input syntax for type json/,
 	'a result file that is not JSON fails the attempt, saying so');
@@ -273,7 +274,9 @@ like($n[2], qr/^3\|failed\|retried\|the command exited 0 but wrote no report on 
 	'exit 0 with an empty stdout too');
 like($n[3], qr/^4\|failed\|retried\|could not publish the report and complete the task: completion notice field "files_modified" must be a number/,
 	'a mistyped notice field: the transaction is rolled back and the attempt fails with the error');
-like($n[4], qr/^5\|complete\|advanced\|fine\|None$/, 'the fifth attempt completes');
+like($n[4], qr/^5\|failed\|retried\|could not read \$AGOG_RESULT_FILE: not a regular file/,
+	'a result file that is a FIFO fails the attempt (it used to block the runner for good)');
+like($n[5], qr/^6\|complete\|advanced\|fine\|None$/, 'the sixth attempt completes');
 is(psql(q{SELECT count(*) FROM agog_nats.outbox WHERE kind = 'report' AND feature = 'picky-one'}),
 	'1', 'only the completed attempt published its report');
 stop_ok($r4, 'the jen runner');
