@@ -1204,7 +1204,22 @@ send_failed(Job *j)
 	else if (q.status == Q_SQLERR)
 	{
 		if (strcmp(q.sqlstate, "55000") == 0)
-			release(j, "lost", q.message);
+		{
+			/*
+			 * Sent again after a reconnect, it is refused when the first one
+			 * committed (the task has moved on): look that up, as
+			 * complete_ok does.
+			 */
+			char	   *done = confirm_commit(j);
+
+			if (done)
+			{
+				release(j, done, "recorded before the connection was lost");
+				free(done);
+			}
+			else
+				release(j, "lost", q.message);
+		}
 		else
 		{
 			log_error("could not send the failed notice of task %lld: %s", j->task_id, q.message);

@@ -17,6 +17,7 @@ use Test::More;
 use POSIX ();
 use AgogNatsTest;
 use AgogAgentTest;
+use AgogProxy;
 
 my ($nats, $node, $dir, $cap) = AgogAgentTest::setup();
 my $dsn = $node->connstr('postgres');
@@ -168,6 +169,45 @@ $node->start;
 is(AgogAgentTest::wait_workflow($node, $wf, 40), 'completed', 'once PostgreSQL is back, the task completes');
 is(notices($wf), '1|complete|advanced', '... by its first attempt');
 is($r->stop(10), 0, 'the runner stops');
+
+# --- the reply to a failed notice is lost after its commit ----------------------------
+# The runner sends the notice again after its reconnect; the database
+# refuses it (the task is no longer running).  The runner must look up
+# whether its first one was recorded, as it does for a completion: it said
+# "lost", although the notice had been applied and the task retried.
+$node->append_conf('postgresql.conf', "listen_addresses = '127.0.0.1'\n");
+$node->restart;
+my $proxy = AgogProxy->new(target_port => $node->port, name => 'pgproxy');
+$proxy->start;
+my $failer = AgogAgentTest::script($dir, 'failer.sh', <<'EOS');
+cat >/dev/null
+echo $$ >"$CAPTURE/$AGOG_FEATURE.$AGOG_ATTEMPT.started"
+while [ ! -e "$CAPTURE/$AGOG_FEATURE.go" ]; do sleep 0.05; done
+echo "failing on purpose" >&2
+exit 3
+EOS
+$r = AgogAgentTest::Runner->start(
+	agent => 'jen', dsn => 'host=127.0.0.1 port=' . $proxy->port . ' dbname=postgres',
+	command => [$failer], env => { CAPTURE => $cap });
+ok($r->wait_log(qr/ready/, 20), 'a runner connected through a proxy starts');
+$wf = AgogAgentTest::start_workflow($node, 'cut-failed', 'one');
+ok(started('cut-failed', 1), 'its command runs');
+$proxy->mode('drop_s2c');
+open my $go, '>', "$cap/cut-failed.go" or die "cannot write $cap/cut-failed.go: $!";
+close $go;
+ok(AgogNatsTest::wait_for(sub { ((split /\n/, notices($wf))[0] // '') eq '1|failed|retried' }, 15),
+	'the command fails: its notice is recorded, and the reply never reaches the runner');
+$proxy->mode('pass');
+$proxy->reset;
+ok($r->wait_log(qr/reconnected to the database after/, 30), 'the runner reconnects');
+ok($r->wait_log(qr/cut-failed attempt 1 \(task \d+\): exit 3 -> retried/, 20),
+	'it learns that its notice was recorded: retried, not lost')
+  or diag($r->log_text);
+unlike($r->log_text, qr/cut-failed attempt 1 \(task \d+\): .* -> lost/, 'it does not say lost');
+is(AgogAgentTest::wait_workflow($node, $wf, 20), 'failed', 'attempts 2 and 3 fail as well: the workflow fails');
+is(notices($wf), "1|failed|retried\n2|failed|retried\n3|failed|failed", '... one notice each');
+is($r->stop(10), 0, 'the runner stops');
+$proxy->stop;
 
 my @left = glob("$ENV{TMPDIR}/agog-agent.*");
 is(scalar(@left), 0, 'no task directory is left in TMPDIR') or diag("@left");
