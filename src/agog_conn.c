@@ -2766,6 +2766,42 @@ agog_conn_api_request(AgogConn *conn, const char *api, const char *payload,
 }
 
 /*
+ * description_matches
+ *		Whether a stream's description, as nats.c decoded the server's JSON,
+ *		is the wanted one.  nats-server writes U+2028 and U+2029 as \u
+ *		escapes, and nats.c 3.4.1 keeps only the low byte of a \u escape
+ *		('(' and ')'): either form counts as the character, or the stream
+ *		would be updated at every reconcile (the one change this misses is
+ *		a '(' or ')' replaced by U+2028 or U+2029).  Plain C: runs inside
+ *		ensure_attempt's signal-blocked section.
+ */
+static bool
+description_matches(const char *live, const char *want)
+{
+	while (*want != '\0')
+	{
+		const unsigned char *w = (const unsigned char *) want;
+
+		if (w[0] == 0xE2 && w[1] == 0x80 && (w[2] == 0xA8 || w[2] == 0xA9))
+		{
+			if (strncmp(live, want, 3) == 0)
+				live += 3;
+			else if (*live == (w[2] == 0xA8 ? '(' : ')'))
+				live++;
+			else
+				return false;
+			want += 3;
+			continue;
+		}
+		if (*live != *want)
+			return false;
+		live++;
+		want++;
+	}
+	return *live == '\0';
+}
+
+/*
  * config_matches
  *		Whether a stream's live configuration already is the desired one.
  *		description is the wanted description as written (want's is
@@ -2788,8 +2824,8 @@ config_matches(const jsStreamConfig *live, const jsStreamConfig *want,
 		live->Replicas == want->Replicas &&
 		live->Duplicates == want->Duplicates &&
 		live->AllowDirect == want->AllowDirect &&
-		strcmp(live->Description ? live->Description : "",
-			   description ? description : "") == 0;
+		description_matches(live->Description ? live->Description : "",
+							description ? description : "");
 }
 
 /*

@@ -8,7 +8,9 @@
 # credentials, and one with a backslash or a line break made the request
 # invalid.  The worker escapes the description: JetStream keeps it as
 # written, and nothing else of the configuration comes from it.  The next
-# reconcile finds the stream as wanted and does not update it again.
+# reconcile finds the stream as wanted and does not update it again, also
+# when the description holds U+2028 or U+2029 (which nats-server sends
+# back as \u escapes that nats.c 3.4.1 decodes to '(' and ')').
 #
 # An agent's max_age may be as short as a second, but JetStream refuses a
 # stream whose duplicate window (agog_nats.duplicate_window, 2 minutes by
@@ -119,6 +121,32 @@ is(live_config($stream)->{duplicate_window}, 120 * $NS_PER_S,
 	'D: the other streams keep the 2-minute window');
 is($node->safe_psql('postgres', 'SELECT streams_failed FROM agog_worker_status()'), '0',
 	'D: every stream is in place');
+
+# --- E. characters Go's encoder escapes above ASCII -----------------------------------
+# nats-server writes U+2028 and U+2029 as \u escapes in the stream info; a
+# reader that decoded them to other bytes would find the description
+# changed at every reconcile and update the stream every time.
+my $sep_desc = q{'line' || chr(8232) || 'paragraph' || chr(8233) || 'end'};
+$want = $node->safe_psql('postgres', "SELECT $sep_desc");
+$node->safe_psql('postgres',
+	"SET ROLE ada; UPDATE agog_nats.agents SET description = $sep_desc WHERE agent = 'cynthia'");
+sub live_bytes
+{
+	my $d = live_config($_[0])->{description} // '';
+	utf8::encode($d) if utf8::is_utf8($d);    # JSON::PP decodes the \u escapes to characters
+	return $d;
+}
+ok(AgogNatsTest::wait_for(sub { live_bytes($stream) eq $want }, 15),
+	'E: a description with U+2028 and U+2029 arrives as written')
+  or diag(explain(live_config($stream)->{description}));
+$off = AgogNatsTest::log_offset($node);
+$node->safe_psql('postgres',
+	"SET ROLE ada; UPDATE agog_nats.agents SET description = 'Sylvia, once more' WHERE agent = 'sylvia'");
+ok(AgogNatsTest::wait_for(
+		sub { AgogNatsTest::log_since($node, $off) =~ /updated JetStream stream "agog_features_critique"/ }, 15),
+	'E: the worker reconciled after another agent changed');
+unlike(AgogNatsTest::log_since($node, $off), qr/updated JetStream stream "$stream"/,
+	'E: the research stream, already as wanted, is not updated again');
 
 $node->stop;
 $nats->stop;
