@@ -247,6 +247,26 @@ CREATE FUNCTION agog_nats.log_event(wf bigint, task bigint, stage text, kind tex
     VALUES (wf, task, stage, kind, detail);
 $$;
 
+-- Lock a workflow and every one of its tasks, unless another session holds
+-- any of them: then lock nothing more and return false.  A transition may
+-- change any task of the workflow (a failure cancels the others), so the
+-- worker, which must never wait for a lock an open transaction may hold
+-- for long, takes them all before it starts one.
+CREATE FUNCTION agog_nats.try_lock_workflow(wf bigint) RETURNS boolean
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+BEGIN
+    PERFORM 1 FROM agog_nats.workflows WHERE id = wf FOR UPDATE SKIP LOCKED;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    RETURN (SELECT count(*) FROM agog_nats.tasks WHERE workflow_id = wf) =
+           (SELECT count(*) FROM (SELECT 1 FROM agog_nats.tasks WHERE workflow_id = wf
+                                   FOR UPDATE SKIP LOCKED) x);
+END
+$$;
+
 -- Retry a task with backoff, or fail its workflow and cancel the rest.
 -- The caller holds the workflow's row lock.
 CREATE FUNCTION agog_nats.retry_or_fail(t agog_nats.tasks, why text) RETURNS text
@@ -541,13 +561,12 @@ BEGIN
                 AND (deadline < now() OR (state = 'running' AND lease_until < now()))
               ORDER BY id LIMIT batch_size
     LOOP
-        SELECT * INTO w FROM agog_nats.workflows WHERE id = c.workflow_id FOR UPDATE SKIP LOCKED;
-        CONTINUE WHEN NOT FOUND;
-        -- A task another session holds (a claim in a transaction still
-        -- open) is skipped until a later step: waiting for it would stop
-        -- the worker, and its outbox, for as long as that session likes.
-        SELECT * INTO t FROM agog_nats.tasks WHERE id = c.id FOR UPDATE SKIP LOCKED;
-        CONTINUE WHEN NOT FOUND;
+        -- A workflow another session holds, or any of its tasks (a claim in
+        -- a transaction still open), is skipped until a later step: waiting
+        -- for it would stop the worker, and its outbox, for as long as that
+        -- session likes.  A failure cancels the other tasks: all are taken.
+        CONTINUE WHEN NOT agog_nats.try_lock_workflow(c.workflow_id);
+        SELECT * INTO t FROM agog_nats.tasks WHERE id = c.id;
         CONTINUE WHEN t.state NOT IN ('dispatched', 'running')
                    OR NOT (t.deadline < now() OR (t.state = 'running' AND t.lease_until < now()));
         PERFORM agog_nats.retry_or_fail(t, CASE WHEN t.deadline < now() THEN 'deadline passed'
@@ -644,6 +663,7 @@ END
 $$;
 REVOKE ALL ON FUNCTION agog_nats.check_pipeline(text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION agog_nats.retry_or_fail(agog_nats.tasks, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION agog_nats.try_lock_workflow(bigint) FROM PUBLIC;
 REVOKE ALL ON FUNCTION agog_nats.advance_workflow(bigint) FROM PUBLIC;
 REVOKE ALL ON FUNCTION agog_nats.apply_notice(bigint, jsonb, text, boolean) FROM PUBLIC;
 REVOKE ALL ON FUNCTION agog_nats.enqueue_task_notice(agog_nats.tasks, text, jsonb) FROM PUBLIC;
@@ -1058,13 +1078,15 @@ GRANT EXECUTE ON FUNCTION @extschema@.agog_retry_workflow(bigint) TO agog_nats_a
 -- (not JSON, a missing or mistyped field, no such task) is kept in
 -- agog_nats.bad_notices with its error and not retried.  Any other failure
 -- (a system fault) is raised, so the notice is not acknowledged and comes
--- again -- unless it has already been delivered max_deliveries times, when
--- it is kept as bad too rather than retried forever.  A notice whose
--- workflow or task another session has locked is not waited for: busy.
+-- again -- unless this is its max_tries-th try, when it is kept as bad too
+-- rather than retried forever (tries: the failed ones so far and this one;
+-- the worker counts them, so the times it was put back as busy are not).
+-- A notice whose workflow, or any of its tasks, another session has locked
+-- is not waited for: busy.
 -- Returns the outcome: advanced, retried, failed, duplicate, bad or busy.
 CREATE FUNCTION agog_nats.apply_nats_notice(subject text, body text,
-                                            deliveries integer DEFAULT 1,
-                                            max_deliveries integer DEFAULT 5)
+                                            tries integer DEFAULT 1,
+                                            max_tries integer DEFAULT 5)
     RETURNS text
     LANGUAGE plpgsql
     SET search_path = pg_catalog, pg_temp
@@ -1123,13 +1145,10 @@ BEGIN
                AND (n -> 'metadata' ->> 'attempt')::integer IS DISTINCT FROM t.attempt) THEN
             RETURN 'duplicate';
         END IF;
-        -- A workflow or task another session holds (an open transaction):
-        -- busy, put back to come again, rather than holding up the worker.
-        PERFORM 1 FROM agog_nats.workflows w WHERE w.id = t.workflow_id FOR UPDATE SKIP LOCKED;
-        IF FOUND THEN
-            PERFORM 1 FROM agog_nats.tasks x WHERE x.id = task FOR UPDATE SKIP LOCKED;
-        END IF;
-        IF NOT FOUND THEN
+        -- A workflow or any of its tasks another session holds (an open
+        -- transaction): busy, put back to come again, rather than holding
+        -- up the worker.
+        IF NOT agog_nats.try_lock_workflow(t.workflow_id) THEN
             RETURN 'busy';
         END IF;
         RETURN agog_nats.apply_notice(task, n, 'nats', false);
@@ -1139,12 +1158,12 @@ BEGIN
             VALUES (subject, body, SQLSTATE || ': ' || SQLERRM);
             RETURN 'bad';
         WHEN OTHERS THEN
-            IF deliveries < max_deliveries THEN
+            IF tries < max_tries THEN
                 RAISE;
             END IF;
             INSERT INTO agog_nats.bad_notices (subject, body, error)
             VALUES (subject, body,
-                    format('%s: %s (after %s deliveries)', SQLSTATE, SQLERRM, deliveries));
+                    format('%s: %s (after %s tries)', SQLSTATE, SQLERRM, tries));
             RETURN 'bad';
     END;
 END

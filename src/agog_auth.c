@@ -360,12 +360,14 @@ user_jwt(char **jwt, char **errtxt, void *closure)
 
 /*
  * agog_auth_file_shown
- *		Whether an error may name the file a secret setting points at: in
- *		the worker (its errors go to the server log only), and to a session
- *		that may read the setting (a superuser or a member of
- *		pg_read_all_settings, as for SHOW).  Anyone else learns the setting's
- *		name, and the server log the path (file_log).  Runs in a backend or
- *		the worker before the file is opened; keeps errno.
+ *		Whether an error may name the file a secret setting points at: to a
+ *		session whose role may read the setting (a superuser or a member of
+ *		pg_read_all_settings, as for SHOW; the role outside any SECURITY
+ *		DEFINER function, which the extension's own workflow functions are).
+ *		Anyone else learns the setting's name, and the server log the path
+ *		(file_log).  Never in the worker: its errors end up in
+ *		agog_worker_status().last_error, which readers see.  Runs in a
+ *		backend or the worker before the file is opened; keeps errno.
  */
 bool
 agog_auth_file_shown(void)
@@ -373,9 +375,9 @@ agog_auth_file_shown(void)
 	int			save_errno = errno;
 	bool		shown;
 
-	shown = IsBackgroundWorker ||
-		(IsTransactionState() &&
-		 (superuser() || has_privs_of_role(GetUserId(), ROLE_PG_READ_ALL_SETTINGS)));
+	shown = !IsBackgroundWorker && IsTransactionState() &&
+		(superuser_arg(GetOuterUserId()) ||
+		 has_privs_of_role(GetOuterUserId(), ROLE_PG_READ_ALL_SETTINGS));
 	errno = save_errno;
 	return shown;
 }

@@ -822,12 +822,14 @@ connect_attempts(AgogConn *conn, const char **servers, int nservers,
 
 		/*
 		 * nats.c names the TLS file it could not load: keep the path from a
-		 * session that may not read the settings, and put it in the log.
+		 * session that may not read the settings (and from the worker's
+		 * last_error), and put it in the server log only.
 		 */
 		if (tls_failed && !shown)
 		{
-			ereport(LOG,
-					(errmsg("agog_nats could not load the TLS files for a session that may not see their paths"),
+			ereport(LOG_SERVER_ONLY,
+					(errcode(ERRCODE_CONFIG_FILE_ERROR),
+					 errmsg("agog_nats could not load the TLS files named by its settings"),
 					 errdetail_internal("The NATS client reported: %s", err->text)));
 			strlcpy(err->text, "could not load the files named by agog_nats.tls_ca_file, "
 					"agog_nats.tls_cert_file and agog_nats.tls_key_file", sizeof(err->text));
@@ -3148,8 +3150,12 @@ agog_conn_notices_fetch(AgogConn *conn, AgogNotice *out, int max, AgogError *err
 			out[i].len = natsMsg_GetDataLength(m);
 			out[i].body = copy_bytes_noerror(natsMsg_GetData(m), out[i].len);
 			out[i].deliveries = 1;
+			out[i].seq = 0;
 			if (natsMsg_GetMetaData(&meta, m) == NATS_OK && meta != NULL)
+			{
 				out[i].deliveries = (int) Min(meta->NumDelivered, INT_MAX);
+				out[i].seq = meta->Sequence.Stream;
+			}
 			jsMsgMetaData_Destroy(meta);
 			copied = out[i].subject != NULL && out[i].body != NULL;
 		}

@@ -233,6 +233,7 @@ typedef struct AgogNotice
 	char	   *body;
 	int			len;
 	int			deliveries;		/* how many times NATS delivered it */
+	uint64		seq;			/* its sequence in the notices stream, 0 if unknown */
 } AgogNotice;
 
 extern bool agog_conn_notices_open(AgogConn *conn, AgogError *err);
@@ -358,7 +359,7 @@ extern long agog_outbox_maintain(bool purge);
  * ----------------------------------------------------------------
  */
 extern long agog_workflow_step(void);
-extern int	agog_notices_consume(AgogConn *conn, bool rung);
+extern int	agog_notices_consume(AgogConn *conn, bool rung, long *again_ms);
 
 /* ----------------------------------------------------------------
  * Streams (agog_stream.c)

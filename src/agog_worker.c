@@ -324,6 +324,7 @@ agog_worker_main(Datum main_arg)
 	uint64		seen_disconnects = 0;
 	uint64		seen_bells = 0;
 	TimestampTz notices_checked = 0;
+	TimestampTz notices_due = 0;
 	int			backoff_ms = BACKOFF_MIN_MS;
 	TimestampTz next_connect = 0;
 	TimestampTz outbox_checked = 0;
@@ -583,18 +584,27 @@ agog_worker_main(Datum main_arg)
 				agog_conn_take_events(conn, &ev);
 				now = GetCurrentTimestamp();
 				if (ev.bells != seen_bells || notices_checked == 0 ||
+					(notices_due != 0 && now >= notices_due) ||
 					TimestampDifferenceExceeds(notices_checked, now, NOTICE_POLL_MS))
 				{
 					bool		rung = (ev.bells != seen_bells);
+					long		again_ms;
 
 					seen_bells = ev.bells;
 					notices_checked = now;
-					if (agog_notices_consume(conn, rung) > 0)
+					if (agog_notices_consume(conn, rung, &again_ms) > 0)
 					{
 						timeout = 0;	/* there may be more */
 						notices_applied = true;
 					}
+					/* notices put back ring no doorbell: fetch when they are due */
+					if (again_ms >= 0)
+						notices_due = TimestampTzPlusMilliseconds(now, again_ms);
+					else if (notices_due != 0 && now >= notices_due)
+						notices_due = 0;
 				}
+				if (notices_due != 0)
+					timeout = Min(timeout, Max(ms_until(notices_due), 10));
 			}
 
 			/*

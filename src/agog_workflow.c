@@ -64,6 +64,60 @@ agog_workflow_step(void)
 /* and one whose transaction failed (a fault of the system) after this */
 #define NOTICE_FAILED_DELAY_MS 5000
 
+/*
+ * The faults of the notices put back after a failed transaction, by their
+ * sequence in the notices stream: apply_nats_notice files a notice as bad
+ * after its fifth try, and JetStream's delivery count would also count the
+ * times it was put back because its workflow was busy.  Kept for the
+ * worker's life; a restart starts the count again (more tries, not fewer).
+ */
+#define FAULTS_KEPT 64
+
+typedef struct NoticeFaults
+{
+	uint64		seq;
+	int			faults;
+} NoticeFaults;
+
+static NoticeFaults notice_faults[FAULTS_KEPT];
+static int	faults_next = 0;
+
+/*
+ * faults_of, faults_set
+ *		The faults noted for a notice (0 when none); note them (0 forgets
+ *		it).  The oldest entry makes room for a new one.
+ */
+static int
+faults_of(uint64 seq)
+{
+	for (int i = 0; i < FAULTS_KEPT; i++)
+		if (seq != 0 && notice_faults[i].seq == seq)
+			return notice_faults[i].faults;
+	return 0;
+}
+
+static void
+faults_set(uint64 seq, int faults)
+{
+	if (seq == 0)
+		return;
+	for (int i = 0; i < FAULTS_KEPT; i++)
+	{
+		if (notice_faults[i].seq == seq)
+		{
+			notice_faults[i].faults = faults;
+			if (faults == 0)
+				notice_faults[i].seq = 0;
+			return;
+		}
+	}
+	if (faults == 0)
+		return;
+	notice_faults[faults_next].seq = seq;
+	notice_faults[faults_next].faults = faults;
+	faults_next = (faults_next + 1) % FAULTS_KEPT;
+}
+
 typedef enum NoticeOutcome
 {
 	NOTICE_DONE,				/* applied, a duplicate, or filed as bad */
@@ -82,7 +136,7 @@ typedef enum NoticeOutcome
  *		the restart.  FATAL errors (shutdown) are not caught.
  */
 static NoticeOutcome
-apply_notice(MemoryContext cxt, const char *subject, const char *body, int deliveries)
+apply_notice(MemoryContext cxt, const char *subject, const char *body, int tries)
 {
 	Oid			argtypes[3] = {TEXTOID, TEXTOID, INT4OID};
 	Datum		args[3];
@@ -90,7 +144,7 @@ apply_notice(MemoryContext cxt, const char *subject, const char *body, int deliv
 
 	args[0] = CStringGetTextDatum(subject);
 	args[1] = CStringGetTextDatum(body);
-	args[2] = Int32GetDatum(deliveries);
+	args[2] = Int32GetDatum(tries);
 
 	PG_TRY();
 	{
@@ -121,13 +175,27 @@ apply_notice(MemoryContext cxt, const char *subject, const char *body, int deliv
 				(errcode(edata->sqlerrcode),
 				 errmsg("agog_nats worker could not apply a completion notice on \"%s\"", subject),
 				 errdetail_internal("%s", edata->message),
-				 errhint("The notice comes again in %d seconds (delivery %d).",
-						 NOTICE_FAILED_DELAY_MS / 1000, deliveries)));
+				 errhint("The notice comes again in %d seconds (try %d).",
+						 NOTICE_FAILED_DELAY_MS / 1000, tries)));
 		FreeErrorData(edata);
 		outcome = NOTICE_FAILED;
 	}
 	PG_END_TRY();
 	return outcome;
+}
+
+/*
+ * again
+ *		Fetch again once a notice put back with delay_ms is due (a little
+ *		after, so that the server has it ready).
+ */
+static void
+again(long *again_ms, int delay_ms)
+{
+	long		ms = delay_ms + 100;
+
+	if (*again_ms < 0 || ms < *again_ms)
+		*again_ms = ms;
 }
 
 /*
@@ -138,11 +206,13 @@ apply_notice(MemoryContext cxt, const char *subject, const char *body, int deliv
  *		applied or filed (0 when none, or when the consumer cannot be reached
  *		now).  A notice whose workflow or task another session has locked is
  *		put back to come again a second later: the worker does not wait for
- *		a lock an open transaction may hold for long.
+ *		a lock an open transaction may hold for long; one whose transaction
+ *		failed comes again 5 s later.  *again_ms: when to fetch again for
+ *		the notices put back (they ring no doorbell), or -1.
  *		Runs in the worker, outside any transaction.
  */
 int
-agog_notices_consume(AgogConn *conn, bool rung)
+agog_notices_consume(AgogConn *conn, bool rung, long *again_ms)
 {
 	MemoryContext cxt = CurrentMemoryContext;
 	AgogNotice	notices[NOTICE_BATCH];
@@ -150,6 +220,7 @@ agog_notices_consume(AgogConn *conn, bool rung)
 	int			n;
 	int			applied = 0;
 
+	*again_ms = -1;
 	if (!agog_conn_notices_open(conn, &err))
 		return 0;				/* the stream may not exist yet; next time */
 	/* without the doorbell, ask first: an empty fetch is held until it expires */
@@ -167,6 +238,7 @@ agog_notices_consume(AgogConn *conn, bool rung)
 	{
 		char	   *body = notices[i].body;
 		NoticeOutcome outcome;
+		int			tries;
 
 		/* a body that is not text is kept as hex, and fails as JSON */
 		if (memchr(body, '\0', notices[i].len) != NULL ||
@@ -180,18 +252,26 @@ agog_notices_consume(AgogConn *conn, bool rung)
 				appendStringInfo(&hex, "%02x", (unsigned char) body[b]);
 			body = hex.data;
 		}
-		outcome = apply_notice(cxt, notices[i].subject, body, notices[i].deliveries);
+		/* tries: the failed ones so far, and this one */
+		tries = notices[i].seq != 0 ? faults_of(notices[i].seq) + 1 : notices[i].deliveries;
+		outcome = apply_notice(cxt, notices[i].subject, body, tries);
 		if (outcome == NOTICE_BUSY)
 		{
 			/* another session holds its workflow or task: again later */
 			elog(DEBUG1, "agog_nats: a completion notice on \"%s\" waits for a lock held by another session",
 				 notices[i].subject);
 			agog_conn_notices_nak(conn, i, NOTICE_BUSY_DELAY_MS);
+			again(again_ms, NOTICE_BUSY_DELAY_MS);
 		}
 		else if (outcome == NOTICE_FAILED)
+		{
+			faults_set(notices[i].seq, tries);
 			agog_conn_notices_nak(conn, i, NOTICE_FAILED_DELAY_MS);
+			again(again_ms, NOTICE_FAILED_DELAY_MS);
+		}
 		else
 		{
+			faults_set(notices[i].seq, 0);
 			agog_conn_notices_ack(conn, i);
 			applied++;
 		}

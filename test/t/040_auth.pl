@@ -73,6 +73,18 @@ like($err, qr/ERROR:\s+58P01: could not open the file named by agog_nats\.passwo
 unlike($err, qr/\Q$dir\E|missing/, 'and not the path');
 like(AgogNatsTest::log_since($node, $off), qr/DETAIL:\s+The file is "\Q$dir\E\/missing"\./,
 	'the server log names the file');
+# Nor through a SECURITY DEFINER function a superuser owns (the workflow
+# functions are such): the role that matters is the session's.
+$node->safe_psql('postgres', q{
+	CREATE FUNCTION publish_as_owner() RETURNS text LANGUAGE sql SECURITY DEFINER
+	AS $$ SELECT agog_publish_report_now('cynthia', 'research', 'auth-definer', 'x') $$;
+	GRANT EXECUTE ON FUNCTION publish_as_owner() TO scribe;
+});
+($ret, $out, $err) = $node->psql('postgres', 'SELECT publish_as_owner()',
+	extra_params => [ '-U', 'scribe', '-v', 'VERBOSITY=verbose' ]);
+like($err, qr/ERROR:\s+58P01: could not open the file named by agog_nats\.password_file/,
+	'through a SECURITY DEFINER function: 58P01 naming the setting');
+unlike($err, qr/\Q$dir\E|missing/, '... and not the path');
 
 # A first line longer than a secret may be is refused, not cut short and
 # sent as a wrong password; one of exactly the longest length is read whole

@@ -80,6 +80,19 @@ like($err, qr/could not load the files named by agog_nats\.tls_ca_file/,
 	'to a role that cannot read the settings: the error names the settings');
 unlike($err, qr/absent|\Q$dir\E/, 'and not the path');
 like(AgogNatsTest::log_since($node, $off), qr/absent\.pem/, 'the server log names it');
+($ret, $out, $err) = $node->psql('postgres', "SET client_min_messages = log; $call",
+	extra_params => [ '-U', 'scribe', '-v', 'VERBOSITY=verbose' ]);
+unlike($err, qr/absent|\Q$dir\E/, 'nor with client_min_messages = log (the log line stays in the server log)');
+my $last_error;
+ok(AgogNatsTest::wait_for(
+		sub {
+			$last_error = $node->safe_psql('postgres', 'SELECT coalesce(last_error, \'\') FROM agog_worker_status()');
+			$last_error =~ /tls_ca_file/;
+		},
+		20),
+	'the worker cannot connect either, and says so in its last_error')
+  or diag($last_error);
+unlike($last_error, qr/absent|\Q$dir\E/, '... without the path, which agog_nats_reader could read');
 ($ret, $out, $err) = $node->psql('postgres', $call, extra_params => [ '-v', 'VERBOSITY=verbose' ]);
 like($err, qr/absent\.pem/, 'a superuser is told the path');
 

@@ -11,6 +11,7 @@
 use strict;
 use warnings;
 
+use JSON::PP ();
 use Time::HiRes ();
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
@@ -85,6 +86,87 @@ ok(AgogNatsTest::wait_for(
 		15),
 	'the notice is acknowledged');
 unlike(AgogNatsTest::log_since($node, $off), qr/exited with exit code/, 'the worker did not exit');
+
+sub consumer_settled
+{
+	my $c = AgogWorkflowTest::consumer_info($nats, 'agog_notices', 'agog_nats_worker') // {};
+	return ($c->{num_ack_pending} // 1) == 0 && ($c->{num_pending} // 1) == 0;
+}
+
+# Something the worker publishes, to see that it is not waiting.
+sub published_meanwhile
+{
+	my ($label) = @_;
+	my $rid = psql("SELECT agog_publish_report('roy', 'backend', 'meanwhile', '$label')");
+	ok(AgogNatsTest::wait_for(
+			sub { psql("SELECT state FROM agog_nats.outbox WHERE id = $rid") eq 'published' }, 10),
+		"$label: a report committed meanwhile is published")
+	  or diag(psql("SELECT pid, wait_event_type, wait_event, left(query, 60) FROM pg_stat_activity "
+			  . "WHERE backend_type = 'agog_nats worker'"));
+}
+
+# --- a failure that would cancel a task another session holds ---------------------
+# A failed notice with no attempt left fails the workflow and cancels its
+# other tasks: one of them claimed in an open transaction held up the
+# worker just the same.
+is(psql(q{SELECT agog_define_pipeline('pair', '[{"stage": "b", "agent": "jen", "max_attempts": 1},
+	{"stage": "c", "agent": "roy"}]')}), 2, 'a pipeline of two parallel stages, jen\'s with one attempt');
+my $wp = psql("SELECT agog_start_workflow('pair-1', 'pair')");
+ok(AgogNatsTest::wait_for(
+		sub { psql("SELECT count(*) FROM agog_nats.tasks WHERE workflow_id = $wp AND state = 'dispatched'") == 2 }, 10),
+	'pair: both tasks are dispatched');
+$holder = $node->background_psql('postgres');
+$holder->query_safe('BEGIN');
+like($holder->query_safe(q{SELECT task_id FROM agog_claim_task('roy', 'stalled')}), qr/^\d+$/,
+	'pair: roy\'s task is claimed in a transaction left open');
+ok(AgogWorkflowTest::js_publish($nats, 'agog.notices.jen.pair-1',
+		AgogWorkflowTest::jen_notice('pair-1', status => 'failed', ready_for_next_stage => JSON::PP::false,
+			blockers => 'cannot build')),
+	'pair: jen sends a failed notice (no attempt left)');
+Time::HiRes::sleep(0.5);
+published_meanwhile('pair');
+is(psql("SELECT wait_event_type IS DISTINCT FROM 'Lock' FROM pg_stat_activity WHERE backend_type = 'agog_nats worker'"),
+	't', 'pair: the worker does not wait on the held task');
+$holder->query_safe('ROLLBACK');
+$holder->quit;
+ok(AgogNatsTest::wait_for(sub { psql("SELECT state FROM agog_nats.workflows WHERE id = $wp") eq 'failed' }, 15),
+	'pair: once the session ends, the notice fails the workflow');
+is(psql("SELECT string_agg(stage || ' ' || state, ', ' ORDER BY stage) FROM agog_nats.tasks WHERE workflow_id = $wp"),
+	'b failed, c cancelled', 'pair: and cancels roy\'s task');
+ok(AgogNatsTest::wait_for(\&consumer_settled, 15), 'pair: the notice is acknowledged');
+
+# --- put back while busy, then a fault: not filed as bad ---------------------------
+# Each time a busy notice is put back, JetStream counts a delivery; a
+# notice is filed as bad at its fifth failed try, and the busy rounds must
+# not count as failed tries.
+my $wb = psql("SELECT agog_start_workflow('busy-then-fault', 'solo')");
+ok(AgogNatsTest::wait_for(
+		sub { psql("SELECT state FROM agog_nats.tasks WHERE workflow_id = $wb") eq 'dispatched' }, 10),
+	'busy-then-fault: the task is dispatched');
+ok(AgogWorkflowTest::js_publish($nats, 'agog.deliverables.jen.frontend.busy-then-fault',
+		AgogWorkflowTest::jen_report('busy-then-fault')),
+	'busy-then-fault: the report is published');
+$holder = $node->background_psql('postgres');
+$holder->query_safe('BEGIN');
+$holder->query_safe("SELECT id FROM agog_nats.workflows WHERE id = $wb FOR UPDATE");
+ok(AgogWorkflowTest::js_publish($nats, 'agog.notices.jen.busy-then-fault',
+		AgogWorkflowTest::jen_notice('busy-then-fault')),
+	'busy-then-fault: the notice is sent while the workflow is held');
+Time::HiRes::sleep(8);    # put back about once a second
+$off = AgogNatsTest::log_offset($node);
+$holder->query_safe('ALTER TABLE agog_nats.notices RENAME TO notices_x');
+$holder->query_safe('COMMIT');
+$holder->quit;
+ok(AgogNatsTest::wait_for(
+		sub { AgogNatsTest::log_since($node, $off) =~ /could not apply a completion notice on "agog\.notices\.jen\.busy-then-fault"/ },
+		15),
+	'busy-then-fault: the lock is gone, and the first try fails (agog_nats.notices renamed)');
+is(psql("SELECT count(*) FROM agog_nats.bad_notices WHERE subject = 'agog.notices.jen.busy-then-fault'"), 0,
+	'busy-then-fault: it is not filed as bad')
+  or diag(psql("SELECT error FROM agog_nats.bad_notices WHERE subject = 'agog.notices.jen.busy-then-fault'"));
+psql('ALTER TABLE agog_nats.notices_x RENAME TO notices');
+ok(AgogNatsTest::wait_for(sub { psql("SELECT state FROM agog_nats.workflows WHERE id = $wb") eq 'completed' }, 20),
+	'busy-then-fault: after the rename back, it completes the workflow');
 
 $node->stop;
 $nats->stop;
