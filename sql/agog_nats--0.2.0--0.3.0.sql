@@ -642,14 +642,17 @@ BEGIN
      WHERE id = ANY (ARRAY(SELECT id FROM agog_nats.events
                             WHERE at < now() - current_setting('agog_nats.event_retention')::interval
                             LIMIT 10000));
-    -- Locked as they are chosen, skipping any another session holds: a
-    -- workflow that agog_retry_workflow is running again was deleted once
-    -- its transaction committed (the DELETE does not check the state again).
+    -- Locked as they are chosen, with their tasks, skipping any of which
+    -- another session holds a row: a workflow that agog_retry_workflow is
+    -- running again was deleted once its transaction committed (the DELETE
+    -- does not check the state again), and the DELETE's cascade waited for
+    -- a task someone held.
     DELETE FROM agog_nats.workflows
      WHERE id = ANY (ARRAY(SELECT id FROM agog_nats.workflows
                             WHERE state <> 'running'
                               AND finished_at < now() - current_setting('agog_nats.workflow_retention')::interval
-                            LIMIT 1000 FOR UPDATE SKIP LOCKED));
+                            LIMIT 1000 FOR UPDATE SKIP LOCKED))
+       AND agog_nats.try_lock_workflow(id);
 
     SELECT (extract(epoch FROM min(x) - now()) * 1000)::bigint INTO next_ms
       FROM (SELECT min(next_attempt_at) AS x FROM agog_nats.tasks WHERE state = 'ready'
