@@ -491,6 +491,60 @@ sub js_publish
 	return eval { JSON::PP->new->decode($r) };
 }
 
+# Test::More assertions that the worker of $node is not held up while
+# another session holds a lock ($label names the case): a report committed
+# now is published within 10 s, and the worker does not wait on a lock.
+sub worker_not_held
+{
+	my ($node, $label) = @_;
+	my $q = sub { return $node->safe_psql('postgres', $_[0]); };
+	my $t0 = Time::HiRes::time();
+	my $id = $q->("SELECT agog_publish_report('roy', 'backend', 'meanwhile', 'published while $label')");
+	ok(wait_for(sub { $q->("SELECT state FROM agog_nats.outbox WHERE id = $id") eq 'published' }, 10),
+		"$label: a report committed meanwhile is published")
+	  or diag($q->("SELECT pid, wait_event_type, wait_event, left(query, 60) FROM pg_stat_activity "
+			  . "WHERE backend_type = 'agog_nats worker'"));
+	note(sprintf('%s: published %.2f s after its commit', $label, Time::HiRes::time() - $t0));
+	is($q->("SELECT wait_event_type IS DISTINCT FROM 'Lock' FROM pg_stat_activity "
+			  . "WHERE backend_type = 'agog_nats worker'"),
+		't', "$label: the worker does not wait on a lock");
+	return;
+}
+
+# End $holder's transaction (a background_psql that holds a lock) and
+# assert (15 s) that workflow $wf then fails, with its tasks' states
+# ("stage state, ..." by stage) as $states.
+sub release_then_failed
+{
+	my ($node, $holder, $wf, $states, $label) = @_;
+	$holder->query_safe('ROLLBACK');
+	$holder->quit;
+	ok(wait_for(
+			sub { $node->safe_psql('postgres', "SELECT state FROM agog_nats.workflows WHERE id = $wf") eq 'failed' },
+			15),
+		"$label: once the session ends, the workflow fails");
+	is($node->safe_psql('postgres',
+			"SELECT string_agg(stage || ' ' || state, ', ' ORDER BY stage) FROM agog_nats.tasks WHERE workflow_id = $wf"),
+		$states, "$label: its tasks: $states");
+	return;
+}
+
+# Start workflow $feature of pipeline $pipeline on $node and wait (an
+# assertion, 10 s) until $n of its tasks are dispatched; returns its id.
+sub start_dispatched
+{
+	my ($node, $feature, $pipeline, $n) = @_;
+	my $wf = $node->safe_psql('postgres', "SELECT agog_start_workflow('$feature', '$pipeline')");
+	ok(wait_for(
+			sub {
+				$node->safe_psql('postgres',
+					"SELECT count(*) FROM agog_nats.tasks WHERE workflow_id = $wf AND state = 'dispatched'") == ($n // 1);
+			},
+			10),
+		"$feature: " . ($n // 1) . " task(s) dispatched");
+	return $wf;
+}
+
 # $JS.API.CONSUMER.INFO.<stream>.<durable>, decoded, or undef.
 sub consumer_info
 {

@@ -15,6 +15,7 @@ use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
 use AgogNatsTest;
+use AgogWorkflowTest;
 
 my $nats = AgogNatsTest::NatsServer->new(name => 'natslock');
 $nats->start;
@@ -29,11 +30,7 @@ ok(AgogNatsTest::wait_for(sub { AgogNatsTest::worker_ready($node) }, 30),
 
 sub psql { return $node->safe_psql('postgres', @_); }
 
-my $wf = psql("SELECT agog_start_workflow('held', 'quick')");
-ok(AgogNatsTest::wait_for(
-		sub { psql("SELECT count(*) FROM agog_nats.tasks WHERE workflow_id = $wf AND state = 'dispatched'") == 1 },
-		10),
-	'the task is dispatched (1 s timeout)');
+my $wf = AgogWorkflowTest::start_dispatched($node, 'held', 'quick');
 
 # A session claims it and keeps its transaction open past the deadline.
 my $holder = $node->background_psql('postgres');
@@ -43,16 +40,7 @@ like($holder->query_safe("SELECT task_id FROM agog_claim_task('jen', 'stalled')"
 Time::HiRes::sleep(1.5);    # the committed task is now past its deadline
 
 # Meanwhile, the worker's other work: a report to publish.
-my $t0 = Time::HiRes::time();
-my $id = psql("SELECT agog_publish_report('roy', 'backend', 'meanwhile', 'published while a task is held')");
-ok(AgogNatsTest::wait_for(
-		sub { psql("SELECT state FROM agog_nats.outbox WHERE id = $id") eq 'published' }, 10),
-	'a report committed meanwhile is published')
-  or diag(psql("SELECT pid, wait_event_type, wait_event, left(query, 60) FROM pg_stat_activity "
-		  . "WHERE backend_type = 'agog_nats worker'"));
-note(sprintf('published %.2f s after its commit', Time::HiRes::time() - $t0));
-is(psql("SELECT wait_event_type IS DISTINCT FROM 'Lock' FROM pg_stat_activity WHERE backend_type = 'agog_nats worker'"),
-	't', 'the worker does not wait on the held task');
+AgogWorkflowTest::worker_not_held($node, 'a task is held');
 
 # Once the session ends (its claim rolled back), the step times the task out.
 $holder->query_safe('ROLLBACK');
@@ -67,29 +55,14 @@ psql("SELECT agog_cancel_workflow($wf)");
 # one of them claimed in an open transaction held up the step as well.
 psql(q{SELECT agog_define_pipeline('pair', '[{"stage": "x", "agent": "jen", "timeout": "1 second", "max_attempts": 1},
 	{"stage": "y", "agent": "roy", "timeout": "10 minutes"}]')});
-my $wp = psql("SELECT agog_start_workflow('pair', 'pair')");
-ok(AgogNatsTest::wait_for(
-		sub { psql("SELECT count(*) FROM agog_nats.tasks WHERE workflow_id = $wp AND state = 'dispatched'") == 2 }, 10),
-	'pair: both tasks are dispatched (jen\'s with a 1 s timeout and one attempt)');
+my $wp = AgogWorkflowTest::start_dispatched($node, 'pair', 'pair', 2);
 $holder = $node->background_psql('postgres');
 $holder->query_safe('BEGIN');
 like($holder->query_safe("SELECT task_id FROM agog_claim_task('roy', 'stalled')"), qr/^\d+$/,
 	'pair: roy\'s task is claimed in a transaction left open');
 Time::HiRes::sleep(1.5);    # jen's task is now past its deadline
-$id = psql("SELECT agog_publish_report('roy', 'backend', 'meanwhile', 'published while a sibling is held')");
-ok(AgogNatsTest::wait_for(
-		sub { psql("SELECT state FROM agog_nats.outbox WHERE id = $id") eq 'published' }, 10),
-	'pair: a report committed meanwhile is published')
-  or diag(psql("SELECT pid, wait_event_type, wait_event, left(query, 60) FROM pg_stat_activity "
-		  . "WHERE backend_type = 'agog_nats worker'"));
-is(psql("SELECT wait_event_type IS DISTINCT FROM 'Lock' FROM pg_stat_activity WHERE backend_type = 'agog_nats worker'"),
-	't', 'pair: the worker does not wait on the held sibling');
-$holder->query_safe('ROLLBACK');
-$holder->quit;
-ok(AgogNatsTest::wait_for(sub { psql("SELECT state FROM agog_nats.workflows WHERE id = $wp") eq 'failed' }, 15),
-	'pair: after the session ends, the timeout fails the workflow');
-is(psql("SELECT string_agg(stage || ' ' || state, ', ' ORDER BY stage) FROM agog_nats.tasks WHERE workflow_id = $wp"),
-	'x failed, y cancelled', 'pair: and cancels roy\'s task');
+AgogWorkflowTest::worker_not_held($node, 'a sibling task is held');
+AgogWorkflowTest::release_then_failed($node, $holder, $wp, 'x failed, y cancelled', 'pair (timeout)');
 
 $node->stop;
 $nats->stop;

@@ -25,13 +25,18 @@ sub psql { return $node->safe_psql('postgres', @_); }
 is(psql(q{SELECT agog_define_pipeline('solo', '[{"stage": "build", "agent": "jen"}]')}),
 	1, 'a one-stage pipeline for jen');
 
-my $wf = psql("SELECT agog_start_workflow('held-notice', 'solo')");
-ok(AgogNatsTest::wait_for(
-		sub { psql("SELECT state FROM agog_nats.tasks WHERE workflow_id = $wf") eq 'dispatched' }, 10),
-	'the task is dispatched');
-ok(AgogWorkflowTest::js_publish($nats, 'agog.deliverables.jen.frontend.held-notice',
-		AgogWorkflowTest::jen_report('held-notice')),
-	'jen publishes its report over NATS');
+# Start a one-stage workflow for $feature and publish jen's report.
+sub started_with_report
+{
+	my ($feature) = @_;
+	my $w = AgogWorkflowTest::start_dispatched($node, $feature, 'solo');
+	ok(AgogWorkflowTest::js_publish($nats, "agog.deliverables.jen.frontend.$feature",
+			AgogWorkflowTest::jen_report($feature)),
+		"$feature: jen publishes its report over NATS");
+	return $w;
+}
+
+my $wf = started_with_report('held-notice');
 
 # A session locks the workflow and leaves its transaction open.
 my $holder = $node->background_psql('postgres');
@@ -53,16 +58,7 @@ ok(AgogNatsTest::wait_for(
 Time::HiRes::sleep(0.3);
 
 # Meanwhile, the worker's other work: a report to publish.
-my $t0 = Time::HiRes::time();
-my $id = psql("SELECT agog_publish_report('roy', 'backend', 'meanwhile', 'published while a workflow is held')");
-ok(AgogNatsTest::wait_for(
-		sub { psql("SELECT state FROM agog_nats.outbox WHERE id = $id") eq 'published' }, 10),
-	'a report committed meanwhile is published')
-  or diag(psql("SELECT pid, wait_event_type, wait_event, left(query, 60) FROM pg_stat_activity "
-		  . "WHERE backend_type = 'agog_nats worker'"));
-note(sprintf('published %.2f s after its commit', Time::HiRes::time() - $t0));
-is(psql("SELECT wait_event_type IS DISTINCT FROM 'Lock' FROM pg_stat_activity WHERE backend_type = 'agog_nats worker'"),
-	't', 'the worker does not wait on the held workflow');
+AgogWorkflowTest::worker_not_held($node, 'a workflow is held');
 is(psql("SELECT state FROM agog_nats.tasks WHERE workflow_id = $wf"), 'dispatched',
 	'the notice is not applied while the workflow is held');
 Time::HiRes::sleep(1.5);
@@ -93,28 +89,13 @@ sub consumer_settled
 	return ($c->{num_ack_pending} // 1) == 0 && ($c->{num_pending} // 1) == 0;
 }
 
-# Something the worker publishes, to see that it is not waiting.
-sub published_meanwhile
-{
-	my ($label) = @_;
-	my $rid = psql("SELECT agog_publish_report('roy', 'backend', 'meanwhile', '$label')");
-	ok(AgogNatsTest::wait_for(
-			sub { psql("SELECT state FROM agog_nats.outbox WHERE id = $rid") eq 'published' }, 10),
-		"$label: a report committed meanwhile is published")
-	  or diag(psql("SELECT pid, wait_event_type, wait_event, left(query, 60) FROM pg_stat_activity "
-			  . "WHERE backend_type = 'agog_nats worker'"));
-}
-
 # --- a failure that would cancel a task another session holds ---------------------
 # A failed notice with no attempt left fails the workflow and cancels its
 # other tasks: one of them claimed in an open transaction held up the
 # worker just the same.
 is(psql(q{SELECT agog_define_pipeline('pair', '[{"stage": "b", "agent": "jen", "max_attempts": 1},
 	{"stage": "c", "agent": "roy"}]')}), 2, 'a pipeline of two parallel stages, jen\'s with one attempt');
-my $wp = psql("SELECT agog_start_workflow('pair-1', 'pair')");
-ok(AgogNatsTest::wait_for(
-		sub { psql("SELECT count(*) FROM agog_nats.tasks WHERE workflow_id = $wp AND state = 'dispatched'") == 2 }, 10),
-	'pair: both tasks are dispatched');
+my $wp = AgogWorkflowTest::start_dispatched($node, 'pair-1', 'pair', 2);
 $holder = $node->background_psql('postgres');
 $holder->query_safe('BEGIN');
 like($holder->query_safe(q{SELECT task_id FROM agog_claim_task('roy', 'stalled')}), qr/^\d+$/,
@@ -124,28 +105,15 @@ ok(AgogWorkflowTest::js_publish($nats, 'agog.notices.jen.pair-1',
 			blockers => 'cannot build')),
 	'pair: jen sends a failed notice (no attempt left)');
 Time::HiRes::sleep(0.5);
-published_meanwhile('pair');
-is(psql("SELECT wait_event_type IS DISTINCT FROM 'Lock' FROM pg_stat_activity WHERE backend_type = 'agog_nats worker'"),
-	't', 'pair: the worker does not wait on the held task');
-$holder->query_safe('ROLLBACK');
-$holder->quit;
-ok(AgogNatsTest::wait_for(sub { psql("SELECT state FROM agog_nats.workflows WHERE id = $wp") eq 'failed' }, 15),
-	'pair: once the session ends, the notice fails the workflow');
-is(psql("SELECT string_agg(stage || ' ' || state, ', ' ORDER BY stage) FROM agog_nats.tasks WHERE workflow_id = $wp"),
-	'b failed, c cancelled', 'pair: and cancels roy\'s task');
+AgogWorkflowTest::worker_not_held($node, 'a sibling task is held');
+AgogWorkflowTest::release_then_failed($node, $holder, $wp, 'b failed, c cancelled', 'pair (notice)');
 ok(AgogNatsTest::wait_for(\&consumer_settled, 15), 'pair: the notice is acknowledged');
 
 # --- put back while busy, then a fault: not filed as bad ---------------------------
 # Each time a busy notice is put back, JetStream counts a delivery; a
 # notice is filed as bad at its fifth failed try, and the busy rounds must
 # not count as failed tries.
-my $wb = psql("SELECT agog_start_workflow('busy-then-fault', 'solo')");
-ok(AgogNatsTest::wait_for(
-		sub { psql("SELECT state FROM agog_nats.tasks WHERE workflow_id = $wb") eq 'dispatched' }, 10),
-	'busy-then-fault: the task is dispatched');
-ok(AgogWorkflowTest::js_publish($nats, 'agog.deliverables.jen.frontend.busy-then-fault',
-		AgogWorkflowTest::jen_report('busy-then-fault')),
-	'busy-then-fault: the report is published');
+my $wb = started_with_report('busy-then-fault');
 $holder = $node->background_psql('postgres');
 $holder->query_safe('BEGIN');
 $holder->query_safe("SELECT id FROM agog_nats.workflows WHERE id = $wb FOR UPDATE");
