@@ -359,11 +359,25 @@ user_jwt(char **jwt, char **errtxt, void *closure)
 }
 
 /*
+ * may_read_settings
+ *		Whether role may read the superuser-only settings (SHOW).  Runs in
+ *		a transaction.
+ */
+static bool
+may_read_settings(Oid role)
+{
+	return superuser_arg(role) || has_privs_of_role(role, ROLE_PG_READ_ALL_SETTINGS);
+}
+
+/*
  * agog_auth_file_shown
  *		Whether an error may name the file a secret setting points at: to a
  *		session whose role may read the setting (a superuser or a member of
- *		pg_read_all_settings, as for SHOW; the role outside any SECURITY
- *		DEFINER function, which the extension's own workflow functions are).
+ *		pg_read_all_settings, as for SHOW), and only when the current role
+ *		may too: the session's role counts inside a superuser's SECURITY
+ *		DEFINER function (the extension's workflow functions are such), and
+ *		the current role inside a lesser role's, whose code could catch the
+ *		message.
  *		Anyone else learns the setting's name, and the server log the path
  *		(file_log).  Never in the worker: its errors end up in
  *		agog_worker_status().last_error, which readers see.  Runs in a
@@ -376,8 +390,7 @@ agog_auth_file_shown(void)
 	bool		shown;
 
 	shown = !IsBackgroundWorker && IsTransactionState() &&
-		(superuser_arg(GetOuterUserId()) ||
-		 has_privs_of_role(GetOuterUserId(), ROLE_PG_READ_ALL_SETTINGS));
+		may_read_settings(GetOuterUserId()) && may_read_settings(GetUserId());
 	errno = save_errno;
 	return shown;
 }

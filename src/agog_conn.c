@@ -827,10 +827,15 @@ connect_attempts(AgogConn *conn, const char **servers, int nservers,
 		 */
 		if (tls_failed && !shown)
 		{
-			ereport(LOG_SERVER_ONLY,
-					(errcode(ERRCODE_CONFIG_FILE_ERROR),
-					 errmsg("agog_nats could not load the TLS files named by its settings"),
-					 errdetail_internal("The NATS client reported: %s", err->text)));
+			/* once per process and text: the worker tries again and again */
+			static char logged_tls[AGOG_ERROR_LEN] = "";
+
+			if (strcmp(logged_tls, err->text) != 0)
+				ereport(LOG_SERVER_ONLY,
+						(errcode(ERRCODE_CONFIG_FILE_ERROR),
+						 errmsg("agog_nats could not load the TLS files named by its settings"),
+						 errdetail_internal("The NATS client reported: %s", err->text)));
+			strlcpy(logged_tls, err->text, sizeof(logged_tls));
 			strlcpy(err->text, "could not load the files named by agog_nats.tls_ca_file, "
 					"agog_nats.tls_cert_file and agog_nats.tls_key_file", sizeof(err->text));
 			break;
@@ -3054,6 +3059,17 @@ agog_conn_notices_open(AgogConn *conn, AgogError *err)
 	}
 	NATS_END(saved);
 	return s == NATS_OK;
+}
+
+/*
+ * agog_conn_notices_bound
+ *		Whether the consumer is bound (agog_conn_notices_open succeeded since
+ *		the last reset).  Plain C.
+ */
+bool
+agog_conn_notices_bound(AgogConn *conn)
+{
+	return conn->notice_sub != NULL;
 }
 
 /*

@@ -237,6 +237,7 @@ typedef struct AgogNotice
 } AgogNotice;
 
 extern bool agog_conn_notices_open(AgogConn *conn, AgogError *err);
+extern bool agog_conn_notices_bound(AgogConn *conn);
 extern void agog_conn_notices_reset(AgogConn *conn);
 extern bool agog_conn_notices_waiting(AgogConn *conn);
 extern int	agog_conn_notices_fetch(AgogConn *conn, AgogNotice *out, int max,

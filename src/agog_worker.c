@@ -597,9 +597,12 @@ agog_worker_main(Datum main_arg)
 						timeout = 0;	/* there may be more */
 						notices_applied = true;
 					}
-					/* notices put back ring no doorbell: fetch when they are due */
+					/*
+					 * Notices put back ring no doorbell: fetch when they are
+					 * due, counted from the end of the batch, after the naks.
+					 */
 					if (again_ms >= 0)
-						notices_due = TimestampTzPlusMilliseconds(now, again_ms);
+						notices_due = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), again_ms);
 					else if (notices_due != 0 && now >= notices_due)
 						notices_due = 0;
 				}

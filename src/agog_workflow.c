@@ -63,19 +63,26 @@ agog_workflow_step(void)
 #define NOTICE_BUSY_DELAY_MS 1000
 /* and one whose transaction failed (a fault of the system) after this */
 #define NOTICE_FAILED_DELAY_MS 5000
+/* a notice is filed as bad at this failed try (apply_nats_notice's max_tries) */
+#define NOTICE_MAX_TRIES 5
 
 /*
  * The faults of the notices put back after a failed transaction, by their
  * sequence in the notices stream: apply_nats_notice files a notice as bad
- * after its fifth try, and JetStream's delivery count would also count the
- * times it was put back because its workflow was busy.  Kept for the
- * worker's life; a restart starts the count again (more tries, not fewer).
+ * at its fifth failed try, and JetStream's delivery count would also count
+ * the times it was put back because its workflow was busy.  Kept for the
+ * worker's life and cleared when the consumer is bound again (a wiped
+ * server numbers its messages from 1 again); a restart, or an entry pushed
+ * out by FAULTS_KEPT others failing at once, starts a count again (more
+ * tries, not fewer).  So that no notice is retried forever, one delivered
+ * DELIVERIES_MAX times counts as at its last try whatever the table says.
  */
-#define FAULTS_KEPT 64
+#define FAULTS_KEPT 256
+#define DELIVERIES_MAX 1000
 
 typedef struct NoticeFaults
 {
-	uint64		seq;
+	uint64		seq;			/* 0: a free entry */
 	int			faults;
 } NoticeFaults;
 
@@ -83,9 +90,10 @@ static NoticeFaults notice_faults[FAULTS_KEPT];
 static int	faults_next = 0;
 
 /*
- * faults_of, faults_set
+ * faults_of, faults_set, faults_clear
  *		The faults noted for a notice (0 when none); note them (0 forgets
- *		it).  The oldest entry makes room for a new one.
+ *		it), in a free entry, else in place of the entry noted longest
+ *		ago; forget them all.
  */
 static int
 faults_of(uint64 seq)
@@ -99,6 +107,8 @@ faults_of(uint64 seq)
 static void
 faults_set(uint64 seq, int faults)
 {
+	int			slot = -1;
+
 	if (seq == 0)
 		return;
 	for (int i = 0; i < FAULTS_KEPT; i++)
@@ -110,12 +120,25 @@ faults_set(uint64 seq, int faults)
 				notice_faults[i].seq = 0;
 			return;
 		}
+		if (slot < 0 && notice_faults[i].seq == 0)
+			slot = i;
 	}
 	if (faults == 0)
 		return;
-	notice_faults[faults_next].seq = seq;
-	notice_faults[faults_next].faults = faults;
-	faults_next = (faults_next + 1) % FAULTS_KEPT;
+	if (slot < 0)
+	{
+		slot = faults_next;
+		faults_next = (faults_next + 1) % FAULTS_KEPT;
+	}
+	notice_faults[slot].seq = seq;
+	notice_faults[slot].faults = faults;
+}
+
+static void
+faults_clear(void)
+{
+	memset(notice_faults, 0, sizeof(notice_faults));
+	faults_next = 0;
 }
 
 typedef enum NoticeOutcome
@@ -138,13 +161,14 @@ typedef enum NoticeOutcome
 static NoticeOutcome
 apply_notice(MemoryContext cxt, const char *subject, const char *body, int tries)
 {
-	Oid			argtypes[3] = {TEXTOID, TEXTOID, INT4OID};
-	Datum		args[3];
+	Oid			argtypes[4] = {TEXTOID, TEXTOID, INT4OID, INT4OID};
+	Datum		args[4];
 	volatile NoticeOutcome outcome = NOTICE_DONE;
 
 	args[0] = CStringGetTextDatum(subject);
 	args[1] = CStringGetTextDatum(body);
 	args[2] = Int32GetDatum(tries);
+	args[3] = Int32GetDatum(NOTICE_MAX_TRIES);
 
 	PG_TRY();
 	{
@@ -152,8 +176,8 @@ apply_notice(MemoryContext cxt, const char *subject, const char *body, int tries
 		int			ret;
 
 		agog_xact_begin(cxt);
-		ret = SPI_execute_with_args("SELECT agog_nats.apply_nats_notice($1, $2, $3) = 'busy'",
-									3, argtypes, args, NULL, false, 1);
+		ret = SPI_execute_with_args("SELECT agog_nats.apply_nats_notice($1, $2, $3, $4) = 'busy'",
+									4, argtypes, args, NULL, false, 1);
 		if (ret != SPI_OK_SELECT || SPI_processed != 1)
 			elog(ERROR, "agog_nats.apply_nats_notice() failed: %s",
 				 SPI_result_code_string(ret));
@@ -221,8 +245,12 @@ agog_notices_consume(AgogConn *conn, bool rung, long *again_ms)
 	int			applied = 0;
 
 	*again_ms = -1;
-	if (!agog_conn_notices_open(conn, &err))
-		return 0;				/* the stream may not exist yet; next time */
+	if (!agog_conn_notices_bound(conn))
+	{
+		if (!agog_conn_notices_open(conn, &err))
+			return 0;			/* the stream may not exist yet; next time */
+		faults_clear();			/* the server may number its notices anew */
+	}
 	/* without the doorbell, ask first: an empty fetch is held until it expires */
 	if (!rung && !agog_conn_notices_waiting(conn))
 		return 0;
@@ -254,6 +282,8 @@ agog_notices_consume(AgogConn *conn, bool rung, long *again_ms)
 		}
 		/* tries: the failed ones so far, and this one */
 		tries = notices[i].seq != 0 ? faults_of(notices[i].seq) + 1 : notices[i].deliveries;
+		if (notices[i].deliveries >= DELIVERIES_MAX)
+			tries = Max(tries, NOTICE_MAX_TRIES);
 		outcome = apply_notice(cxt, notices[i].subject, body, tries);
 		if (outcome == NOTICE_BUSY)
 		{

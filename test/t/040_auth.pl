@@ -85,6 +85,22 @@ $node->safe_psql('postgres', q{
 like($err, qr/ERROR:\s+58P01: could not open the file named by agog_nats\.password_file/,
 	'through a SECURITY DEFINER function: 58P01 naming the setting');
 unlike($err, qr/\Q$dir\E|missing/, '... and not the path');
+# Nor to a lesser role's SECURITY DEFINER function that a superuser calls:
+# its code could catch the message.
+$node->safe_psql('postgres', q{
+	CREATE FUNCTION scribe_catches() RETURNS text LANGUAGE plpgsql SECURITY DEFINER AS $$
+	BEGIN
+		PERFORM agog_publish_report_now('cynthia', 'research', 'auth-caught', 'x');
+		RETURN 'published';
+	EXCEPTION WHEN OTHERS THEN
+		RETURN SQLERRM;
+	END $$;
+	ALTER FUNCTION scribe_catches() OWNER TO scribe;
+});
+my $caught = $node->safe_psql('postgres', 'SELECT scribe_catches()');
+like($caught, qr/could not open the file named by agog_nats\.password_file/,
+	'a superuser calling a writer\'s SECURITY DEFINER function: the writer\'s code catches the error');
+unlike($caught, qr/\Q$dir\E|missing/, '... without the path');
 
 # A first line longer than a secret may be is refused, not cut short and
 # sent as a wrong password; one of exactly the longest length is read whole

@@ -93,6 +93,10 @@ ok(AgogNatsTest::wait_for(
 	'the worker cannot connect either, and says so in its last_error')
   or diag($last_error);
 unlike($last_error, qr/absent|\Q$dir\E/, '... without the path, which agog_nats_reader could read');
+$off = AgogNatsTest::log_offset($node);
+sleep 3;
+unlike(AgogNatsTest::log_since($node, $off), qr/could not load the TLS files/,
+	'the worker, trying again and again, does not log the same failure again');
 ($ret, $out, $err) = $node->psql('postgres', $call, extra_params => [ '-v', 'VERBOSITY=verbose' ]);
 like($err, qr/absent\.pem/, 'a superuser is told the path');
 
