@@ -907,6 +907,26 @@ confirm_commit(const Job *j)
 	return r;
 }
 
+/*
+ * A notice refused because the task is no longer running (55000): when an
+ * earlier send of it may have committed (its reply was cut off), its
+ * outcome, confirmed from agog_nats.notices, with detail recorded; else
+ * the task was lost (why).
+ */
+static void
+release_refused(Job *j, bool may_have_committed, const char *recorded, const char *why)
+{
+	char	   *done = may_have_committed ? confirm_commit(j) : NULL;
+
+	if (done)
+	{
+		release(j, done, recorded);
+		free(done);
+	}
+	else
+		release(j, "lost", why);
+}
+
 /* The first markdown heading of the report, as its default summary. */
 static char *
 first_heading(const char *s, size_t len)
@@ -1116,15 +1136,8 @@ failed:
 		rollback();
 		if (strcmp(q.sqlstate, "55000") == 0)
 		{
-			char	   *done = j->commit_sent ? confirm_commit(j) : NULL;
-
-			if (done)
-			{
-				release(j, done, "completed before the connection was lost");
-				free(done);
-			}
-			else
-				release(j, "lost", q.message);
+			release_refused(j, j->commit_sent, "completed before the connection was lost",
+							q.message);
 			rc = 0;
 		}
 		else
@@ -1203,23 +1216,9 @@ send_failed(Job *j)
 	}
 	else if (q.status == Q_SQLERR)
 	{
+		/* sent again after a reconnect, the first send may have committed */
 		if (strcmp(q.sqlstate, "55000") == 0)
-		{
-			/*
-			 * Sent again after a reconnect, it is refused when the first one
-			 * committed (the task has moved on): look that up, as
-			 * complete_ok does.
-			 */
-			char	   *done = confirm_commit(j);
-
-			if (done)
-			{
-				release(j, done, "recorded before the connection was lost");
-				free(done);
-			}
-			else
-				release(j, "lost", q.message);
-		}
+			release_refused(j, true, "recorded before the connection was lost", q.message);
 		else
 		{
 			log_error("could not send the failed notice of task %lld: %s", j->task_id, q.message);
