@@ -381,32 +381,24 @@ may_read_settings(Oid role)
  *		Anyone else learns the setting's name, and the server log the path
  *		(file_log).  Never in the worker: its errors end up in
  *		agog_worker_status().last_error, which readers see.  Runs in a
- *		backend or the worker before the file is opened; keeps errno.
+ *		backend or the worker before the file is opened.
  */
 bool
 agog_auth_file_shown(void)
 {
-	int			save_errno = errno;
-	bool		shown;
-
-	shown = !IsBackgroundWorker && IsTransactionState() &&
+	return !IsBackgroundWorker && IsTransactionState() &&
 		may_read_settings(GetOuterUserId()) && may_read_settings(GetUserId());
-	errno = save_errno;
-	return shown;
 }
 
 /*
  * file_named
- *		How an error message names the file: with its path when shown.
+ *		How an error message names the file: with its path when shown.  Only
+ *		inside an ereport, whose start has saved errno for %m.
  */
 static const char *
 file_named(const char *path, bool shown)
 {
-	int			save_errno = errno;
-	const char *named = shown ? psprintf("file \"%s\"", path) : "the file";
-
-	errno = save_errno;
-	return named;
+	return shown ? psprintf("file \"%s\"", path) : "the file";
 }
 
 /*
