@@ -17,18 +17,9 @@ use Test::More;
 use AgogNatsTest;
 use AgogWorkflowTest;
 
-my $nats = AgogNatsTest::NatsServer->new(name => 'natslock');
-$nats->start;
-my $node = AgogNatsTest::new_node('skiplock', $nats);
-$node->start;
-$node->safe_psql('postgres', q{
-	CREATE EXTENSION agog_nats;
-	SELECT agog_define_pipeline('quick', '[{"stage": "s", "agent": "jen", "timeout": "1 second", "max_attempts": 3, "retry_backoff": "0 seconds"}]');
-});
-ok(AgogNatsTest::wait_for(sub { AgogNatsTest::worker_ready($node) }, 30),
-	'the worker is connected with its streams');
-
+my ($nats, $node) = AgogWorkflowTest::setup('skiplock');
 sub psql { return $node->safe_psql('postgres', @_); }
+psql(q{SELECT agog_define_pipeline('quick', '[{"stage": "s", "agent": "jen", "timeout": "1 second", "max_attempts": 3, "retry_backoff": "0 seconds"}]')});
 
 my $wf = AgogWorkflowTest::start_dispatched($node, 'held', 'quick');
 
